@@ -1,0 +1,242 @@
+"""Typed configuration dataclasses and their command-line mapping (no torch import here).
+
+Every field of a config dataclass becomes a command-line flag: ``--field-name`` for top-level fields and
+``--section.field-name`` for fields of nested dataclasses. Values are parsed with the field's type, booleans take
+``true/false``, tuples take several values. A JSON file passed with ``--config`` is applied first, flags after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Tuple
+
+DEFAULT_DATA_ENV = "SEGADAPT_DATA"
+
+
+def default_data_root() -> str:
+    """The data directory: ``$SEGADAPT_DATA`` if set, else ``../shared/data`` next to the checkout, else ``data``."""
+    env = os.environ.get(DEFAULT_DATA_ENV)
+    if env:
+        return env
+    here = Path(__file__).resolve().parents[1]
+    cand = here.parent / "shared" / "data"
+    return str(cand) if cand.is_dir() else "data"
+
+
+def default_camvid_dir() -> str:
+    return str(Path(default_data_root()) / "camvid-day2dusk")
+
+
+@dataclass
+class PhotometricConfig:
+    """Strengths of the photometric augmentation (image only); 0 disables a component.
+
+    brightness/contrast/saturation: factor drawn from [1 - s, 1 + s]. hue: rotation in [-hue, hue] of a full turn.
+    gamma: exponent drawn from [1 - g, 1 + g]. jitter_p: probability of colour jitter + gamma for a sample.
+    blur_p: probability of a Gaussian blur with sigma ~ U(blur_sigma_min, blur_sigma_max) pixels.
+    """
+
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.05
+    gamma: float = 0.3
+    jitter_p: float = 0.8
+    blur_p: float = 0.3
+    blur_sigma_min: float = 0.15
+    blur_sigma_max: float = 1.15
+
+
+@dataclass
+class ModelConfig:
+    """Which segmenter to build.
+
+    arch: ``deeplabv3-mobilenetv2`` (transformers ``MobileNetV2ForSemanticSegmentation``) or ``segformer``
+        (``SegformerForSemanticSegmentation``).
+    variant: SegFormer size ``b0``..``b5``; for MobileNetV2 the depth multiplier (``1.0``, ``0.75``, ``0.5``...).
+    pretrained: a local transformers directory (``from_pretrained``, no download) or one of our checkpoints;
+        empty = random initialisation.
+    output_stride: MobileNetV2 only, 8 or 16 (dilated convolutions keep the resolution).
+    """
+
+    arch: str = "deeplabv3-mobilenetv2"
+    variant: str = ""
+    pretrained: str = ""
+    output_stride: int = 8
+    dropout: float = 0.1
+
+
+@dataclass
+class SourceTrainConfig:
+    """Supervised training of the source model (``segadapt train-source``).
+
+    Sizes are (H, W) in pixels. ``size`` is the resolution frames are resized to before random scale/crop and the
+    resolution of validation inference (metrics are computed at the label's own resolution). ``crop`` (0, 0) means
+    the same as ``size``.
+    """
+
+    data: str = field(default_factory=default_camvid_dir)
+    train_split: str = "source_train"
+    val_split: str = "source_val"
+    out: str = "runs/source"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    size: Tuple[int, int] = (360, 480)
+    crop: Tuple[int, int] = (0, 0)
+    scale: Tuple[float, float] = (0.75, 1.5)
+    batch_size: int = 8
+    steps: int = 4000
+    lr: float = 1e-3
+    head_lr_mult: float = 1.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    poly_power: float = 1.0
+    val_every: int = 500
+    save_every: int = 500
+    max_minutes: float = 0.0
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    augment: bool = True
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    resume: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclass <-> argparse / dict
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Tuple[str, ...] = ()) -> None:
+    """Add one flag per field of dataclass ``cls`` (recursively for nested dataclasses, as ``--section.field``).
+
+    Defaults are left as None in argparse so that only flags the user gave override the config.
+    """
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(t):
+            add_dataclass_arguments(parser, t, prefix=name + ".")
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kw: dict = {"dest": name, "default": None, "help": f"(default: {default})"}
+        origin = typing.get_origin(t)
+        if origin in (tuple, Tuple):
+            args = typing.get_args(t)
+            kw.update(nargs=len(args), type=args[0], metavar=args[0].__name__.upper())
+        elif t is bool:
+            kw.update(type=_parse_bool, metavar="BOOL")
+        elif t in (int, float, str):
+            kw.update(type=t)
+        else:
+            raise TypeError(f"unsupported config field type {t} for {name}")
+        parser.add_argument(flag, **kw)
+
+
+def from_dict(cls, d: dict, path: str = ""):
+    """Build dataclass ``cls`` from a (possibly partial, nested) dict.
+
+    Raises:
+        ValueError: a key that is not a field (with the closest names suggested) or a value of the wrong type.
+    """
+    import difflib
+
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=3)
+            raise ValueError(f"unknown config key {path + k!r}" + (f"; did you mean {close}?" if close else ""))
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ValueError(f"config key {path + k!r} needs a mapping, got {v!r}")
+            kwargs[k] = from_dict(t, v, path + k + ".")
+        elif typing.get_origin(t) in (tuple, Tuple):
+            args = typing.get_args(t)
+            if not isinstance(v, (list, tuple)) or len(v) != len(args):
+                raise ValueError(f"config key {path + k!r} needs {len(args)} values, got {v!r}")
+            kwargs[k] = tuple(a(x) for a, x in zip(args, v))
+        elif t is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"config key {path + k!r} needs true/false, got {v!r}")
+            kwargs[k] = v
+        elif t in (int, float, str):
+            if t is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, t) or isinstance(v, bool):
+                raise ValueError(f"config key {path + k!r} needs {t.__name__}, got {v!r}")
+            kwargs[k] = v
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples become lists) for JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def merge_namespace(cfg, ns: argparse.Namespace):
+    """Apply the flags the user gave (non-None values in ``ns``, dotted names for nested fields) onto ``cfg``."""
+    for key, val in vars(ns).items():
+        if val is None or key.startswith("_"):
+            continue
+        parts = key.split(".")
+        obj = cfg
+        ok = True
+        for p in parts[:-1]:
+            if not hasattr(obj, p):
+                ok = False
+                break
+            obj = getattr(obj, p)
+        if not ok or not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+            continue
+        setattr(obj, parts[-1], tuple(val) if isinstance(val, list) else val)
+    return cfg
+
+
+def config_from_cli(cls, ns: argparse.Namespace, config_file: str | None = None):
+    """``cls()`` defaults, then the JSON file (if any), then the command-line flags."""
+    cfg = cls()
+    if config_file:
+        p = Path(config_file)
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read config: {e}") from None
+        cfg = from_dict(cls, d)
+    return merge_namespace(cfg, ns)
+
+
+def parse_size(s: Any) -> Tuple[int, int]:
+    """Parse ``(H, W)`` from a pair or a ``HxW`` string."""
+    if isinstance(s, str):
+        h, w = s.lower().split("x")
+        return int(h), int(w)
+    h, w = s
+    return int(h), int(w)

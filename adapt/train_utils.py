@@ -1,0 +1,67 @@
+"""Small helpers shared by the training loops: device choice, seeding, schedules, autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; otherwise the named device.
+
+    Raises:
+        ValueError: a CUDA device was requested but CUDA is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6) -> float:
+    """LR factor: linear warmup from ``warmup_ratio`` to 1 over ``warmup`` steps, then poly decay to 0 at ``total``
+    (DAFormer schedule, methods.md 0.2)."""
+    if warmup > 0 and step < warmup:
+        return warmup_ratio + (1 - warmup_ratio) * step / warmup
+    span = max(1, total - warmup)
+    return max(0.0, 1 - (step - warmup) / span) ** power
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when enabled (no loss scaling needed); a no-op context on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(int(v) for v in st["python"]), st["python_gauss"]))
+
+
+def infinite(loader):
+    """Yield batches forever, re-iterating ``loader`` (each pass reshuffles when the loader shuffles)."""
+    while True:
+        for b in loader:
+            yield b
+
+
+def nan_check(loss: torch.Tensor, step: int) -> None:
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"loss became {float(loss.detach())} at step {step}; lower the learning rate")
