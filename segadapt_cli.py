@@ -48,8 +48,20 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(ns: argparse.Namespace) -> int:
+    from adapt.config import PipelineConfig, config_from_cli
+
+    cfg = config_from_cli(PipelineConfig, ns, ns.config)
+    from adapt.pipeline import run_pipeline
+
+    rep = run_pipeline(cfg)
+    print(json.dumps(rep["metrics"], indent=1))
+    print(f"report: {cfg.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from adapt.config import SourceTrainConfig, add_dataclass_arguments
+    from adapt.config import PipelineConfig, SourceTrainConfig, add_dataclass_arguments
 
     p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
                                 "semantic segmentation.")
@@ -79,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlays", default=None, help="directory for colourised prediction|label overlays")
     e.add_argument("--json", default=None, help="write the metrics as JSON here")
     e.set_defaults(_run=_cmd_evaluate)
+
+    pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
+    add_dataclass_arguments(pl, PipelineConfig)
+    pl.set_defaults(_run=_cmd_pipeline)
     return p
 
 

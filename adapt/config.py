@@ -62,13 +62,14 @@ class ModelConfig:
     variant: SegFormer size ``b0``..``b5``; for MobileNetV2 the depth multiplier (``1.0``, ``0.75``, ``0.5``...).
     pretrained: a local transformers directory (``from_pretrained``, no download) or one of our checkpoints;
         empty = random initialisation.
-    output_stride: MobileNetV2 only, 8 or 16 (dilated convolutions keep the resolution).
+    output_stride: MobileNetV2 only, 8, 16 or 32 (dilated convolutions keep the resolution). 16 is the default:
+        on 2 CPU cores a training step at 180x240, batch 8, takes 0.89 s at 16 and 2.9 s at 8 (measured).
     """
 
     arch: str = "deeplabv3-mobilenetv2"
     variant: str = ""
     pretrained: str = ""
-    output_stride: int = 8
+    output_stride: int = 16
     dropout: float = 0.1
 
 
@@ -78,7 +79,8 @@ class SourceTrainConfig:
 
     Sizes are (H, W) in pixels. ``size`` is the resolution frames are resized to before random scale/crop and the
     resolution of validation inference (metrics are computed at the label's own resolution). ``crop`` (0, 0) means
-    the same as ``size``.
+    the same as ``size``. ``max_minutes`` > 0 is a wall-clock budget: the poly schedule then decays to 0 by
+    whichever comes first, ``steps`` or the budget, and training stops there with a checkpoint.
     """
 
     data: str = field(default_factory=default_camvid_dir)
@@ -240,3 +242,30 @@ def parse_size(s: Any) -> Tuple[int, int]:
         return int(h), int(w)
     h, w = s
     return int(h), int(w)
+
+
+@dataclass
+class PipelineConfig:
+    """The main job (``segadapt pipeline``): source model -> measurements on source and target -> report.
+
+    ``preset`` picks the scale: ``quick`` (small resolution, minutes on 2 CPU cores, still on real frames) or
+    ``full`` (benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
+    ``source_checkpoint`` reuses an existing source model instead of training one.
+    """
+
+    data: str = field(default_factory=default_camvid_dir)
+    out: str = "runs/pipeline"
+    preset: str = "quick"
+    source_checkpoint: str = ""
+    arch: str = "deeplabv3-mobilenetv2"
+    size: Tuple[int, int] = (0, 0)
+    source_steps: int = 0
+    source_minutes: float = 0.0
+    device: str = "auto"
+    seed: int = 0
+
+
+PIPELINE_PRESETS = {
+    "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 8.0, "batch_size": 8},
+    "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8},
+}

@@ -119,7 +119,9 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
     stopped_early = False
     while step < cfg.steps:
         batch = next(batches)
-        f = warmup_poly(step, cfg.steps, cfg.warmup_steps, cfg.poly_power)
+        budget = cfg.max_minutes * 60
+        time_progress = (elapsed_before + time.time() - t0) / budget if budget > 0 else None
+        f = warmup_poly(step, cfg.steps, cfg.warmup_steps, cfg.poly_power, progress=time_progress)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * f
         imgs = batch["image"].to(device, non_blocking=True)

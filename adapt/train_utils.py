@@ -30,13 +30,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6) -> float:
+def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6,
+                progress: float | None = None) -> float:
     """LR factor: linear warmup from ``warmup_ratio`` to 1 over ``warmup`` steps, then poly decay to 0 at ``total``
-    (DAFormer schedule, methods.md 0.2)."""
+    (DAFormer schedule, methods.md 0.2).
+
+    ``progress`` (in [0, 1]) overrides the step-based position of the poly decay when it is further along; training
+    with a wall-clock budget passes ``elapsed / budget`` so that the learning rate reaches 0 when the time is up,
+    however fast the machine is.
+    """
     if warmup > 0 and step < warmup:
         return warmup_ratio + (1 - warmup_ratio) * step / warmup
     span = max(1, total - warmup)
-    return max(0.0, 1 - (step - warmup) / span) ** power
+    p = (step - warmup) / span
+    if progress is not None:
+        p = max(p, progress)
+    return max(0.0, 1 - p) ** power
 
 
 def autocast(device: torch.device, enabled: bool):

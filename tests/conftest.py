@@ -1,0 +1,76 @@
+"""Shared fixtures: the real data in ../shared/data (or $SEGADAPT_DATA) and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    env = os.environ.get("SEGADAPT_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_root()
+    if not (d / "camvid-day2dusk").is_dir():
+        pytest.fail(f"real test data not found at {d} (set SEGADAPT_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def camvid(shared_data) -> Path:
+    return shared_data / "camvid-day2dusk"
+
+
+@pytest.fixture(scope="session")
+def tiny(camvid) -> Path:
+    return camvid / "tiny"
+
+
+@pytest.fixture(scope="session")
+def video_path(shared_data) -> Path:
+    return shared_data / "video" / "solidWhiteRight.mp4"
+
+
+@pytest.fixture(scope="session")
+def kitti(shared_data) -> Path:
+    return shared_data / "kitti5"
+
+
+@pytest.fixture(scope="session")
+def tiny_classes(camvid):
+    from runtime.classes import ClassInfo
+
+    return ClassInfo.load(camvid / "classes.json")
+
+
+def tiny_model(arch: str, num_classes: int = 11, in_channels: int = 3):
+    """Small, fast models for tests (random weights)."""
+    from adapt.models.segmenter import build_segmenter
+
+    variant = "b0" if arch == "segformer" else "0.35"
+    return build_segmenter(arch, num_classes, variant, in_channels=in_channels, output_stride=16, ignore_index=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_classes):
+    """A saved DeepLabV3-MobileNetV2 (0.35) checkpoint with random weights, input size 96x128."""
+    import torch
+
+    from adapt.models.checkpoint import CheckpointMeta, save_checkpoint
+
+    torch.manual_seed(0)
+    m = tiny_model("deeplabv3-mobilenetv2").eval()
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(d, m, CheckpointMeta(classes=tiny_classes, input_size=(96, 128)))
+    return d
