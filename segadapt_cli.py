@@ -60,6 +60,115 @@ def _cmd_pipeline(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from adapt.config import config_from_cli
+    from export.config import ExportConfig
+
+    cfg = config_from_cli(ExportConfig, ns, None)
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required")
+    if cfg.format not in ("onnx", "engine", "triton"):
+        raise ValueError(f"--format must be onnx, engine or triton, got {cfg.format!r}")
+    from export.onnx_export import export_onnx
+
+    res = export_onnx(cfg)
+    if cfg.format == "engine":
+        from export.tensorrt_build import build_engine
+
+        for prec, path in res.files.items():
+            build_engine(path, path.with_suffix(".engine"), workspace_gb=cfg.workspace,
+                         fp16_flag=cfg.half and prec == "fp32", timing_cache=path.parent / "timing.cache")
+    elif cfg.format == "triton":
+        from export.triton import write_triton_repository
+
+        repo = res.files["fp32"].parent / "triton"
+        for prec, path in res.files.items():
+            d = write_triton_repository(path, repo, name=f"segadapt_{prec}", max_batch_size=cfg.max_batch,
+                                        kind="KIND_GPU")
+            print(f"Triton model: {d}")
+    print(json.dumps({k: str(v) for k, v in res.files.items()}, indent=1))
+    return 0
+
+
+def _cmd_predict(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import cv2
+
+    from runtime.predictor import Predictor
+    from runtime.video import segment_video
+
+    providers = ns.providers.split(",") if ns.providers else None
+    pred = Predictor(ns.model, providers=providers, threads=ns.threads, letterbox=ns.letterbox,
+                     size=tuple(ns.size) if ns.size else None)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = ns.source
+    print(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}")
+    video_suffixes = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+    if src.isdigit() or Path(src).suffix.lower() in video_suffixes:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="video", unit="frame")
+
+        def progress(done, total):
+            bar.total = total or None
+            bar.n = done
+            bar.refresh()
+
+        name = f"camera{src}" if src.isdigit() else Path(src).stem
+        rep = segment_video(pred, src, out / f"{name}_overlay.mp4", alpha=ns.alpha, batch_size=ns.batch,
+                            class_map_dir=out / f"{name}_class_maps" if ns.save_class_maps else None,
+                            max_frames=ns.max_frames or None, progress=progress)
+        bar.close()
+        print(json.dumps(rep.to_dict(), indent=1))
+        return 0
+    from adapt.data.datasets import IMAGE_SUFFIXES
+
+    p = Path(src)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if (p / "images").is_dir():
+            files = sorted(f for f in (p / "images").iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"{src}: no such image, folder, video or camera index")
+    if not files:
+        raise ValueError(f"{src}: no images found")
+    times = []
+    for f in files:
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{f}: cannot read as an image")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        r = pred.predict(rgb)
+        times.append(sum(r.timings.values()))
+        cv2.imwrite(str(out / f"{f.stem}_overlay.png"), cv2.cvtColor(pred.overlay(rgb, r.class_map, ns.alpha),
+                                                                   cv2.COLOR_RGB2BGR))
+        if ns.save_class_maps:
+            cv2.imwrite(str(out / f"{f.stem}_class_map.png"), r.class_map)
+    print(f"{len(files)} image(s) -> {out}; mean {sum(times) / len(times):.1f} ms per image")
+    return 0
+
+
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapt.config import default_camvid_dir
+    from export.bench import format_bench, run_bench, save_report
+
+    ns.frames = ns.frames or str(Path(default_camvid_dir()) / "tiny" / "target")
+
+    rep = run_bench(ns.checkpoint, ns.frames, size=ns.size, batch=ns.batch, iters=ns.iters, threads=ns.threads,
+                    out_dir=ns.work_dir, precisions=tuple(ns.precisions.split(",")), video=ns.video or "")
+    print(format_bench(rep))
+    if ns.json:
+        save_report(rep, ns.json)
+        print(f"results written to {ns.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adapt.config import PipelineConfig, SourceTrainConfig, add_dataclass_arguments
 
@@ -92,6 +201,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the metrics as JSON here")
     e.set_defaults(_run=_cmd_evaluate)
 
+    from export.config import ExportConfig
+
+    x = sub.add_parser("export", help="checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(x, ExportConfig)
+    x.set_defaults(_run=_cmd_export)
+
+    pr = sub.add_parser("predict", help="segment an image, a folder, a video file or a camera with an exported model")
+    pr.add_argument("--model", required=True, help=".onnx or .engine file (its .json metadata beside it)")
+    pr.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
+    pr.add_argument("--threads", type=int, default=0)
+    pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="dynamic graphs only")
+    pr.add_argument("--letterbox", action="store_true", help="keep the aspect ratio (pad) instead of stretching")
+    pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--max-frames", type=int, default=0, help="stop after N frames (cameras)")
+    pr.add_argument("--save-class-maps", action="store_true", help="also write single-channel class-id PNGs")
+    pr.set_defaults(_run=_cmd_predict)
+
+    b = sub.add_parser("bench", help="latency/throughput/memory: PyTorch eager vs ONNX Runtime vs TensorRT")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--frames", default=None, help="folder of real frames (default: CamVid tiny target)")
+    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--iters", type=int, default=30)
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--precisions", default="fp32,int8", help="ONNX variants: fp32,fp16,int8")
+    b.add_argument("--video", default=None, help="also measure end-to-end video throughput on this file")
+    b.add_argument("--work-dir", default=None)
+    b.add_argument("--json", default=None)
+    b.set_defaults(_run=_cmd_bench)
+
     pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
@@ -105,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return int(ns._run(ns) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:
         if isinstance(e, ImportError) and getattr(e, "name", None) in ("torch", "transformers", "onnx", "onnxruntime",
                                                                          "gradio", "tensorrt", "safetensors"):
             print(f"error: {e.name} is not installed; install the matching extra, e.g. pip install "

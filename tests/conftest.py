@@ -62,15 +62,42 @@ def tiny_model(arch: str, num_classes: int = 11, in_channels: int = 3):
     return build_segmenter(arch, num_classes, variant, in_channels=in_channels, output_stride=16, ignore_index=11)
 
 
+def quick_train(model, tiny, size=(96, 128), steps=30, lr=3e-3, seed=0):
+    """A few supervised steps on the tiny real frames so that logits are meaningful (random-init logits of a
+    small MobileNetV2 are ~1e-30 and every rounding flips the argmax)."""
+    import torch
+    import torch.nn.functional as F
+
+    from adapt.augment import normalize
+    from adapt.data.datasets import LabeledImageFolder, collate
+    from adapt.data.transforms import Resize
+
+    torch.manual_seed(seed)
+    ds = LabeledImageFolder(tiny / "source", transform=Resize(size))
+    batch = collate([ds[i] for i in range(len(ds))])
+    x = normalize(batch["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    y = batch["label"]
+    opt = torch.optim.AdamW(model.parameters(), lr)
+    model.train()
+    for i in range(steps):
+        idx = torch.randint(0, len(ds), (8,))
+        logits = F.interpolate(model(x[idx]), size=size, mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, y[idx], ignore_index=11)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tiny_classes):
-    """A saved DeepLabV3-MobileNetV2 (0.35) checkpoint with random weights, input size 96x128."""
+def tiny_checkpoint(tmp_path_factory, tiny_classes, tiny):
+    """A DeepLabV3-MobileNetV2 (0.35) checkpoint briefly trained on the tiny real frames, input size 96x128."""
     import torch
 
     from adapt.models.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(0)
-    m = tiny_model("deeplabv3-mobilenetv2").eval()
+    m = quick_train(tiny_model("deeplabv3-mobilenetv2"), tiny)
     d = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(d, m, CheckpointMeta(classes=tiny_classes, input_size=(96, 128)))
     return d

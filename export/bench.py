@@ -1,0 +1,230 @@
+"""``segadapt bench``: PyTorch eager vs ONNX Runtime (each provider, each precision) vs TensorRT on the same frames.
+
+Each backend runs in its own process (``spawn``) so that its peak memory is its own: peak resident memory
+(``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` for CUDA PyTorch. Latency is measured at batch 1 after
+warm-up (p50/p90 over ``iters`` runs, backend call only), throughput at batch N (frames/s), and, for the runtime
+backends, end-to-end latency including pre- and post-processing (resize, normalise, resize the class map back).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+
+def _stats(ts: List[float]) -> dict:
+    a = np.asarray(ts) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean())}
+
+
+def _time(fn: Callable[[], object], iters: int, warmup: int) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _bench_torch(args: dict) -> dict:
+    import torch
+
+    from adapt.models.checkpoint import load_segmenter
+    from export.onnx_export import load_frames
+    from export.wrapper import ExportWrapper
+
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    dev = torch.device(args["device"])
+    model, meta = load_segmenter(args["checkpoint"], map_location=dev)
+    w = ExportWrapper(model, meta.mean, meta.std, "uint8_nhwc", "class_map").eval().to(dev)
+    frames = load_frames(args["frames"], max(args["batch"], 4), tuple(args["size"]))
+    x1 = torch.from_numpy(np.stack(frames[:1])).to(dev)
+    xb = torch.from_numpy(np.stack((frames * args["batch"])[: args["batch"]])).to(dev)
+    out = {}
+    for dtype_name in args["dtypes"]:
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+
+        def run(x):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+                y = w(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return y
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        lat = _stats(_time(lambda: run(x1), args["iters"], args["warmup"]))
+        tb = _time(lambda: run(xb), max(3, args["iters"] // 4), 1)
+        r = {**lat, "throughput_fps": args["batch"] / float(np.median(tb)), "batch": args["batch"]}
+        if dev.type == "cuda":
+            r["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        r["peak_rss_mb"] = _peak_rss_mb()
+        out[f"pytorch-eager-{dev.type}-{dtype_name}"] = r
+    return out
+
+
+def _bench_runtime(args: dict) -> dict:
+    from export.onnx_export import load_frames
+    from runtime.predictor import Predictor
+
+    p = Predictor(args["model"], providers=args.get("providers"), threads=args["threads"])
+    frames = load_frames(args["frames"], max(args["batch"], 4), tuple(p.size))
+    orig = load_frames(args["frames"], 1, tuple(args["frame_size"]))[0]
+    x1, _ = p.preprocess(frames[:1])
+    r = _stats(_time(lambda: p.backend.infer(x1), args["iters"], args["warmup"]))
+    if p.max_batch >= args["batch"]:
+        xb, _ = p.preprocess((frames * args["batch"])[: args["batch"]])
+        tb = _time(lambda: p.backend.infer(xb), max(3, args["iters"] // 4), 1)
+        r["throughput_fps"], r["batch"] = args["batch"] / float(np.median(tb)), args["batch"]
+    else:
+        r["throughput_fps"], r["batch"] = 1000.0 / r["mean_ms"], 1
+    e2e = _stats(_time(lambda: p.predict(orig), max(5, args["iters"] // 2), 1))
+    r["end_to_end_p50_ms"] = e2e["p50_ms"]
+    r["backend"] = p.backend.describe()
+    r["peak_rss_mb"] = _peak_rss_mb()
+    if args.get("video"):
+        from runtime.video import segment_video
+
+        rep = segment_video(p, args["video"], Path(args["tmp"]) / "bench_video.mp4", batch_size=1)
+        p_video = Predictor(args["model"], providers=args.get("providers"), threads=args["threads"])
+        vframes = load_frames(args["frames"], 1, tuple(args["video_size"]))
+        xv, _ = p_video.preprocess(vframes)
+        only = _stats(_time(lambda: p_video.backend.infer(xv), args["iters"], args["warmup"]))
+        r["video"] = {"end_to_end_fps": rep.fps, "backend_only_fps": 1000.0 / only["mean_ms"], "frames": rep.frames,
+                      "ratio": rep.fps / (1000.0 / only["mean_ms"]), "codec": rep.codec, "stage_ms": rep.stage_ms}
+    return {args["label"]: r}
+
+
+def _worker(fn_name: str, args: dict, q) -> None:
+    try:
+        q.put(globals()[fn_name](args))
+    except Exception as e:  # reported in the results, the bench goes on
+        q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _in_process(fn_name: str, args: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    pr = ctx.Process(target=_worker, args=(fn_name, args, q))
+    pr.start()
+    res = q.get()
+    pr.join()
+    return res
+
+
+def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: int = 30, warmup: int = 5,
+              threads: int = 0, out_dir: Optional[str] = None, precisions=("fp32", "int8"), video: str = "",
+              log: Callable[[str], None] = print) -> dict:
+    """Export (if needed) and measure every backend available here on the same frames.
+
+    Args:
+        checkpoint: our checkpoint.
+        frames: folder of real frames used as inputs (and INT8 calibration).
+        size: (H, W) model input size (default: the checkpoint's).
+        batch: batch size for the throughput figure.
+        precisions: ONNX variants to measure (``fp32``, ``fp16``, ``int8``).
+        video: optional video file: measures end-to-end video throughput vs backend-only throughput.
+
+    Returns:
+        dict with ``machine``, ``config`` and ``results`` (one entry per backend/precision, or an ``error``).
+    """
+    import onnxruntime as ort
+
+    from adapt.models.checkpoint import load_segmenter
+    from export.config import ExportConfig
+    from export.onnx_export import export_onnx
+    from export.tensorrt_build import build_engine, tensorrt_status
+
+    _, meta = load_segmenter(checkpoint)
+    size = tuple(size) if size else tuple(meta.input_size)
+    out = Path(out_dir) if out_dir else Path(checkpoint).with_name(Path(checkpoint).name + "-bench")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ExportConfig(checkpoint=checkpoint, out=str(out), imgsz=size, batch=1, dynamic=True, max_batch=batch,
+                       half="fp16" in precisions, int8="int8" in precisions, calib=frames, parity_data=frames)
+    exp = export_onnx(cfg, log=log)
+    results: dict = {}
+    import torch
+
+    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devs:
+        log(f"bench PyTorch eager on {dev}")
+        results.update(_in_process("_bench_torch", dict(checkpoint=checkpoint, device=dev, frames=frames, size=size,
+                                                         batch=batch, iters=iters, warmup=warmup, threads=threads,
+                                                         dtypes=["fp32"] + (["fp16"] if dev == "cuda" else []))))
+    from runtime.backends import available_ort_providers
+
+    vsize = None
+    if video:
+        import cv2
+
+        cap = cv2.VideoCapture(video)
+        vsize = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+        cap.release()
+    for prov in available_ort_providers():
+        for prec, path in exp.files.items():
+            label = f"onnxruntime-{prov}-{prec}"
+            log(f"bench {label}")
+            res = _in_process("_bench_runtime", dict(model=str(path), providers=[prov], threads=threads,
+                                                      frames=frames, batch=batch, iters=iters, warmup=warmup,
+                                                      label=label, frame_size=vsize or size, tmp=str(out),
+                                                      video=video if prec == "fp32" else "", video_size=size))
+            if "error" in res:
+                res = {label: {"error": res["error"]}}
+            res[label]["class_agreement_vs_pytorch"] = exp.parity[prec]["class_agreement"]
+            results.update(res)
+    ok, why = tensorrt_status()
+    if ok:
+        for prec, path in exp.files.items():
+            label = f"tensorrt-{prec}"
+            try:
+                build_engine(path, out / f"model.{prec}.engine", log=log)
+                res = _in_process("_bench_runtime", dict(model=str(out / f"model.{prec}.engine"), threads=0,
+                                                          frames=frames, batch=batch, iters=iters, warmup=warmup,
+                                                          label=label, frame_size=size, tmp=str(out), video=""))
+            except Exception as e:  # recorded, the rest of the bench goes on
+                res = {label: {"error": f"{type(e).__name__}: {e}"}}
+            results.update(res)
+    else:
+        results["tensorrt"] = {"skipped": why}
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": mp.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "config": {"checkpoint": checkpoint, "frames": frames, "size": list(size), "batch": batch, "iters": iters,
+                   "threads": threads or "default", "arch": exp.metadata["fp32"].arch},
+        "results": results,
+    }
+
+
+def format_bench(rep: dict) -> str:
+    rows = ["| backend | p50 ms (b=1) | p90 ms | end-to-end p50 ms | throughput fps (b) | peak MB | agreement |",
+            "|---|---|---|---|---|---|---|"]
+    for k, r in rep["results"].items():
+        if "p50_ms" not in r:
+            rows.append(f"| {k} | {r.get('error') or r.get('skipped')} | | | | | |")
+            continue
+        e2e = f"{r['end_to_end_p50_ms']:.1f}" if "end_to_end_p50_ms" in r else ""
+        agr = f"{r['class_agreement_vs_pytorch'] * 100:.2f} %" if "class_agreement_vs_pytorch" in r else ""
+        mem = r.get("peak_gpu_mem_mb", r.get("peak_rss_mb", 0))
+        rows.append(f"| {k} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {e2e} | {r['throughput_fps']:.1f} ({r['batch']}) "
+                    f"| {mem:.0f} | {agr} |")
+    return "\n".join(rows)
+
+
+def save_report(rep: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rep, indent=1))

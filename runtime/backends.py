@@ -1,0 +1,288 @@
+"""Inference backends behind one small interface: ONNX Runtime and TensorRT (no torch).
+
+``Backend.infer(x)`` takes the graph's input batch as a numpy array (uint8 (B, H, W, 3) or float32 (B, 3, H, W), as
+the metadata says) and returns the graph's output as a numpy array.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from runtime.metadata import ModelMetadata
+
+ORT_PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+ORT_PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+class BackendError(RuntimeError):
+    """A model file or backend cannot be used; the message says which file and why."""
+
+
+class Backend(abc.ABC):
+    """A loaded model that maps an input batch to an output batch."""
+
+    name: str = "backend"
+    metadata: ModelMetadata
+
+    @abc.abstractmethod
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on one batch (see the module docstring for layouts)."""
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def describe(self) -> str:
+        return self.name
+
+
+def available_ort_providers() -> List[str]:
+    """Short names (``tensorrt``, ``cuda``, ``cpu``) of the execution providers compiled into onnxruntime.
+
+    Compiled-in does not mean usable (a missing CUDA library only shows when a session is created).
+    """
+    import onnxruntime as ort
+
+    inv = {v: k for k, v in ORT_PROVIDER_NAMES.items()}
+    return [inv[p] for p in ort.get_available_providers() if p in inv]
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime backend.
+
+    Args:
+        path: the ``.onnx`` file.
+        metadata: its metadata.
+        providers: short provider names in order of preference (``tensorrt``, ``cuda``, ``cpu``). None = every
+            available one in the order TensorRT, CUDA, CPU. A requested provider that is not available, or that
+            onnxruntime silently drops when creating the session (a missing CUDA/TensorRT library), is an error.
+        threads: intra-op threads for the CPU provider (0 = onnxruntime's default).
+        provider_options: per-provider option dicts keyed by short name (e.g. TensorRT profile shapes).
+
+    Raises:
+        BackendError: onnxruntime missing, unknown or unavailable provider, or a file onnxruntime cannot load.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, metadata: ModelMetadata, providers: Optional[Sequence[str]] = None,
+                 threads: int = 0, provider_options: Optional[dict] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu")
+        self.path = Path(path)
+        self.metadata = metadata
+        avail = available_ort_providers()
+        if providers is None:
+            want = [p for p in ORT_PREFERENCE if p in avail]
+            explicit = False
+        else:
+            want = [p.lower() for p in providers]
+            explicit = True
+            for p in want:
+                if p not in ORT_PROVIDER_NAMES:
+                    raise BackendError(f"unknown execution provider {p!r}; choose from {list(ORT_PROVIDER_NAMES)}")
+                if p not in avail:
+                    raise BackendError(f"execution provider {p!r} requested but this onnxruntime has only {avail}")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads > 0:
+            so.intra_op_num_threads = threads
+        opts = provider_options or {}
+        plist = [(ORT_PROVIDER_NAMES[p], opts.get(p, {})) for p in want]
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=plist)
+        except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail...)
+            raise BackendError(f"{self.path}: onnxruntime cannot load this model: {e}") from None
+        active = self.session.get_providers()
+        missing = [p for p in want if ORT_PROVIDER_NAMES[p] not in active]
+        if explicit and missing:
+            raise BackendError(f"{self.path}: execution provider(s) {missing} could not be created (missing CUDA/"
+                               f"TensorRT libraries?); active providers are {active}. Refusing to fall back silently.")
+        self.providers = [k for k, v in ORT_PROVIDER_NAMES.items() if v in active]
+        self.input_name = self.session.get_inputs()[0].name
+        if self.input_name != metadata.input_name:
+            raise BackendError(f"{self.path}: graph input is {self.input_name!r} but the metadata says "
+                               f"{metadata.input_name!r}: model and metadata files do not belong together")
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.providers[:1] == ["cpu"] else "cuda"
+
+    def describe(self) -> str:
+        return f"onnxruntime [{', '.join(self.providers)}]"
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+_TRT_NP = {}
+
+
+def _trt_dtype_to_np(trt, dt) -> np.dtype:
+    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8,
+             trt.uint8: np.uint8, trt.bool: np.bool_}
+    if hasattr(trt, "int64"):
+        table[trt.int64] = np.int64
+    return np.dtype(table[dt])
+
+
+class TrtBackend(Backend):
+    """TensorRT backend: deserialise a plan, preallocate device buffers, ``execute_async_v3`` on a CUDA stream.
+
+    Works with TensorRT 10 (JetPack 6) and 11. Device memory and copies use cuda-python (``cuda.bindings.runtime``,
+    or the older ``cuda.cudart``), never torch. Buffers are sized for the largest input the engine accepts
+    (the optimisation profile's max shape) and reused.
+
+    Args:
+        path: the ``.engine``/``.plan`` file (a raw TensorRT plan).
+        metadata: its metadata; its ``tensorrt_version`` and ``gpu_name`` must match this machine.
+
+    Raises:
+        BackendError: TensorRT or cuda-python missing, no GPU, version/GPU mismatch ("rebuild the engine"), or a
+            plan TensorRT cannot deserialise.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, metadata: ModelMetadata, device_id: int = 0):
+        self.path = Path(path)
+        self.metadata = metadata
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BackendError(f"{self.path}: TensorRT is not installed ({e}); on Jetson it comes with JetPack, "
+                               f"elsewhere pip install 'segadapt[tensorrt]'") from None
+        self.cudart = _import_cudart()
+        self.trt = trt
+        if metadata.tensorrt_version and metadata.tensorrt_version != trt.__version__:
+            raise BackendError(f"{self.path}: engine was built with TensorRT {metadata.tensorrt_version}, this machine "
+                               f"has {trt.__version__}; rebuild it here with segadapt export --format engine")
+        gpu = gpu_name(self.cudart, device_id)
+        if metadata.gpu_name and gpu and metadata.gpu_name != gpu:
+            raise BackendError(f"{self.path}: engine was built for {metadata.gpu_name}, this GPU is {gpu}; engines "
+                               f"are bound to one GPU model: rebuild it here")
+        _check(self.cudart.cudaSetDevice(device_id))
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise BackendError(f"{self.path}: TensorRT could not deserialise this engine (corrupt, or built by "
+                               f"another TensorRT version)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.inputs, self.outputs = [], []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            (self.inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
+        if len(self.inputs) != 1:
+            raise BackendError(f"{self.path}: expected one input tensor, found {self.inputs}")
+        self.input_name = self.inputs[0]
+        self.output_name = self.outputs[0]
+        if self.input_name != metadata.input_name:
+            raise BackendError(f"{self.path}: engine input is {self.input_name!r} but the metadata says "
+                               f"{metadata.input_name!r}")
+        shape = tuple(engine.get_tensor_shape(self.input_name))
+        if -1 in shape:
+            max_shape = tuple(engine.get_tensor_profile_shape(self.input_name, 0)[2])
+        else:
+            max_shape = shape
+        self.in_dtype = _trt_dtype_to_np(trt, engine.get_tensor_dtype(self.input_name))
+        self.out_dtype = _trt_dtype_to_np(trt, engine.get_tensor_dtype(self.output_name))
+        self.context.set_input_shape(self.input_name, max_shape)
+        max_out = tuple(self.context.get_tensor_shape(self.output_name))
+        self._in_bytes = int(np.prod(max_shape)) * self.in_dtype.itemsize
+        self._out_bytes = int(np.prod(max_out)) * self.out_dtype.itemsize
+        self.d_in = _check(self.cudart.cudaMalloc(self._in_bytes))
+        self.d_out = _check(self.cudart.cudaMalloc(self._out_bytes))
+        self.max_shape = max_shape
+
+    @property
+    def device(self) -> str:
+        return "cuda"
+
+    def describe(self) -> str:
+        return f"tensorrt {self.trt.__version__}"
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        cud = self.cudart
+        x = np.ascontiguousarray(x, dtype=self.in_dtype)
+        if any(a > b for a, b in zip(x.shape, self.max_shape)):
+            raise BackendError(f"{self.path}: input shape {x.shape} exceeds the engine's maximum {self.max_shape}")
+        self.context.set_input_shape(self.input_name, x.shape)
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = np.empty(out_shape, self.out_dtype)
+        h2d = cud.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cud.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cud.cudaMemcpyAsync(self.d_in, x.ctypes.data, x.nbytes, h2d, self.stream))
+        self.context.set_tensor_address(self.input_name, int(self.d_in))
+        self.context.set_tensor_address(self.output_name, int(self.d_out))
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise BackendError(f"{self.path}: TensorRT execution failed")
+        _check(cud.cudaMemcpyAsync(out.ctypes.data, self.d_out, out.nbytes, d2h, self.stream))
+        _check(cud.cudaStreamSynchronize(self.stream))
+        return out
+
+    def __del__(self):
+        try:
+            self.cudart.cudaFree(self.d_in)
+            self.cudart.cudaFree(self.d_out)
+            self.cudart.cudaStreamDestroy(self.stream)
+        except Exception:  # interpreter shutdown or a failed __init__: nothing to free
+            pass
+
+
+def _import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BackendError("cuda-python is not installed (pip install cuda-python); the TensorRT backend uses "
+                               "it for device memory instead of torch") from None
+    return cudart
+
+
+def _check(ret):
+    """Unpack a cuda-python return tuple ``(err, *values)``; raise BackendError on a CUDA error."""
+    err, *vals = ret if isinstance(ret, tuple) else (ret,)
+    if int(err) != 0:
+        raise BackendError(f"CUDA error {err}")
+    return vals[0] if len(vals) == 1 else (tuple(vals) if vals else None)
+
+
+def gpu_name(cudart=None, device_id: int = 0) -> Optional[str]:
+    """Name of CUDA device ``device_id`` (None without cuda-python or a GPU)."""
+    try:
+        cudart = cudart or _import_cudart()
+        prop = _check(cudart.cudaGetDeviceProperties(device_id))
+        name = prop.name
+        return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+    except Exception:  # no driver / no device: report unknown
+        return None
+
+
+def open_backend(path: str | Path, metadata: ModelMetadata, providers: Optional[Sequence[str]] = None,
+                 threads: int = 0) -> Backend:
+    """Pick the backend from the file: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT.
+
+    Raises:
+        BackendError: unknown file type.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".onnx":
+        return OrtBackend(path, metadata, providers, threads)
+    if suffix in (".engine", ".plan", ".trt"):
+        return TrtBackend(path, metadata)
+    raise BackendError(f"{path}: unknown model file type {suffix!r} (expected .onnx, .engine or .plan)")

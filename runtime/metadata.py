@@ -1,0 +1,168 @@
+"""The file that describes an exported model, defined once here and written by ``export``.
+
+Beside every exported model file ``<name>.onnx`` / ``<name>.engine`` sits ``<name>.json`` with
+:class:`ModelMetadata`. The runtime reads it to know the input layout and size, normalisation, output kind and class
+names, and (for TensorRT engines) to refuse an engine built for another TensorRT version or GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from runtime.classes import ClassInfo
+
+METADATA_VERSION = 1
+INPUT_LAYOUTS = ("uint8_nhwc", "float_nchw")
+OUTPUT_KINDS = ("class_map", "logits")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class ModelMetadata:
+    """Description of an exported segmenter.
+
+    Attributes:
+        classes, palette, ignore_index: the label set (class id i is ``classes[i]``; palette RGB 0-255).
+        input_name, output_name: graph tensor names.
+        input_layout: ``uint8_nhwc`` (B, H, W, 3) uint8 RGB, normalisation inside the graph, or ``float_nchw``
+            (B, 3, H, W) float32, already normalised with ``mean``/``std``.
+        input_size: (H, W) in pixels of the static graph or of the optimisation profile's ``opt`` shape.
+        dynamic: whether batch, height and width are dynamic.
+        min_size, max_size: (H, W) bounds of a dynamic graph (TensorRT profile); ignored for static graphs.
+        batch: static batch size (or the profile's ``opt`` batch); max_batch: the profile's max batch.
+        mean, std: per-channel RGB normalisation in [0, 1] units: ``x = (rgb / 255 - mean) / std``.
+        output_kind: ``class_map`` (B, H, W) integer ids at input resolution or ``logits`` (B, K, H/s, W/s) float
+            with s = ``output_stride``.
+        output_dtype: numpy dtype name of the output (``uint8``, ``int32``, ``float32``, ``float16``).
+        precision: ``fp32``, ``fp16`` or ``int8`` (as baked into the graph or engine).
+        format: ``onnx`` or ``engine``.
+        source_checkpoint, source_checkpoint_sha256: where the weights came from.
+        exporter: versions of the tools that produced the file (torch, onnx, onnxslim, onnxruntime, tensorrt...).
+        tensorrt_version, gpu_name, gpu_compute_capability: for engines, what they are bound to.
+        parity: agreement measured at export time (max abs logit difference, class-map agreement...).
+    """
+
+    classes: List[str]
+    palette: List[List[int]]
+    ignore_index: int = 255
+    input_name: str = "images"
+    output_name: str = "class_map"
+    input_layout: str = "uint8_nhwc"
+    input_size: Tuple[int, int] = (360, 480)
+    dynamic: bool = False
+    min_size: Tuple[int, int] = (64, 64)
+    max_size: Tuple[int, int] = (1080, 1920)
+    batch: int = 1
+    max_batch: int = 1
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    output_kind: str = "class_map"
+    output_dtype: str = "uint8"
+    output_stride: int = 1
+    precision: str = "fp32"
+    format: str = "onnx"
+    arch: str = ""
+    source_checkpoint: str = ""
+    source_checkpoint_sha256: str = ""
+    exporter: dict = field(default_factory=dict)
+    tensorrt_version: Optional[str] = None
+    gpu_name: Optional[str] = None
+    gpu_compute_capability: Optional[str] = None
+    parity: dict = field(default_factory=dict)
+    created: str = ""
+    metadata_version: int = METADATA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {self.input_layout!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.input_size = tuple(int(v) for v in self.input_size)
+        self.min_size = tuple(int(v) for v in self.min_size)
+        self.max_size = tuple(int(v) for v in self.max_size)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
+    @property
+    def class_info(self) -> ClassInfo:
+        return ClassInfo(tuple(self.classes), tuple(tuple(c) for c in self.palette), self.ignore_index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "") -> "ModelMetadata":
+        """Build from a dict; unknown keys are ignored (newer writers), missing required ones are an error.
+
+        Raises:
+            ValueError: required keys missing or bad values (the message names ``source``).
+        """
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source or 'metadata'}: invalid model metadata: {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON atomically (temporary file in the same directory, then rename)."""
+        path = Path(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelMetadata":
+        """Read a metadata JSON file.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not JSON or not valid metadata (the message names the file).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model metadata file not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: model metadata is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: model metadata must be a JSON object")
+        return cls.from_dict(d, str(path))
+
+
+def metadata_path(model_path: str | Path) -> Path:
+    """The metadata file beside a model file: ``dir/name.onnx`` -> ``dir/name.json``."""
+    p = Path(model_path)
+    return p.with_suffix(".json")
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` atomically: a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,208 @@
+"""Runtime: Predictor, backends, video pipeline; without torch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from export.config import ExportConfig
+from export.onnx_export import export_onnx
+from runtime.backends import BackendError, OrtBackend
+from runtime.metadata import ModelMetadata, metadata_path
+from runtime.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tiny_checkpoint, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt")
+    static = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out / "static"),
+                                      parity_data=str(tiny / "target"), parity_frames=2), log=lambda *_: None)
+    dyn = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out / "dyn"), dynamic=True,
+                                   output="logits", input_layout="float_nchw", max_batch=4,
+                                   parity_data=str(tiny / "target"), parity_frames=2), log=lambda *_: None)
+    return static.files["fp32"], dyn.files["fp32"]
+
+
+def _frame(tiny, i=0):
+    f = sorted((tiny / "target" / "images").iterdir())[i]
+    return cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+
+
+def test_predictor_static_model_on_real_frame(onnx_models, tiny):
+    p = Predictor(onnx_models[0], providers=["cpu"])
+    img = _frame(tiny)
+    r = p.predict(img)
+    assert r.class_map.shape == img.shape[:2] and r.class_map.dtype == np.uint8
+    assert r.class_map.max() < 11
+    assert set(r.timings) == {"preprocess", "infer", "postprocess"} and all(v >= 0 for v in r.timings.values())
+    ov = p.overlay(img, r.class_map, 0.5)
+    assert ov.shape == img.shape and not np.array_equal(ov, img)
+    shares = p.class_shares(r.class_map)
+    assert abs(sum(shares.values()) - 1) < 1e-6 and set(shares) <= set(p.metadata.classes)
+    # batch of frames of different sizes -> maps at each frame's size
+    big = cv2.resize(img, (300, 200))
+    rs = p.predict_batch([img, big])
+    assert rs[1].class_map.shape == (200, 300)
+
+
+def test_predictor_matches_direct_onnxruntime(onnx_models, tiny):
+    import onnxruntime as ort
+
+    p = Predictor(onnx_models[0], providers=["cpu"])
+    img = cv2.resize(_frame(tiny, 3), (128, 96))  # already the model size: no resizing on either path
+    sess = ort.InferenceSession(str(onnx_models[0]), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"images": img[None]})[0][0]
+    assert np.array_equal(p.predict(img).class_map, ref)
+
+
+def test_dynamic_logits_model_sizes_and_letterbox(onnx_models, tiny):
+    img = _frame(tiny)
+    p = Predictor(onnx_models[1], providers=["cpu"], size=(128, 160))
+    a = p.predict(img).class_map
+    assert a.shape == img.shape[:2]
+    lb = Predictor(onnx_models[1], providers=["cpu"], size=(128, 128), letterbox=True)
+    b = lb.predict(img).class_map
+    assert b.shape == img.shape[:2]
+    batch = lb.predict_batch([img] * 5)  # max_batch 4: split into 4 + 1
+    assert len(batch) == 5 and np.array_equal(batch[4].class_map, b)
+    with pytest.raises(ValueError, match="outside"):
+        Predictor(onnx_models[1], providers=["cpu"], size=(4000, 4000))
+    with pytest.raises(ValueError, match="static"):
+        Predictor(onnx_models[0], providers=["cpu"], size=(128, 160))
+
+
+def test_missing_provider_is_an_error_not_a_fallback(onnx_models):
+    meta = ModelMetadata.load(metadata_path(onnx_models[0]))
+    with pytest.raises(BackendError, match="cuda"):
+        OrtBackend(onnx_models[0], meta, providers=["cuda"])
+    with pytest.raises(BackendError, match="unknown"):
+        OrtBackend(onnx_models[0], meta, providers=["directml2"])
+
+
+def test_corrupt_or_mismatched_model_files(onnx_models, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    shutil.copy(metadata_path(onnx_models[0]), metadata_path(bad))
+    with pytest.raises(BackendError, match="bad.onnx"):
+        Predictor(bad)
+    # model without metadata: the embedded copy is used
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(onnx_models[0], lone)
+    assert Predictor(lone, providers=["cpu"]).metadata.classes[0] == "Sky"
+    # metadata of another model (float NCHW input) beside a uint8 NHWC graph
+    mis = tmp_path / "mis.onnx"
+    shutil.copy(onnx_models[0], mis)
+    shutil.copy(metadata_path(onnx_models[1]), metadata_path(mis))
+    with pytest.raises(BackendError, match="do not belong together"):
+        Predictor(mis, providers=["cpu"])
+    broken = tmp_path / "broken.onnx"
+    shutil.copy(onnx_models[0], broken)
+    metadata_path(broken).write_text("{")
+    with pytest.raises(BackendError, match="broken.json"):
+        Predictor(broken)
+    with pytest.raises(BackendError, match="unknown model file type"):
+        x = tmp_path / "m.pt"
+        x.write_bytes(b"x")
+        shutil.copy(metadata_path(onnx_models[0]), metadata_path(x))
+        Predictor(x)
+    with pytest.raises(FileNotFoundError):
+        Predictor(tmp_path / "nope.onnx")
+
+
+def test_engine_version_mismatch_message(onnx_models, tmp_path):
+    from runtime.backends import TrtBackend
+
+    meta = ModelMetadata.load(metadata_path(onnx_models[0]))
+    meta.tensorrt_version, meta.format = "0.0.1", "engine"
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"plan")
+    with pytest.raises(BackendError, match="m.engine"):
+        TrtBackend(eng, meta)  # no TensorRT here, or a version mismatch where it exists
+
+
+def test_whole_video_to_browser_playable_h264(onnx_models, video_path, tmp_path):
+    av = pytest.importorskip("av", reason="PyAV writes H.264")
+    from runtime.video import segment_video
+
+    p = Predictor(onnx_models[0], providers=["cpu"])
+    rep = segment_video(p, video_path, tmp_path / "out.mp4", batch_size=1, class_map_dir=tmp_path / "maps")
+    cap = cv2.VideoCapture(str(video_path))
+    n_in = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    assert rep.frames == n_in == 221
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+        assert (s.width, s.height) == (960, 540)
+        n_out = sum(1 for _ in c.decode(video=0))
+    assert n_out == n_in
+    maps = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(maps) == n_in and cv2.imread(str(maps[0]), cv2.IMREAD_UNCHANGED).shape == (540, 960)
+    assert rep.fps > 0 and rep.codec == "h264"
+
+
+def test_video_errors(onnx_models, tmp_path):
+    from runtime.video import segment_video
+
+    p = Predictor(onnx_models[0], providers=["cpu"])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.mp4"):
+        segment_video(p, empty, tmp_path / "o.mp4")
+
+
+def test_runtime_never_imports_torch(onnx_models, tiny, video_path, tmp_path):
+    code = f"""
+import sys, json
+import numpy as np, cv2
+from runtime.predictor import Predictor
+from runtime.video import segment_video
+p = Predictor({str(onnx_models[0])!r}, providers=['cpu'])
+img = cv2.imread({str(sorted((tiny / 'target' / 'images').iterdir())[0])!r})[:, :, ::-1].copy()
+r = p.predict(img)
+segment_video(p, {str(video_path)!r}, {str(tmp_path / 'v.mp4')!r}, max_frames=5)
+print(json.dumps({{'torch': 'torch' in sys.modules, 'adapt': any(m.startswith('adapt') for m in sys.modules),
+                  'shape': list(r.class_map.shape)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"torch": False, "adapt": False, "shape": [120, 160]}
+
+
+def test_runtime_is_python310_compatible():
+    """JetPack 6 runs Python 3.10: no 3.11-only syntax or standard-library names in runtime/ and demo/."""
+    import ast
+
+    newer = ("tomllib", "typing.Self", "StrEnum", "datetime.UTC", "ExceptionGroup", "TaskGroup", "typing.Never")
+    for f in sorted((ROOT / "runtime").glob("*.py")) + sorted((ROOT / "demo").glob("*.py")):
+        src = f.read_text()
+        ast.parse(src, filename=str(f), feature_version=(3, 10))
+        for name in newer:
+            assert name not in src, f"{f}: uses {name}, which Python 3.10 lacks"
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True, text=True)
+    if ruff.returncode != 0:
+        pytest.skip("ruff (dev extra) not installed: only the AST check ran")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--target-version", "py310", "--select",
+                          "E9,F63,F7,F82", "runtime", "demo"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_predict_cli_on_images_and_video(onnx_models, tiny, video_path, tmp_path):
+    from segadapt_cli import main
+
+    assert main(["predict", "--model", str(onnx_models[0]), "--source", str(tiny / "target"), "--out",
+                 str(tmp_path / "imgs"), "--save-class-maps", "--providers", "cpu"]) == 0
+    assert len(list((tmp_path / "imgs").glob("*_overlay.png"))) == 20
+    assert len(list((tmp_path / "imgs").glob("*_class_map.png"))) == 20
+    assert main(["predict", "--model", str(onnx_models[0]), "--source", str(video_path), "--out",
+                 str(tmp_path / "vid"), "--max-frames", "10"]) == 0
+    assert (tmp_path / "vid" / "solidWhiteRight_overlay.mp4").stat().st_size > 0
