@@ -36,6 +36,21 @@ def _cmd_train_source(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapt(ns: argparse.Namespace) -> int:
+    from adapt.config import AdaptConfig, config_from_cli, to_dict
+
+    cfg = config_from_cli(AdaptConfig, ns, ns.config)
+    if ns.print_config:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required (the source model)")
+    from adapt.self_training import adapt
+
+    print(json.dumps(adapt(cfg), indent=1))
+    return 0
+
+
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
     from adapt.evaluate import evaluate_checkpoint
     from adapt.metrics import format_table
@@ -189,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_dataclass_arguments(t, SourceTrainConfig)
     t.set_defaults(_run=_cmd_train_source)
+
+    from adapt.config import AdaptConfig
+
+    a = sub.add_parser("adapt", help="source-free adaptation of a checkpoint to unlabelled target footage",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
+    a.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_dataclass_arguments(a, AdaptConfig)
+    a.set_defaults(_run=_cmd_adapt)
 
     e = sub.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split")
     e.add_argument("--checkpoint", required=True, help="segadapt checkpoint or local transformers directory")

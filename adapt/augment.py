@@ -100,3 +100,45 @@ def normalize_float(x: torch.Tensor, mean, std) -> torch.Tensor:
 def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """(B, 3, H, W) uint8 RGB -> float normalised ``(x / 255 - mean) / std``."""
     return normalize_float(x_uint8.float() / 255.0, mean, std)
+
+
+def class_mix_masks(labels: torch.Tensor, ignore_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ClassMix masks between target images (DACS, methods.md 0.2, source-free: target with target).
+
+    For each image i, half of the classes present in its (pseudo-)label are chosen at random (ceil(n/2)); the mask
+    is 1 on its pixels of those classes. :func:`mix` pastes them onto image ``(i + 1) % B``.
+
+    Args:
+        labels: (B, H, W) int64 pseudo-labels (``ignore_index`` for rejected pixels, never selected).
+
+    Returns:
+        (B, 1, H, W) float masks in {0, 1}.
+    """
+    b = labels.shape[0]
+    masks = torch.zeros(b, 1, *labels.shape[1:], device=labels.device)
+    for i in range(b):
+        classes = torch.unique(labels[i])
+        classes = classes[classes != ignore_index]
+        if classes.numel() == 0:
+            continue
+        n = (classes.numel() + 1) // 2
+        pick = classes[torch.randperm(classes.numel(), generator=generator, device="cpu")[:n].to(classes.device)]
+        masks[i, 0] = torch.isin(labels[i], pick).float()
+    return masks
+
+
+def mix(a: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """ClassMix: ``out[i] = m[i] * a[i] + (1 - m[i]) * a[(i + 1) % B]`` (image i's selected classes pasted onto the
+    next image in the batch).
+
+    Args:
+        a: (B, C, H, W) or (B, H, W) tensor (images, depth, labels or weights), same pairing for all of them.
+        masks: (B, 1, H, W) masks from :func:`class_mix_masks`.
+
+    Returns:
+        the mixed tensor, same shape and dtype.
+    """
+    background = torch.roll(a, shifts=-1, dims=0)  # background[i] = a[(i + 1) % B]
+    m = masks[:, 0] if a.ndim == 3 else masks
+    out = m * a.float() + (1 - m) * background.float()
+    return out.to(a.dtype)

@@ -269,3 +269,105 @@ PIPELINE_PRESETS = {
     "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 8.0, "batch_size": 8},
     "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8},
 }
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teacher: fixed momentum (no warm-up ramp, see adapt/teacher.py for why)."""
+
+    alpha: float = 0.999
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Pseudo-label selection. ``class_balanced``: per-class thresholds keeping the top ``fraction`` of each class's
+    pixels (CBST), bounded by [floor, threshold]; otherwise the fixed ``threshold``."""
+
+    threshold: float = 0.9
+    class_balanced: bool = True
+    fraction: float = 0.5
+    floor: float = 0.5
+
+
+@dataclass
+class DepthConfig:
+    """CrossMatch auxiliary RGB-D stream (training only). provider: ``none``, ``files``, ``stereo`` or ``model``.
+
+    require_agreement: dual-head denoising keeps only pixels where the RGB and RGB-D teachers agree [RECON].
+    cross_modal_weight: weight of the cross-modal consistency loss (each stream on the strong view trained toward
+    the other stream's weak-view pseudo-label).
+    """
+
+    provider: str = "none"
+    directory: str = ""
+    right_dir: str = ""
+    model_dir: str = ""
+    file_kind: str = "disparity"
+    png_scale: float = 256.0
+    focal_px: float = 721.5
+    baseline_m: float = 0.54
+    require_agreement: bool = True
+    cross_modal_weight: float = 1.0
+
+
+@dataclass
+class RectifierConfig:
+    """IR2F rectifier [RECON]. Its source-free training signal is the agreement of observable predictions: the
+    teacher's label under a horizontal flip of the weak view (``flip_consistency``) and, with depth, the RGB and
+    RGB-D teachers' agreement. ``warmup_steps``: steps before its values enter the mixture loss.
+    ``query_stride``: r is predicted on a grid ``stride`` times coarser than the crop, then upsampled."""
+
+    enabled: bool = True
+    latent_dim: int = 64
+    hidden: int = 128
+    layers: int = 3
+    query_stride: int = 2
+    lr: float = 1e-3
+    loss_weight: float = 1.0
+    warmup_steps: int = 50
+    flip_consistency: bool = True
+
+
+@dataclass
+class AdaptConfig:
+    """Source-free adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted
+    checkpoint of the same architecture out. There is no field for source data or target labels.
+
+    target: an image folder (``<dir>/images`` or ``<dir>``) or a video file (``video_stride``, ``video_max_frames``).
+    size: (H, W) frames are resized to; (0, 0) = the checkpoint's input size. crop: random crop (0, 0) = size.
+    adabn: re-estimate BatchNorm statistics on the target first. self_training: then run the EMA self-training
+    (False = AdaBN only). keep: which weights become the adapted checkpoint, ``teacher`` (EMA) or ``student``.
+    """
+
+    checkpoint: str = ""
+    target: str = ""
+    out: str = "runs/adapt"
+    size: Tuple[int, int] = (0, 0)
+    crop: Tuple[int, int] = (0, 0)
+    scale: Tuple[float, float] = (0.75, 1.25)
+    video_stride: int = 5
+    video_max_frames: int = 600
+    adabn: bool = True
+    self_training: bool = True
+    keep: str = "teacher"
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    class_mix: bool = True
+    strong: PhotometricConfig = field(default_factory=lambda: PhotometricConfig(
+        brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, gamma=0.0, jitter_p=0.8, blur_p=0.5))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    rectifier: RectifierConfig = field(default_factory=RectifierConfig)
+    save_every: int = 250
+    debug_every: int = 100
+    log_every: int = 20
+    max_minutes: float = 0.0
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    resume: bool = False

@@ -1,0 +1,61 @@
+"""AdaBN: re-estimate BatchNorm statistics on target images (Li et al., 2016), the first, optional step of the
+source-free adaptation.
+
+Only the BatchNorm running mean/variance change: they become the plain average over the target images (momentum
+None = cumulative average), everything else is untouched. Models without BatchNorm (SegFormer uses LayerNorm,
+except for one BatchNorm in its decoder) change only in those layers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from adapt.augment import normalize
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device,
+                    input_fn=None, max_batches: int = 0) -> int:
+    """Replace BatchNorm running statistics by those of the target images.
+
+    Args:
+        model: the segmenter (modified in place; left in eval mode).
+        batches: iterable of dicts with ``image`` (B, 3, H, W) uint8 (and ``depth`` if ``input_fn`` uses it).
+        mean, std: RGB normalisation.
+        input_fn: optional ``batch -> model input`` (the RGB-D stream concatenates depth); default: normalised RGB.
+        max_batches: stop after this many batches (0 = all).
+
+    Returns:
+        number of BatchNorm layers re-estimated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the plain mean over all batches
+    model.eval()
+    for m in bns:
+        m.train()
+    n = 0
+    for b in batches:
+        x = input_fn(b) if input_fn else normalize(b["image"].to(device), mean, std)
+        model(x)
+        n += 1
+        if max_batches and n >= max_batches:
+            break
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+    return len(bns)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put BatchNorm layers in eval mode (use, don't update, their statistics) while the rest trains."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

@@ -1,0 +1,121 @@
+"""IR2F rectifier: per-pixel reliability of pseudo-labels from an implicit neural representation
+(Gong et al., CVPR 2023; methods.md 5.3 [RECON: the paper's code and exact design were not available]).
+
+LIIF-style head (Chen et al., CVPR 2021): a latent grid (the teacher's decoder features, optionally concatenated with
+its class probabilities, projected to ``latent_dim`` channels) is queried at continuous image coordinates. For each
+query q the 4 nearest latents z_i contribute ``r_i = MLP([z_i, (q - v_i) * (h, w), cell * (h, w)])``; the local
+ensemble weights each r_i by the area of the rectangle diagonally opposite to it, and ``r(q) = sigmoid(sum w_i r_i)``
+is the probability that the pseudo-label at q is right. The rectifier is training-only and never exported.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_coord(h: int, w: int, device=None) -> torch.Tensor:
+    """Pixel-centre coordinates of an (h, w) grid in [-1, 1], as (h, w, 2) with (y, x) order."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+
+
+class ImplicitRectifier(nn.Module):
+    """Predicts rectification values r in (0, 1) at continuous coordinates.
+
+    Args:
+        in_channels: D, channels of the decoder features.
+        num_classes: K, channels of the class probabilities appended to the features (0 to use features only).
+        latent_dim: channels of the projected latent grid.
+        hidden: MLP width; layers: number of hidden layers.
+
+    ``forward(features, probs, out_size)``: features (B, D, h, w), probs (B, K, h, w) or None, out_size (H, W):
+    returns r (B, H, W) float in (0, 1) at the pixel centres of an H x W grid. ``query(features, probs, coords)`` does
+    the same at arbitrary coordinates (B, Q, 2) in [-1, 1] (y, x), returning (B, Q).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int = 0, latent_dim: int = 64, hidden: int = 128,
+                 layers: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.proj = nn.Conv2d(in_channels + num_classes, latent_dim, 1)
+        dims: List[int] = [latent_dim + 4] + [hidden] * layers
+        mods: List[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        mods.append(nn.Linear(dims[-1], 1))
+        self.mlp = nn.Sequential(*mods)
+
+    def latent(self, features: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
+        x = features if probs is None or self.num_classes == 0 else torch.cat([features, probs], 1)
+        return self.proj(x)
+
+    def query(self, features: torch.Tensor, probs: Optional[torch.Tensor], coords: torch.Tensor,
+              cell: Tuple[float, float]) -> torch.Tensor:
+        z = self.latent(features, probs)  # (B, L, h, w)
+        b, _, h, w = z.shape
+        grid_coord = make_coord(h, w, z.device).permute(2, 0, 1)[None].expand(b, 2, h, w)
+        ry, rx = 1.0 / h, 1.0 / w  # half a latent cell in [-1, 1] units
+        eps = 1e-6
+        preds, areas = [], []
+        for vy in (-1, 1):
+            for vx in (-1, 1):
+                c = coords.clone()
+                c[..., 0] = (c[..., 0] + vy * ry + eps).clamp(-1 + eps, 1 - eps)
+                c[..., 1] = (c[..., 1] + vx * rx + eps).clamp(-1 + eps, 1 - eps)
+                g = c.flip(-1)[:, :, None, :]  # grid_sample wants (x, y)
+                zi = F.grid_sample(z, g, mode="nearest", align_corners=False)[..., 0].permute(0, 2, 1)  # (B, Q, L)
+                vi = F.grid_sample(grid_coord, g, mode="nearest", align_corners=False)[..., 0].permute(0, 2, 1)
+                rel = (coords - vi) * torch.tensor([h, w], device=z.device, dtype=z.dtype)
+                cl = torch.tensor([cell[0] * h, cell[1] * w], device=z.device, dtype=z.dtype).expand_as(rel)
+                preds.append(self.mlp(torch.cat([zi, rel, cl], -1))[..., 0])
+                areas.append((rel[..., 0] * rel[..., 1]).abs() + 1e-9)
+        total = torch.stack(areas).sum(0)
+        areas[0], areas[3] = areas[3], areas[0]  # local ensemble: weight by the diagonally opposite area
+        areas[1], areas[2] = areas[2], areas[1]
+        out = sum(p * (a / total) for p, a in zip(preds, areas))
+        return torch.sigmoid(out)
+
+    def forward(self, features: torch.Tensor, probs: Optional[torch.Tensor], out_size: Tuple[int, int]) -> torch.Tensor:
+        H, W = out_size
+        coords = make_coord(H, W, features.device).reshape(1, -1, 2).expand(features.shape[0], -1, -1)
+        r = self.query(features, probs, coords, (2.0 / H, 2.0 / W))
+        return r.reshape(features.shape[0], H, W)
+
+
+def mixture_loss(logits: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, weights: torch.Tensor,
+                 ignore_index: int) -> torch.Tensor:
+    """Rectification-aware mixture loss [RECON of IR2F's RMM, methods.md 5.3].
+
+    The pseudo-label y is modelled as correct with probability r and uniform noise otherwise:
+    ``L = -log(r * p(y | x) + (1 - r) / K)`` per pixel, so pixels with small r contribute small gradients. r is used
+    with a stop-gradient (it is learned from its own signal, never pushed to 0 by this loss).
+
+    Args:
+        logits: (B, K, H, W) student logits.
+        labels: (B, H, W) int64 pseudo-labels (``ignore_index`` = no loss).
+        r: (B, H, W) rectification values in [0, 1].
+        weights: (B, H, W) per-pixel weights (e.g. the confidence mask).
+
+    Returns:
+        scalar loss: weighted mean over labelled pixels.
+    """
+    k = logits.shape[1]
+    valid = labels != ignore_index
+    lab = torch.where(valid, labels, torch.zeros_like(labels))
+    p = F.softmax(logits.float(), 1).gather(1, lab[:, None])[:, 0]
+    r = r.detach().clamp(0, 1)
+    nll = -torch.log(r * p + (1 - r) / k + 1e-8)
+    w = weights * valid.float()
+    return (nll * w).sum() / w.sum().clamp_min(1.0)
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Pixel-weighted cross-entropy: (B, K, H, W) logits, (B, H, W) labels and weights; mean over weighted pixels."""
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    w = weights * (labels != ignore_index).float()
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
