@@ -93,3 +93,30 @@ def format_table(metrics: dict, class_names: Sequence[str], title: str = "") -> 
     lines.append(f"{'mIoU':<{w}}  {metrics['miou']:6.2f}")
     lines.append(f"{'pixel acc':<{w}}  {metrics['pixel_acc']:6.2f}")
     return "\n".join(lines)
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a random positive scores higher than a random negative
+    (Mann-Whitney U with tied scores counted half).
+
+    Args:
+        scores: (N,) float scores (higher = more likely positive).
+        positives: (N,) bool labels.
+
+    Returns:
+        AUROC in [0, 1]; NaN if either class is empty.
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    pos = np.asarray(positives, bool).reshape(-1)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

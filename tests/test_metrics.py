@@ -72,3 +72,18 @@ def test_bad_inputs_and_table():
     cm.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
     txt = format_table(cm.compute(), ["a", "b", "c"])
     assert "mIoU" in txt and "n/a" in txt and math.isfinite(cm.compute()["miou"])
+
+
+def test_auroc_known_values_and_ties():
+    from adapt.metrics import auroc
+
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)  # the textbook example
+    assert auroc([1, 1, 1], [1, 0, 1]) == 0.5  # all tied: chance
+    assert auroc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert math.isnan(auroc([0.2, 0.3], [1, 1]))
+    rng = np.random.default_rng(0)
+    s, y = rng.random(2000), rng.random(2000) < 0.3
+    # brute force over all positive/negative pairs
+    pos, neg = s[y], s[~y]
+    brute = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auroc(s, y) == pytest.approx(brute)

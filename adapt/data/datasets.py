@@ -173,6 +173,8 @@ class LabeledImageFolder(Dataset):
         root: the split directory.
         classes: the label set; by default read from ``classes.json`` in ``root`` or its parents.
         transform: callable ``Sample -> Sample`` or None.
+        image_dir, label_dir: other folders than ``root/images`` and ``root/labels`` (e.g. KITTI's ``image_2`` and
+            ``label_camvid11``).
 
     Items: dict with ``image`` (3, H, W) uint8, ``label`` (H, W) int64 (ignore index for void) and ``name``.
 
@@ -180,13 +182,12 @@ class LabeledImageFolder(Dataset):
         FileNotFoundError: no ``labels/`` directory, or an image without its label file (named in the message).
     """
 
-    def __init__(self, root: str | Path, classes: ClassInfo | None = None, transform: Callable | None = None):
+    def __init__(self, root: str | Path, classes: ClassInfo | None = None, transform: Callable | None = None,
+                 image_dir: str | Path | None = None, label_dir: str | Path | None = None):
         self.root = Path(root)
-        self.files = find_images(_image_dir(self.root))
+        self.files = find_images(Path(image_dir) if image_dir else _image_dir(self.root))
         self.classes = classes or ClassInfo.load(find_classes_json(self.root))
-        label_dir = self.root / "labels"
-        if not label_dir.is_dir():
-            raise FileNotFoundError(f"{label_dir}: no labels directory for the labelled split {self.root}")
+        label_dir = Path(label_dir) if label_dir else self.root / "labels"
         self.labels = []
         for f in self.files:
             lp = label_dir / (f.stem + ".png")

@@ -1,0 +1,160 @@
+"""Source-free adaptation benchmark: mIoU on a labelled target set after adapting on its images.
+
+Rows (each self-training row for every seed; source-only and AdaBN are deterministic):
+  source_only      the source checkpoint as it is
+  adabn            BatchNorm statistics re-estimated on the target images
+  self_training    AdaBN + EMA teacher self-training, fixed confidence threshold, ClassMix, strong photometric view
+  + rectifier      the same with the IR2F rectifier's mixture loss
+  full             + class-balanced (CBST) thresholds: the full method as far as it runs without depth
+  full + depth     only with --depth: + CrossMatch RGB-D auxiliary stream (dual-head fusion, cross-modal consistency)
+
+Target labels are used only for measuring, after adaptation. Also reports how well the rectifier's reliability
+predicts pseudo-label correctness (AUROC against the real labels) next to the teacher's max-softmax confidence.
+
+CamVid day -> dusk (the recorded run):
+    python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --steps 150 --seeds 0 1 2 \
+        --json runs/bench/adaptation_camvid.json
+Any folder with depth (KITTI stereo here, a functional check on 5 frames):
+    python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target ../shared/data/kitti5/image_2 \
+        --labels ../shared/data/kitti5/label_camvid11 --depth stereo --right-dir ../shared/data/kitti5/image_3 \
+        --size 120 400 --steps 30 --seeds 0 --json runs/bench/adaptation_kitti5.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from adapt.augment import normalize  # noqa: E402
+from adapt.config import AdaptConfig, DepthConfig, PseudoLabelConfig, RectifierConfig, default_camvid_dir  # noqa
+from adapt.data.datasets import LabeledImageFolder  # noqa: E402
+from adapt.data.transforms import Resize  # noqa: E402
+from adapt.evaluate import evaluate  # noqa: E402
+from adapt.metrics import auroc  # noqa: E402
+from adapt.models.checkpoint import load_segmenter  # noqa: E402
+from adapt.models.segmenter import upsample_logits  # noqa: E402
+from adapt.self_training import adapt, rectifier_scores  # noqa: E402
+
+
+def measure(ckpt, ds, size) -> dict:
+    model, meta = load_segmenter(ckpt)
+    m = evaluate(model, ds, meta.mean, meta.std, size, "cpu", batch_size=8)
+    return {"miou": m["miou"], "iou": m["iou"], "pixel_acc": m["pixel_acc"]}
+
+
+@torch.no_grad()
+def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> dict:
+    """AUROC of rectifier values and of max-softmax confidence for 'teacher pseudo-label == true label'."""
+    teacher, rect, meta = rectifier_scores(cfg)
+    ignore = meta.classes.ignore_index
+    r_all, c_all, ok_all = [], [], []
+    ds = copy.copy(ds_eval)
+    ds.transform = Resize(size)
+    for i in range(len(ds)):
+        it = ds[i]
+        img, lab = it["image"][None], it["label"][None]
+        x = normalize(img, meta.mean, meta.std)
+        logits, feats = teacher.forward_features(x)
+        probs = F.softmax(upsample_logits(logits.float(), size), 1)
+        conf, pred = probs.max(1)
+        r = rect(feats.float(), F.softmax(logits.float(), 1), size)
+        valid = lab != ignore
+        r_all.append(r[valid].numpy())
+        c_all.append(conf[valid].numpy())
+        ok_all.append((pred == lab)[valid].numpy())
+    r, c, ok = map(np.concatenate, (r_all, c_all, ok_all))
+    return {"auroc_rectifier": auroc(r, ok), "auroc_max_softmax": auroc(c, ok), "pixels": int(ok.size),
+            "pseudo_label_accuracy": float(ok.mean())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--target", default=str(Path(default_camvid_dir()) / "target_adapt"))
+    ap.add_argument("--labels", default="", help="label folder for measuring (default: <target>/labels)")
+    ap.add_argument("--size", type=int, nargs=2, default=None)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=6e-5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=["self_training", "+rectifier", "full"])
+    ap.add_argument("--depth", default="none", choices=["none", "files", "stereo", "model"])
+    ap.add_argument("--depth-dir", default="")
+    ap.add_argument("--right-dir", default="")
+    ap.add_argument("--depth-model", default="")
+    ap.add_argument("--work", default="runs/bench/adapt_work")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    _, meta = load_segmenter(a.checkpoint)
+    size = tuple(a.size) if a.size else tuple(meta.input_size)
+    target = Path(a.target)
+    labels = Path(a.labels) if a.labels else target / "labels"
+    image_dir = target / "images" if (target / "images").is_dir() else target
+    ds_eval = LabeledImageFolder(target, classes=meta.classes, image_dir=image_dir, label_dir=labels)
+    work = Path(a.work)
+    res: dict = {"rows": {}, "config": vars(a), "size": list(size), "classes": list(meta.classes.names),
+                 "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads()}}
+    t0 = time.time()
+    res["rows"]["source_only"] = {"runs": [measure(a.checkpoint, ds_eval, size)]}
+    base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
+                lr=a.lr, num_workers=0, debug_every=0, log_every=10, save_every=a.steps)
+    cfg = AdaptConfig(**base, out=str(work / "adabn"), self_training=False)
+    adapt(cfg, log=lambda *_: None)
+    res["rows"]["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
+    print(f"source-only {res['rows']['source_only']['runs'][0]['miou']:.2f}, "
+          f"AdaBN {res['rows']['adabn']['runs'][0]['miou']:.2f}", flush=True)
+    variants = {
+        "self_training": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=RectifierConfig(enabled=False)),
+        "+rectifier": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=RectifierConfig(enabled=True)),
+        "full": dict(pseudo=PseudoLabelConfig(class_balanced=True), rectifier=RectifierConfig(enabled=True)),
+    }
+    if a.depth != "none":
+        variants["full+depth"] = dict(pseudo=PseudoLabelConfig(class_balanced=True),
+                                      rectifier=RectifierConfig(enabled=True),
+                                      depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
+                                                        right_dir=a.right_dir, model_dir=a.depth_model))
+        a.rows = list(a.rows) + ["full+depth"]
+    for row in a.rows:
+        runs = []
+        for seed in a.seeds:
+            out = work / f"{row.replace('+', 'plus_')}_s{seed}"
+            cfg = AdaptConfig(**base, out=str(out), seed=seed, **variants[row])
+            t = time.time()
+            s = adapt(cfg, log=lambda *_: None)
+            r = measure(out / "adapted", ds_eval, size)
+            r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s["last_losses"])
+            if cfg.rectifier.enabled:
+                r.update(reliability_auroc(cfg, ds_eval, size))
+            runs.append(r)
+            print(f"{row} seed {seed}: mIoU {r['miou']:.2f}" +
+                  (f", AUROC rectifier {r['auroc_rectifier']:.3f} vs max-softmax {r['auroc_max_softmax']:.3f}"
+                   if "auroc_rectifier" in r else "") + f" ({r['seconds']:.0f} s)", flush=True)
+        res["rows"][row] = {"runs": runs}
+    for row, v in res["rows"].items():
+        m = np.array([r["miou"] for r in v["runs"]])
+        v["miou_mean"], v["miou_std"] = float(m.mean()), float(m.std(ddof=1)) if len(m) > 1 else 0.0
+        iou = np.array([[np.nan if x is None else x for x in r["iou"]] for r in v["runs"]])
+        v["iou_mean"] = [None if np.isnan(x) else float(x) for x in np.nanmean(iou, 0)] if iou.size else []
+    res["seconds"] = time.time() - t0
+    print(json.dumps({k: (round(v["miou_mean"], 2), round(v["miou_std"], 2)) for k, v in res["rows"].items()}))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
