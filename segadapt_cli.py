@@ -184,6 +184,14 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from demo.app import launch
+
+    launch(ns.model, ns.reference, ns.examples, ns.host, ns.port,
+           providers=ns.providers.split(",") if ns.providers else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adapt.config import PipelineConfig, SourceTrainConfig, add_dataclass_arguments
 
@@ -258,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--work-dir", default=None)
     b.add_argument("--json", default=None)
     b.set_defaults(_run=_cmd_bench)
+
+    dm = sub.add_parser("demo", help="Gradio app: segment images and video in the browser")
+    dm.add_argument("--model", required=True, help=".onnx or .engine file")
+    dm.add_argument("--reference", default=None, help="second model shown side by side (e.g. source-only)")
+    dm.add_argument("--examples", default=None, help="folder of example frames")
+    dm.add_argument("--host", default="127.0.0.1")
+    dm.add_argument("--port", type=int, default=None)
+    dm.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
+    dm.set_defaults(_run=_cmd_demo)
 
     pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -101,3 +101,33 @@ def tiny_checkpoint(tmp_path_factory, tiny_classes, tiny):
     d = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(d, m, CheckpointMeta(classes=tiny_classes, input_size=(96, 128)))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tiny, tmp_path_factory):
+    """Static FP32 ONNX export (uint8 NHWC in, class map out, 96x128) of the tiny checkpoint, with metadata."""
+    from export.config import ExportConfig
+    from export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx")
+    res = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out), parity_data=str(tiny / "target"),
+                                   parity_frames=2), log=lambda *_: None)
+    return res.files["fp32"]
+
+
+@pytest.fixture(scope="session")
+def short_clip(video_path, tmp_path_factory):
+    """A real 2-second clip (50 frames of the dash-cam video, 270x480), H.264."""
+    import cv2
+
+    from runtime.video import VideoWriter
+
+    out = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    cap = cv2.VideoCapture(str(video_path))
+    with VideoWriter(out, 25.0) as w:
+        for _ in range(50):
+            ok, bgr = cap.read()
+            assert ok
+            w.write(cv2.resize(bgr, (480, 270))[:, :, ::-1])
+    cap.release()
+    return out

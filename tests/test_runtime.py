@@ -19,14 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def onnx_models(tiny_checkpoint, tiny, tmp_path_factory):
+def onnx_models(tiny_checkpoint, tiny, tmp_path_factory, tiny_onnx):
     out = tmp_path_factory.mktemp("rt")
-    static = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out / "static"),
-                                      parity_data=str(tiny / "target"), parity_frames=2), log=lambda *_: None)
     dyn = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out / "dyn"), dynamic=True,
                                    output="logits", input_layout="float_nchw", max_batch=4,
                                    parity_data=str(tiny / "target"), parity_frames=2), log=lambda *_: None)
-    return static.files["fp32"], dyn.files["fp32"]
+    return tiny_onnx, dyn.files["fp32"]
 
 
 def _frame(tiny, i=0):

@@ -1,0 +1,1 @@
+"""segadapt demo: a Gradio app over runtime Predictors (no torch)."""

@@ -1,0 +1,215 @@
+"""The Gradio demo: segment images and video in the browser, source vs adapted side by side.
+
+``create_demo(predictor, reference=None)`` builds the app from runtime Predictors (ONNX Runtime or TensorRT); nothing
+is loaded at import time. The callbacks are plain functions (``segment_image``, ``segment_clip``) so they can be
+tested without a server. Bad input (not an image, an empty or huge video) raises ``gr.Error`` with a readable
+message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from runtime.predictor import Predictor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class DemoError(ValueError):
+    """Bad input for the demo; shown to the user as a readable message."""
+
+
+def legend_html(predictor: Predictor, shares: Optional[dict] = None) -> str:
+    """HTML legend: a colour swatch per class, with its share of the frame (percent) when given."""
+    rows = []
+    for name, col in zip(predictor.metadata.classes, predictor.metadata.palette):
+        share = "" if shares is None else f"{shares.get(name, 0.0) * 100:5.1f} %"
+        rows.append(f'<div style="display:flex;align-items:center;gap:6px;font-family:monospace">'
+                    f'<span style="width:14px;height:14px;background:rgb({col[0]},{col[1]},{col[2]});'
+                    f'display:inline-block;border:1px solid #444"></span>{html.escape(name)} {share}</div>')
+    return '<div class="segadapt-legend">' + "".join(rows) + "</div>"
+
+
+def segment_image(predictor: Predictor, image: Optional[np.ndarray], alpha: float = 0.5
+                  ) -> Tuple[np.ndarray, np.ndarray, dict, float]:
+    """Segment one image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB (grey or RGBA images are converted).
+        alpha: overlay opacity in [0, 1].
+
+    Returns:
+        overlay (H, W, 3) uint8, class map (H, W) uint8, class shares {name: fraction}, milliseconds (model call and
+        pre/post-processing).
+
+    Raises:
+        DemoError: no image, or not an image array.
+    """
+    if image is None:
+        raise DemoError("No image: upload one or pick an example.")
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        if image.dtype.kind == "f" and image.size and image.max() <= 1.0:
+            image = (image * 255).round()
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) < 8:
+        raise DemoError(f"Not an image this demo can read (array of shape {image.shape}).")
+    image = np.ascontiguousarray(image[..., :3])
+    t = time.perf_counter()
+    r = predictor.predict(image)
+    ms = (time.perf_counter() - t) * 1e3
+    return predictor.overlay(image, r.class_map, alpha), r.class_map, predictor.class_shares(r.class_map), ms
+
+
+def segment_clip(predictor: Predictor, video_path: Optional[str], out_dir: str, alpha: float = 0.5,
+                 max_seconds: float = 20.0, max_mb: float = 200.0, progress=None) -> Tuple[str, str]:
+    """Segment an uploaded clip; returns (overlay video path (H.264 .mp4), status text).
+
+    Clips longer than ``max_seconds`` are cut there (the status says so).
+
+    Raises:
+        DemoError: no file, a file over ``max_mb``, or a file with no decodable frame.
+    """
+    from runtime.video import segment_video
+
+    if not video_path:
+        raise DemoError("No video: upload a clip first.")
+    p = Path(video_path)
+    if not p.is_file():
+        raise DemoError("The uploaded video could not be found on the server; upload it again.")
+    mb = p.stat().st_size / 1e6
+    if mb > max_mb:
+        raise DemoError(f"The video is {mb:.0f} MB; this demo takes clips up to {max_mb:.0f} MB.")
+    cap = cv2.VideoCapture(str(p))
+    ok = cap.isOpened()
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0 if ok else 25.0
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if ok else 0
+    cap.release()
+    if not ok or n <= 0:
+        raise DemoError("The file has no video frames this demo can decode (empty or not a video).")
+    cap_frames = int(max_seconds * fps)
+    note = ""
+    if n > cap_frames:
+        note = f" The clip is {n / fps:.1f} s long; only the first {max_seconds:.0f} s were segmented."
+    out = Path(out_dir) / f"{p.stem}_segmented_{int(time.time() * 1000)}.mp4"
+
+    def cb(done, total):
+        if progress is not None:
+            progress(done / max(1, min(total or cap_frames, cap_frames)), desc=f"frame {done}")
+
+    try:
+        rep = segment_video(predictor, p, out, alpha=alpha, max_frames=cap_frames, progress=cb)
+    except ValueError as e:
+        raise DemoError(f"Could not segment this video: {e}") from None
+    status = (f"{rep.frames} frames in {rep.seconds:.1f} s: {rep.fps:.1f} frames/s end to end "
+              f"(model {rep.stage_ms.get('infer', 0):.1f} ms/frame, {predictor.backend.describe()}), "
+              f"codec {rep.codec}.{note}")
+    return str(out), status
+
+
+def _examples(folder: Optional[str], limit: int = 12) -> List[str]:
+    if not folder:
+        return []
+    d = Path(folder)
+    if (d / "images").is_dir():
+        d = d / "images"
+    if not d.is_dir():
+        return []
+    files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    step = max(1, len(files) // limit)
+    return [str(f) for f in files[::step][:limit]]
+
+
+def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, examples: Optional[str] = None,
+                max_video_seconds: float = 20.0, max_video_mb: float = 200.0, title: str = "segadapt"):
+    """Build the Gradio Blocks app.
+
+    Args:
+        predictor: the (adapted) model.
+        reference: optional second model (e.g. source-only) shown side by side / with a before-after slider.
+        examples: folder of example frames (a split directory or a plain folder).
+        max_video_seconds, max_video_mb: caps on uploaded clips.
+
+    Returns:
+        a ``gr.Blocks``; call ``.launch()``. Endpoints: ``/segment_image`` and ``/segment_video``.
+    """
+    import gradio as gr
+
+    tmp = Path(tempfile.mkdtemp(prefix="segadapt-demo-"))
+
+    def run_image(image, alpha):
+        try:
+            ov, cm, shares, ms = segment_image(predictor, image, alpha)
+        except DemoError as e:
+            raise gr.Error(str(e))
+        png = tmp / f"class_map_{int(time.time() * 1000)}.png"
+        cv2.imwrite(str(png), cm)
+        info = f"**{ms:.1f} ms** on {predictor.backend.describe()}, input {predictor.size[0]}x{predictor.size[1]}"
+        ref_ov = None
+        if reference is not None:
+            ref_ov, _, ref_shares, ref_ms = segment_image(reference, image, alpha)
+            info += f" · reference {ref_ms:.1f} ms"
+        return ov, ref_ov, (ref_ov, ov) if ref_ov is not None else None, legend_html(predictor, shares), info, str(png)
+
+    def run_video(video, alpha, progress=gr.Progress()):
+        try:
+            return segment_clip(predictor, video, str(tmp), alpha, max_video_seconds, max_video_mb, progress)
+        except DemoError as e:
+            raise gr.Error(str(e))
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nSemantic segmentation with an exported model "
+                    f"({Path(str(predictor.model_path)).name}, {predictor.metadata.precision}). "
+                    + ("Left: reference model, right: this model." if reference else ""))
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    inp = gr.Image(type="numpy", label="Frame", sources=["upload", "clipboard"], height=300)
+                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                    btn = gr.Button("Segment", variant="primary")
+                    ex = _examples(examples)
+                    if ex:
+                        gr.Examples(ex, inputs=inp, label="Example frames")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        ref_img = gr.Image(label="Reference model", visible=reference is not None, height=300,
+                                           format="png", interactive=False)
+                        out_img = gr.Image(label="Segmentation", height=300, format="png", interactive=False)
+                    slider = gr.ImageSlider(label="Before / after (reference | adapted)", visible=reference is not None,
+                                            height=300)
+                    info = gr.Markdown()
+                    legend = gr.HTML(legend_html(predictor))
+                    dl = gr.File(label="Class map (PNG, value = class id)")
+            btn.click(run_image, [inp, alpha], [out_img, ref_img, slider, legend, info, dl], api_name="segment_image")
+        with gr.Tab("Video"):
+            with gr.Row():
+                with gr.Column():
+                    vin = gr.Video(label=f"Clip (up to {max_video_seconds:.0f} s, {max_video_mb:.0f} MB)",
+                                   sources=["upload"])
+                    valpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                    vbtn = gr.Button("Segment video", variant="primary")
+                with gr.Column():
+                    vout = gr.Video(label="Overlay video", format="mp4")
+                    vinfo = gr.Markdown()
+            vbtn.click(run_video, [vin, valpha], [vout, vinfo], api_name="segment_video")
+    return demo
+
+
+def launch(model: str, reference: Optional[str] = None, examples: Optional[str] = None, host: str = "127.0.0.1",
+           port: Optional[int] = None, providers=None) -> None:
+    """Load the predictors and serve the demo (blocks until interrupted)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    p = Predictor(model, providers=providers)
+    r = Predictor(reference, providers=providers) if reference else None
+    demo = create_demo(p, r, examples)
+    demo.queue().launch(server_name=host, server_port=port, max_file_size="200mb")
