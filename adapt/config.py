@@ -246,11 +246,14 @@ def parse_size(s: Any) -> Tuple[int, int]:
 
 @dataclass
 class PipelineConfig:
-    """The main job (``segadapt pipeline``): source model -> measurements on source and target -> report.
+    """The main job (``segadapt pipeline``): source model -> source-free adaptation -> measurements -> ONNX export
+    -> segmented video -> report, in one resumable run directory.
 
-    ``preset`` picks the scale: ``quick`` (small resolution, minutes on 2 CPU cores, still on real frames) or
-    ``full`` (benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
-    ``source_checkpoint`` reuses an existing source model instead of training one.
+    ``preset`` picks the scale: ``quick`` (120x160, minutes on 2 CPU cores, still on real frames) or ``full``
+    (360x480, benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
+    ``source_checkpoint`` reuses an existing source model instead of training one. Splits are read from ``data``:
+    ``source_train``/``source_val`` (source, labelled), ``target_adapt`` (target: its images for adaptation, its
+    labels only to measure). ``video``: the clip segmented at the end (empty = the dash-cam clip in the data root).
     """
 
     data: str = field(default_factory=default_camvid_dir)
@@ -261,13 +264,20 @@ class PipelineConfig:
     size: Tuple[int, int] = (0, 0)
     source_steps: int = 0
     source_minutes: float = 0.0
+    adapt_steps: int = 0
+    adapt_minutes: float = 0.0
+    target_split: str = "target_adapt"
+    video: str = ""
+    video_max_frames: int = 0
     device: str = "auto"
     seed: int = 0
 
 
 PIPELINE_PRESETS = {
-    "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 8.0, "batch_size": 8},
-    "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8},
+    "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 7.0, "batch_size": 8,
+              "adapt_steps": 200, "adapt_minutes": 3.0},
+    "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,
+             "adapt_steps": 3000, "adapt_minutes": 0.0},
 }
 
 

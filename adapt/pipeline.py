@@ -1,12 +1,16 @@
 """``segadapt pipeline``: the user's whole journey in one resumable run directory.
 
-Steps (each writes its outputs and is recorded in ``<out>/state.json``; re-running skips finished steps, and a
-failing step is reported by name while what earlier steps wrote stays in place):
+Steps (each records its outputs in ``<out>/state.json``; re-running skips finished steps; a failing step is
+reported by name while what earlier steps wrote stays in place):
 
 1. ``train_source``: train the source model on ``source_train``, select on ``source_val`` (or reuse
    ``--source-checkpoint``).
-2. ``evaluate``: mIoU of the source model on ``source_val`` and ``target_adapt`` (target labels for measuring only).
-3. ``report``: ``report.json`` and ``report.md``.
+2. ``adapt``: source-free adaptation on the target split's images (AdaBN + EMA self-training + rectifier; no labels).
+3. ``evaluate``: source-only and adapted mIoU on ``source_val`` and on the target split (labels for measuring only).
+4. ``export``: the adapted RGB segmenter (and the source model, as the demo's reference) to ONNX, FP32 and FP16,
+   with metadata and parity.
+5. ``video``: segment the dash-cam clip with the runtime (ONNX Runtime) into an H.264 overlay video.
+6. ``report``: ``report.json`` + ``report.md`` (mIoU table, per-class IoU, timings, file list) and an overlay frame.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-from adapt.config import PIPELINE_PRESETS, ModelConfig, PipelineConfig, SourceTrainConfig, to_dict
+from adapt.config import (PIPELINE_PRESETS, AdaptConfig, ModelConfig, PipelineConfig, SourceTrainConfig,
+                          default_data_root, to_dict)
 
 
 class StepFailed(RuntimeError):
@@ -27,12 +32,11 @@ def _resolved(cfg: PipelineConfig) -> dict:
     if cfg.preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PIPELINE_PRESETS)}")
     p = dict(PIPELINE_PRESETS[cfg.preset])
+    for k in ("source_steps", "source_minutes", "adapt_steps", "adapt_minutes"):
+        if getattr(cfg, k):
+            p[k] = getattr(cfg, k)
     if all(cfg.size):
         p["size"] = tuple(cfg.size)
-    if cfg.source_steps:
-        p["source_steps"] = cfg.source_steps
-    if cfg.source_minutes:
-        p["source_minutes"] = cfg.source_minutes
     return p
 
 
@@ -40,7 +44,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     """Run (or resume) the pipeline; returns the report dict.
 
     Raises:
-        StepFailed: a step raised; earlier steps' outputs are kept and the state file says which step failed.
+        StepFailed: a step raised; earlier steps' outputs are kept and ``state.json`` says which step failed.
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,39 +52,97 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"done": {}}
     p = _resolved(cfg)
     data = Path(cfg.data)
+    target = data / cfg.target_split
+    video = Path(cfg.video) if cfg.video else Path(default_data_root()) / "video" / "solidWhiteRight.mp4"
+    device = cfg.device
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_path)
 
+    def done(name: str) -> dict:
+        return state["done"][name]
+
     def step_train_source() -> dict:
         if cfg.source_checkpoint:
             return {"checkpoint": cfg.source_checkpoint, "reused": True}
         from adapt.train_source import train_source
 
-        scfg = SourceTrainConfig(data=str(data), out=str(out / "source"), size=p["size"], steps=p["source_steps"],
-                                 max_minutes=p["source_minutes"], batch_size=p["batch_size"], device=cfg.device,
-                                 seed=cfg.seed, val_every=max(100, p["source_steps"] // 5),
-                                 save_every=max(100, p["source_steps"] // 10), resume=True,
-                                 warmup_steps=min(200, p["source_steps"] // 10), model=ModelConfig(arch=cfg.arch))
+        steps = p["source_steps"]
+        scfg = SourceTrainConfig(data=str(data), out=str(out / "source"), size=p["size"], steps=steps,
+                                 max_minutes=p["source_minutes"], batch_size=p["batch_size"], device=device,
+                                 seed=cfg.seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),
+                                 resume=True, warmup_steps=min(200, steps // 10), model=ModelConfig(arch=cfg.arch))
         s = train_source(scfg, log=log)
         return {"checkpoint": str(out / "source" / "best"), "summary": s}
+
+    def step_adapt() -> dict:
+        from adapt.self_training import adapt
+
+        acfg = AdaptConfig(checkpoint=done("train_source")["checkpoint"], target=str(target), out=str(out / "adapt"),
+                           size=p["size"], steps=p["adapt_steps"], max_minutes=p["adapt_minutes"],
+                           batch_size=4, device=device, seed=cfg.seed, resume=True, debug_every=50,
+                           save_every=max(25, p["adapt_steps"] // 4))
+        s = adapt(acfg, log=log)
+        return {"checkpoint": str(out / "adapt" / "adapted"), "summary": s}
 
     def step_evaluate() -> dict:
         from adapt.evaluate import evaluate_checkpoint
 
-        ck = state["done"]["train_source"]["checkpoint"]
-        res = {}
-        for split in ("source_val", "target_adapt"):
-            if not (data / split / "labels").is_dir():
-                log(f"skip {split}: no labels in {data / split}")
-                continue
-            m = evaluate_checkpoint(ck, data / split, device="cpu" if cfg.device == "auto" else cfg.device,
-                                    json_out=str(out / "metrics" / f"source_{split}.json"), progress=False)
-            res[split] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "iou": m["iou"], "classes": m["classes"]}
-            log(f"source model on {split}: mIoU {m['miou']:.2f}")
+        res: Dict[str, dict] = {}
+        dev = "cpu" if device == "auto" else device
+        for model, ck in (("source_only", done("train_source")["checkpoint"]), ("adapted", done("adapt")["checkpoint"])):
+            for split in ("source_val", cfg.target_split):
+                if not (data / split / "labels").is_dir():
+                    log(f"skip {split}: no labels in {data / split}")
+                    continue
+                m = evaluate_checkpoint(ck, data / split, device=dev, progress=False,
+                                        json_out=str(out / "metrics" / f"{model}_{split}.json"))
+                res[f"{model}/{split}"] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "iou": m["iou"],
+                                           "classes": m["classes"]}
+                log(f"{model} on {split}: mIoU {m['miou']:.2f}")
         return {"metrics": res}
+
+    def step_export() -> dict:
+        from export.config import ExportConfig
+        from export.onnx_export import export_onnx
+
+        files = {}
+        parity = {}
+        for name, ck, half in (("adapted", done("adapt")["checkpoint"], True),
+                               ("source", done("train_source")["checkpoint"], False)):
+            r = export_onnx(ExportConfig(checkpoint=ck, out=str(out / "export"), name=name, half=half,
+                                         parity_data=str(target)), log=log)
+            for prec, f in r.files.items():
+                files[f"{name}.{prec}"] = str(f)
+                parity[f"{name}.{prec}"] = r.parity[prec]
+        return {"files": files, "parity": parity}
+
+    def step_video() -> dict:
+        from runtime.predictor import Predictor
+        from runtime.video import segment_video
+
+        if not video.is_file():
+            raise FileNotFoundError(f"{video}: video for the runtime step not found (set --video)")
+        pred = Predictor(done("export")["files"]["adapted.fp32"], providers=["cpu"])
+        rep = segment_video(pred, video, out / "video" / f"{video.stem}_adapted.mp4",
+                            max_frames=cfg.video_max_frames or None)
+        log(f"video: {rep.frames} frames at {rep.fps:.1f} frames/s -> {rep.output}")
+        # one overlay frame for the README / report
+        import cv2
+
+        cap = cv2.VideoCapture(str(video))
+        cap.set(cv2.CAP_PROP_POS_FRAMES, min(100, max(0, rep.frames - 1)))
+        ok, bgr = cap.read()
+        cap.release()
+        frame_png = ""
+        if ok:
+            rgb = bgr[:, :, ::-1].copy()
+            ov = pred.overlay(rgb, pred.predict(rgb).class_map, 0.5)
+            frame_png = str(out / "video" / "overlay_frame.png")
+            cv2.imwrite(frame_png, ov[:, :, ::-1])
+        return {"video": rep.output, "report": rep.to_dict(), "overlay_frame": frame_png}
 
     def step_report() -> dict:
         rep = build_report(cfg, p, state)
@@ -89,7 +151,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         return {"report": str(out / "report.json")}
 
     steps: List[Tuple[str, Callable[[], dict]]] = [
-        ("train_source", step_train_source), ("evaluate", step_evaluate), ("report", step_report)]
+        ("train_source", step_train_source), ("adapt", step_adapt), ("evaluate", step_evaluate),
+        ("export", step_export), ("video", step_video), ("report", step_report)]
     for name, fn in steps:
         if name in state["done"] and name != "report":
             log(f"[{name}] done earlier, skipping")
@@ -111,29 +174,54 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
 
 
 def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
-    ev = state["done"].get("evaluate", {}).get("metrics", {})
+    d = state["done"]
+    metrics = d.get("evaluate", {}).get("metrics", {})
+    tgt = cfg.target_split
+    gain = None
+    if f"adapted/{tgt}" in metrics and f"source_only/{tgt}" in metrics:
+        gain = metrics[f"adapted/{tgt}"]["miou"] - metrics[f"source_only/{tgt}"]["miou"]
+    files = {"source_checkpoint": d.get("train_source", {}).get("checkpoint"),
+             "adapted_checkpoint": d.get("adapt", {}).get("checkpoint"),
+             **{f"onnx.{k}": v for k, v in d.get("export", {}).get("files", {}).items()},
+             "overlay_video": d.get("video", {}).get("video"),
+             "overlay_frame": d.get("video", {}).get("overlay_frame")}
     return {
         "config": to_dict(cfg),
         "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
-        "metrics": {f"source_only/{split}": v for split, v in ev.items()},
-        "timings_s": {k: round(v.get("seconds", 0.0), 1) for k, v in state["done"].items()},
-        "files": {"source_checkpoint": state["done"].get("train_source", {}).get("checkpoint")},
+        "metrics": metrics,
+        "target_gain_miou": gain,
+        "export_parity": d.get("export", {}).get("parity", {}),
+        "video": d.get("video", {}).get("report", {}),
+        "timings_s": {k: round(v.get("seconds", 0.0), 1) for k, v in d.items()},
+        "files": files,
     }
 
 
 def report_markdown(rep: dict) -> str:
-    lines = ["# segadapt pipeline report", "", "| model | split | mIoU | pixel acc |", "|---|---|---|---|"]
-    classes: Dict[str, list] = {}
+    lines = ["# segadapt pipeline report", "", f"Preset `{rep['config']['preset']}`, data `{rep['config']['data']}`.",
+             "", "| model | split | mIoU | pixel acc |", "|---|---|---|---|"]
     for key, v in rep["metrics"].items():
         model, split = key.split("/")
         lines.append(f"| {model} | {split} | {v['miou']:.2f} | {v['pixel_acc']:.2f} |")
-        classes[key] = v
-    if classes:
-        names = next(iter(classes.values()))["classes"]
-        lines += ["", "Per-class IoU", "", "| class | " + " | ".join(classes) + " |",
-                  "|---|" + "---|" * len(classes)]
+    if rep.get("target_gain_miou") is not None:
+        lines += ["", f"Adaptation gain on `{rep['config']['target_split']}`: **{rep['target_gain_miou']:+.2f} mIoU**"]
+    if rep["metrics"]:
+        names = next(iter(rep["metrics"].values()))["classes"]
+        keys = list(rep["metrics"])
+        lines += ["", "Per-class IoU", "", "| class | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for i, n in enumerate(names):
-            vals = [classes[k]["iou"][i] for k in classes]
+            vals = [rep["metrics"][k]["iou"][i] for k in keys]
             lines.append(f"| {n} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items())]
+    if rep.get("export_parity"):
+        lines += ["", "Export parity vs PyTorch on real target frames", "", "| graph | same class | max abs logit diff |",
+                  "|---|---|---|"]
+        for k, v in rep["export_parity"].items():
+            d = v.get("max_abs_logit_diff")
+            lines.append(f"| {k} | {v['class_agreement'] * 100:.3f} % | {'' if d is None else f'{d:.2e}'} |")
+    if rep.get("video"):
+        v = rep["video"]
+        lines += ["", f"Video: {v['frames']} frames, {v['fps']:.1f} frames/s end to end ({v['codec']}), "
+                  f"`{v['output']}`"]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), "", "Files:", ""]
+    lines += [f"- {k}: `{v}`" for k, v in rep["files"].items() if v]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""The main job end to end on the tiny real data with a tiny configuration."""
+
+import json
+import os
+
+import cv2
+import pytest
+
+from adapt.config import PipelineConfig
+from adapt.pipeline import StepFailed, run_pipeline
+
+
+@pytest.fixture()
+def tiny_data(tmp_path, tiny, camvid):
+    d = tmp_path / "data"
+    d.mkdir()
+    os.symlink(tiny / "source", d / "source_train")
+    os.symlink(tiny / "source", d / "source_val")
+    os.symlink(tiny / "target", d / "target_adapt")
+    os.symlink(camvid / "classes.json", d / "classes.json")
+    return d
+
+
+def test_pipeline_end_to_end_and_resume(tiny_data, tmp_path, video_path):
+    cfg = PipelineConfig(data=str(tiny_data), out=str(tmp_path / "run"), size=(60, 80), source_steps=8,
+                         adapt_steps=3, video=str(video_path), video_max_frames=12, device="cpu")
+    logs = []
+    rep = run_pipeline(cfg, log=logs.append)
+    out = tmp_path / "run"
+    # checkpoints
+    for ck in ("source/best", "source/last", "adapt/adapted", "adapt/last"):
+        assert (out / ck / "model.safetensors").is_file() and (out / ck / "config.json").is_file()
+    # metrics: both models on both splits, same class names everywhere
+    classes = json.loads((tiny_data / "classes.json").read_text())["classes"]
+    assert set(rep["metrics"]) == {"source_only/source_val", "source_only/target_adapt", "adapted/source_val",
+                                   "adapted/target_adapt"}
+    for m in rep["metrics"].values():
+        assert m["classes"] == classes and len(m["iou"]) == len(classes) and 0 <= m["miou"] <= 100
+    assert rep["target_gain_miou"] == pytest.approx(rep["metrics"]["adapted/target_adapt"]["miou"] -
+                                                    rep["metrics"]["source_only/target_adapt"]["miou"])
+    # ONNX files with metadata beside them, same classes, parity recorded
+    for key in ("onnx.adapted.fp32", "onnx.adapted.fp16", "onnx.source.fp32"):
+        f = rep["files"][key]
+        meta = json.loads(open(f[:-5] + ".json").read())
+        assert meta["classes"] == classes and meta["input_size"] == [60, 80]
+    assert rep["export_parity"]["adapted.fp32"]["class_agreement"] >= 0.999
+    # overlay video: the requested frame count, H.264
+    cap = cv2.VideoCapture(rep["files"]["overlay_video"])
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    cap.release()
+    assert rep["video"]["frames"] == 12 and rep["video"]["codec"] == "h264"
+    assert cv2.imread(rep["files"]["overlay_frame"]).shape == (540, 960, 3)
+    md = (out / "report.md").read_text()
+    assert "Adaptation gain" in md and "adapted.fp16" in md
+    # re-running skips every finished step
+    logs.clear()
+    run_pipeline(cfg, log=logs.append)
+    skipped = [m for m in logs if "done earlier, skipping" in m]
+    assert len(skipped) == 5
+
+
+def test_failing_step_is_named_and_keeps_earlier_outputs(tiny_data, tmp_path):
+    cfg = PipelineConfig(data=str(tiny_data), out=str(tmp_path / "run"), size=(60, 80), source_steps=4,
+                         adapt_steps=2, video=str(tmp_path / "missing.mp4"), device="cpu")
+    with pytest.raises(StepFailed, match="'video'") as e:
+        run_pipeline(cfg, log=lambda *_: None)
+    assert "missing.mp4" in str(e.value)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["failed"]["step"] == "video"
+    assert set(state["done"]) == {"train_source", "adapt", "evaluate", "export"}
+    assert (tmp_path / "run" / "export" / "adapted.onnx").is_file()
