@@ -22,32 +22,38 @@ def _cmd_data(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_source(ns: argparse.Namespace) -> int:
-    from adapt.config import SourceTrainConfig, config_from_cli, to_dict
+def _resolved_config(cls, ns: argparse.Namespace):
+    """Defaults, then ``--config`` JSON, then flags; None (after printing it) with ``--print-config``."""
+    from adapt.config import config_from_cli, to_dict
 
-    cfg = config_from_cli(SourceTrainConfig, ns, ns.config)
+    cfg = config_from_cli(cls, ns, ns.config)
     if ns.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
-        return 0
-    from adapt.train_source import train_source
+        return None
+    return cfg
 
-    summary = train_source(cfg)
-    print(json.dumps(summary, indent=1))
+
+def _cmd_train_source(ns: argparse.Namespace) -> int:
+    from adapt.config import SourceTrainConfig
+
+    cfg = _resolved_config(SourceTrainConfig, ns)
+    if cfg is not None:
+        from adapt.train_source import train_source
+
+        print(json.dumps(train_source(cfg), indent=1))
     return 0
 
 
 def _cmd_adapt(ns: argparse.Namespace) -> int:
-    from adapt.config import AdaptConfig, config_from_cli, to_dict
+    from adapt.config import AdaptConfig
 
-    cfg = config_from_cli(AdaptConfig, ns, ns.config)
-    if ns.print_config:
-        print(json.dumps(to_dict(cfg), indent=1))
-        return 0
-    if not cfg.checkpoint:
-        raise ValueError("--checkpoint is required (the source model)")
-    from adapt.self_training import adapt
+    cfg = _resolved_config(AdaptConfig, ns)
+    if cfg is not None:
+        if not cfg.checkpoint:
+            raise ValueError("--checkpoint is required (the source model)")
+        from adapt.self_training import adapt
 
-    print(json.dumps(adapt(cfg), indent=1))
+        print(json.dumps(adapt(cfg), indent=1))
     return 0
 
 

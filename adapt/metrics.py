@@ -80,6 +80,10 @@ def metrics_from_confusion(cm: np.ndarray) -> Dict[str, object]:
     }
 
 
+def _fmt(v) -> str:
+    return "   n/a" if v is None else f"{v:6.2f}"
+
+
 def format_table(metrics: dict, class_names: Sequence[str], title: str = "") -> str:
     """A plain-text table: one row per class (IoU, accuracy, labelled pixels), then mIoU and pixel accuracy."""
     lines: List[str] = []
@@ -88,8 +92,7 @@ def format_table(metrics: dict, class_names: Sequence[str], title: str = "") -> 
     w = max(8, max(len(n) for n in class_names))
     lines.append(f"{'class':<{w}}  {'IoU':>6}  {'Acc':>6}  {'pixels':>10}")
     for n, iou, acc, sup in zip(class_names, metrics["iou"], metrics["acc"], metrics["support"]):
-        f = (lambda v: "   n/a" if v is None else f"{v:6.2f}")
-        lines.append(f"{n:<{w}}  {f(iou)}  {f(acc)}  {sup:>10d}")
+        lines.append(f"{n:<{w}}  {_fmt(iou)}  {_fmt(acc)}  {sup:>10d}")
     lines.append(f"{'mIoU':<{w}}  {metrics['miou']:6.2f}")
     lines.append(f"{'pixel acc':<{w}}  {metrics['pixel_acc']:6.2f}")
     return "\n".join(lines)
