@@ -94,11 +94,18 @@ def _cmd_export(ns: argparse.Namespace) -> int:
 
     res = export_onnx(cfg)
     if cfg.format == "engine":
-        from export.tensorrt_build import build_engine
+        from export.tensorrt_build import TensorRTUnavailable, build_engine
 
-        for prec, path in res.files.items():
-            build_engine(path, path.with_suffix(".engine"), workspace_gb=cfg.workspace,
-                         fp16_flag=cfg.half and prec == "fp32", timing_cache=path.parent / "timing.cache")
+        try:
+            for prec, path in res.files.items():
+                build_engine(path, path.with_suffix(".engine"), workspace_gb=cfg.workspace,
+                             fp16_flag=cfg.half and prec == "fp32", timing_cache=path.parent / "timing.cache")
+        except TensorRTUnavailable as e:
+            print(f"TensorRT engine skipped: {e}. The ONNX files below are ready: run the same command on the "
+                  f"device that will run the engine (engines are bound to its GPU and TensorRT version).",
+                  file=sys.stderr)
+            print(json.dumps({k: str(v) for k, v in res.files.items()}, indent=1))
+            return 3
     elif cfg.format == "triton":
         from export.triton import write_triton_repository
 

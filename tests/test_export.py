@@ -151,3 +151,16 @@ def test_tensorrt_build_skips_cleanly_without_tensorrt(static_export, tmp_path):
     with pytest.raises(TensorRTUnavailable):
         build_engine(static_export.files["fp32"], tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_export_cli_engine_skips_cleanly_without_tensorrt(tiny_checkpoint, tiny, tmp_path, capsys):
+    from export.tensorrt_build import tensorrt_status
+    from segadapt_cli import main
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT is available here: the engine path is tested by the build test")
+    rc = main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--format", "engine",
+               "--parity-data", str(tiny / "target"), "--parity-frames", "1"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "TensorRT engine skipped" in err and "Traceback" not in err
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.json").is_file()
