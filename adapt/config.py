@@ -275,7 +275,7 @@ class PipelineConfig:
 
 PIPELINE_PRESETS = {
     "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 7.0, "batch_size": 8,
-              "adapt_steps": 200, "adapt_minutes": 3.0},
+              "adapt_steps": 150, "adapt_minutes": 4.0},
     "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,
              "adapt_steps": 3000, "adapt_minutes": 0.0},
 }

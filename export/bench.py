@@ -43,7 +43,7 @@ def _bench_torch(args: dict) -> dict:
     import torch
 
     from adapt.models.checkpoint import load_segmenter
-    from export.onnx_export import load_frames
+    from export.frames import load_frames
     from export.wrapper import ExportWrapper
 
     if args["threads"]:
@@ -78,7 +78,7 @@ def _bench_torch(args: dict) -> dict:
 
 
 def _bench_runtime(args: dict) -> dict:
-    from export.onnx_export import load_frames
+    from export.frames import load_frames
     from runtime.predictor import Predictor
 
     p = Predictor(args["model"], providers=args.get("providers"), threads=args["threads"])

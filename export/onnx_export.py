@@ -26,6 +26,7 @@ import torch
 
 from adapt.models.checkpoint import checkpoint_hash, is_checkpoint, load_segmenter
 from export.config import ExportConfig
+from export.frames import load_frames
 from export.wrapper import ExportWrapper
 from runtime.metadata import ModelMetadata, metadata_path, write_atomic
 
@@ -56,23 +57,6 @@ def _versions() -> dict:
     except Exception:  # onnxslim is optional when simplify=False
         pass
     return v
-
-
-def load_frames(folder: str | Path, n: int, size: Tuple[int, int]) -> List[np.ndarray]:
-    """Up to ``n`` real frames from a folder (or split directory), evenly spaced, resized to (H, W), as
-    (H, W, 3) uint8 RGB.
-
-    Raises:
-        FileNotFoundError / ValueError: no such folder or no readable image (the message names it).
-    """
-    import cv2
-
-    from adapt.data.datasets import _image_dir, find_images, read_image
-
-    files = find_images(_image_dir(Path(folder)))
-    idx = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
-    return [cv2.resize(read_image(files[i]), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-            for i in dict.fromkeys(idx.tolist())]
 
 
 def _to_input(frames: List[np.ndarray], layout: str, mean, std) -> np.ndarray:
@@ -260,7 +244,11 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: List[np.ndarray
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
     tmp = out_path.with_name(out_path.stem + ".q.onnx")
     try:
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        except Exception:  # onnxruntime raises a bare Exception when symbolic inference is incomplete
+            # dynamic height/width can defeat symbolic shape inference; ONNX's own inference is enough for QDQ
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), _FrameReader(input_name, calib_inputs), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,

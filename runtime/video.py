@@ -71,7 +71,8 @@ class VideoWriter:
             self._stream = self._av.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
             self._stream.width, self._stream.height = self.size[1], self.size[0]
             self._stream.pix_fmt = "yuv420p"
-            self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+            # superfast: encoding must not starve inference of CPU (measured on 2 cores, docs/benchmarks.md)
+            self._stream.options = {"crf": str(self.crf), "preset": "superfast"}
         else:
             self._cv = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                        (self.size[1], self.size[0]))
