@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
     a.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_dataclass_arguments(a, AdaptConfig)
+    a.add_argument("--depth", dest="depth.provider", choices=["none", "files", "stereo", "model"], default=None,
+                   help="depth for the training-only RGB-D stream (same as --depth.provider)")
     a.set_defaults(_run=_cmd_adapt)
 
     e = sub.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split")

@@ -120,3 +120,10 @@ def test_data_camvid_unreachable_mirror_fails_cleanly(tmp_path, capsys):
     rc = main(["data", "camvid", "--out", str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/CamVid"])
     err = capsys.readouterr().err
     assert rc == 2 and "download failed" in err and "train.txt" in err
+
+
+def test_adapt_depth_flag_alias(capsys):
+    rc = main(["adapt", "--print-config", "--depth", "stereo", "--depth.right-dir", "R", "--steps", "7"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert rc == 0 and cfg["depth"]["provider"] == "stereo" and cfg["depth"]["right_dir"] == "R"
+    assert cfg["steps"] == 7
