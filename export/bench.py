@@ -1,7 +1,7 @@
 """``segadapt bench``: PyTorch eager vs ONNX Runtime (each provider, each precision) vs TensorRT on the same frames.
 
 Each backend runs in its own process (``spawn``) so that its peak memory is its own: peak resident memory
-(``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` for CUDA PyTorch. Latency is measured at batch 1 after
+(``VmHWM``) on CPU, ``torch.cuda.max_memory_allocated`` for CUDA PyTorch. Latency is measured at batch 1 after
 warm-up (p50/p90 over ``iters`` runs, backend call only), throughput at batch N (frames/s), and, for the runtime
 backends, end-to-end latency including pre- and post-processing (resize, normalise, resize the class map back).
 """
@@ -36,7 +36,15 @@ def _time(fn: Callable[[], object], iters: int, warmup: int) -> List[float]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory in MiB. Linux's VmHWM is reset at exec; ``ru_maxrss`` is not (a spawned
+    child would report its parent's peak), so it is only the fallback."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _bench_torch(args: dict) -> dict:
