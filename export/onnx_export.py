@@ -28,7 +28,8 @@ from adapt.models.checkpoint import checkpoint_hash, is_checkpoint, load_segment
 from export.config import ExportConfig
 from export.frames import load_frames
 from export.wrapper import ExportWrapper
-from runtime.metadata import ModelMetadata, metadata_path, write_atomic
+from runtime.files import write_atomic
+from runtime.metadata import ModelMetadata, metadata_path
 
 # Kept in FP32 in the FP16 graph: normalisation statistics, softmax and resizing lose accuracy or overflow in FP16.
 FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "Resize", "Erf", "ArgMax",

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from runtime.metadata import ModelMetadata, metadata_path, write_atomic
+from runtime.files import write_atomic
+from runtime.metadata import ModelMetadata, metadata_path
 
 
 class TensorRTUnavailable(RuntimeError):

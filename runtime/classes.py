@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -61,13 +60,12 @@ class ClassInfo:
             FileNotFoundError: the file does not exist.
             ValueError: the file is not valid JSON or lacks the class list (the message names the file).
         """
-        path = Path(path)
+        from runtime.files import read_json_object
+
+        d = read_json_object(path, "class description")
         try:
-            d = json.loads(path.read_text())
             return cls.from_dict(d)
-        except FileNotFoundError:
-            raise
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a valid class description: {e}") from None
 
     def palette_array(self) -> np.ndarray:

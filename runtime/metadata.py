@@ -8,13 +8,12 @@ names, and (for TensorRT engines) to refuse an engine built for another TensorRT
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from runtime.classes import ClassInfo
+from runtime.files import read_json_object, write_atomic
 
 METADATA_VERSION = 1
 INPUT_LAYOUTS = ("uint8_nhwc", "float_nchw")
@@ -128,41 +127,10 @@ class ModelMetadata:
             FileNotFoundError: no such file.
             ValueError: not JSON or not valid metadata (the message names the file).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: model metadata file not found")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: model metadata is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: model metadata must be a JSON object")
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path, "model metadata"), str(path))
 
 
 def metadata_path(model_path: str | Path) -> Path:
     """The metadata file beside a model file: ``dir/name.onnx`` -> ``dir/name.json``."""
     p = Path(model_path)
     return p.with_suffix(".json")
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write bytes to ``path`` atomically: a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

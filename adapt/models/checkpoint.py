@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from adapt.models.segmenter import Segmenter, _hf_class, arch_of
 from runtime.classes import ClassInfo
+from runtime.files import read_json_object
 
 FORMAT = "segadapt-checkpoint"
 FORMAT_VERSION = 1
@@ -122,10 +123,7 @@ def read_checkpoint_config(path: str | Path) -> dict:
     p = Path(path) / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: corrupt checkpoint config: {e}") from None
+    cfg = read_json_object(p, "checkpoint config")
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{p}: not a segadapt checkpoint (format={cfg.get('format')!r})")
     if cfg.get("format_version", 0) > FORMAT_VERSION:
