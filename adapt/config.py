@@ -325,8 +325,9 @@ class DepthConfig:
 @dataclass
 class RectifierConfig:
     """IR2F rectifier [RECON]. Its source-free training signal is the agreement of observable predictions: the
-    teacher's label under a horizontal flip of the weak view (``flip_consistency``) and, with depth, the RGB and
-    RGB-D teachers' agreement. ``warmup_steps``: steps before its values enter the mixture loss.
+    teacher's label under a horizontal flip of the weak view (``flip_consistency``), under a photometric change of
+    it (``photometric_consistency``: the strong view's colour jitter and blur, one more teacher pass) and, with depth,
+    the RGB and RGB-D teachers' agreement. ``warmup_steps``: steps before its values enter the mixture loss.
     ``query_stride``: r is predicted on a grid ``stride`` times coarser than the crop, then upsampled."""
 
     enabled: bool = True
@@ -338,6 +339,7 @@ class RectifierConfig:
     loss_weight: float = 1.0
     warmup_steps: int = 50
     flip_consistency: bool = True
+    photometric_consistency: bool = False
 
 
 @dataclass

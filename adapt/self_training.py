@@ -193,9 +193,12 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 pa = None
                 if use_depth:
                     pa = F.softmax(upsample_logits(aux_teacher(rgbd(x_w, depth)).float(), (H, W)), 1)
-                pt_flip = None
+                pt_flip = pt_photo = None
                 if rect is not None and cfg.rectifier.flip_consistency:
                     pt_flip = F.softmax(upsample_logits(teacher(x_w.flip(-1)).float(), (H, W)), 1).flip(-1)
+                if rect is not None and cfg.rectifier.photometric_consistency:
+                    x_p = normalize_float(photometric(img.float() / 255.0, cfg.strong), meta.mean, meta.std)
+                    pt_photo = F.softmax(upsample_logits(teacher(x_p).float(), (H, W)), 1)
             # ---- pseudo-labels
             if use_depth:
                 probs, agree = fuse_dual_head(pt, pa, cfg.depth.require_agreement)
@@ -218,6 +221,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 target = torch.ones_like(pt[:, 0], dtype=torch.bool)
                 if pt_flip is not None:
                     target &= pt.argmax(1) == pt_flip.argmax(1)
+                if pt_photo is not None:
+                    target &= pt.argmax(1) == pt_photo.argmax(1)
                 if pa is not None:
                     target &= pt.argmax(1) == pa.argmax(1)
                 tgt_small = F.interpolate(target[:, None].float(), size=(hq, wq), mode="nearest")[:, 0]

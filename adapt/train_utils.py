@@ -25,6 +25,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -56,10 +57,12 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def rng_state() -> dict:
+    """torch and Python RNG states as tensors/primitives (loadable with ``torch.load(weights_only=True)``)."""
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
 
 
 def set_rng_state(st: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(st["torch"])
     random.setstate((3, tuple(int(v) for v in st["python"]), st["python_gauss"]))
 
@@ -72,5 +75,6 @@ def infinite(loader):
 
 
 def nan_check(loss: torch.Tensor, step: int) -> None:
+    """Raise FloatingPointError (naming the step) if the scalar ``loss`` is NaN or infinite."""
     if not math.isfinite(float(loss.detach())):
         raise FloatingPointError(f"loss became {float(loss.detach())} at step {step}; lower the learning rate")

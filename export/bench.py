@@ -219,6 +219,7 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
 
 
 def format_bench(rep: dict) -> str:
+    """A Markdown table of :func:`run_bench` results (latencies in ms, throughput in frames/s, memory in MiB)."""
     rows = ["| backend | p50 ms (b=1) | p90 ms | end-to-end p50 ms | throughput fps (b) | peak MB | agreement |",
             "|---|---|---|---|---|---|---|"]
     for k, r in rep["results"].items():
@@ -234,5 +235,6 @@ def format_bench(rep: dict) -> str:
 
 
 def save_report(rep: dict, path: str | Path) -> None:
+    """Write the bench results as JSON (parent directories created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rep, indent=1))

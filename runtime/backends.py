@@ -125,8 +125,6 @@ class OrtBackend(Backend):
         return self.session.run(None, {self.input_name: x})[0]
 
 
-_TRT_NP = {}
-
 
 def _trt_dtype_to_np(trt, dt) -> np.dtype:
     table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8,
