@@ -30,6 +30,7 @@ def default_data_root() -> str:
 
 
 def default_camvid_dir() -> str:
+    """``<data root>/camvid-day2dusk`` (see :func:`default_data_root`)."""
     return str(Path(default_data_root()) / "camvid-day2dusk")
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -302,7 +301,14 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
-    """Rebuild the rectifier saved in ``<out>/last`` for analysis (benchmarks): returns (teacher, rectifier, meta)."""
+    """Rebuild the EMA teacher and rectifier saved in ``<out>/last`` for analysis (benchmarks).
+
+    Returns:
+        (teacher :class:`EMATeacher`, rectifier :class:`ImplicitRectifier` in eval mode, checkpoint metadata).
+
+    Raises:
+        FileNotFoundError: no ``last/training_state.pt`` (the run had no rectifier state to save).
+    """
     d = Path(checkpoint_dir or cfg.out) / "last"
     st = torch.load(d / "training_state.pt", map_location="cpu", weights_only=True)
     student, meta = load_checkpoint(d)
@@ -314,4 +320,4 @@ def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
     return teacher, rect.eval(), meta
 
 
-__all__ = ["adapt", "target_dataset", "rectifier_scores", "asdict"]
+__all__ = ["adapt", "target_dataset", "rectifier_scores"]

@@ -92,8 +92,10 @@ def segment_clip(predictor: Predictor, video_path: Optional[str], out_dir: str, 
         raise DemoError(f"The video is {mb:.0f} MB; this demo takes clips up to {max_mb:.0f} MB.")
     cap = cv2.VideoCapture(str(p))
     ok = cap.isOpened()
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0 if ok else 25.0
-    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if ok else 0
+    fps, n = 25.0, 0
+    if ok:
+        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     cap.release()
     if not ok or n <= 0:
         raise DemoError("The file has no video frames this demo can decode (empty or not a video).")

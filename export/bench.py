@@ -108,10 +108,8 @@ def _bench_runtime(args: dict) -> dict:
         from runtime.video import segment_video
 
         rep = segment_video(p, args["video"], Path(args["tmp"]) / "bench_video.mp4", batch_size=1)
-        p_video = Predictor(args["model"], providers=args.get("providers"), threads=args["threads"])
-        vframes = load_frames(args["frames"], 1, tuple(args["video_size"]))
-        xv, _ = p_video.preprocess(vframes)
-        only = _stats(_time(lambda: p_video.backend.infer(xv), args["iters"], args["warmup"]))
+        xv, _ = p.preprocess(load_frames(args["frames"], 1, tuple(args["video_size"])))
+        only = _stats(_time(lambda: p.backend.infer(xv), args["iters"], args["warmup"]))
         r["video"] = {"end_to_end_fps": rep.fps, "backend_only_fps": 1000.0 / only["mean_ms"], "frames": rep.frames,
                       "ratio": rep.fps / (1000.0 / only["mean_ms"]), "codec": rep.codec, "stage_ms": rep.stage_ms}
     return {args["label"]: r}

@@ -89,18 +89,22 @@ def quick_train(model, tiny, size=(96, 128), steps=30, lr=3e-3, seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tiny_classes, tiny):
-    """A DeepLabV3-MobileNetV2 (0.35) checkpoint briefly trained on the tiny real frames, input size 96x128."""
+def trained_checkpoint(directory, arch, classes, tiny, size=(96, 128), steps=30, seed=0):
+    """Save a small ``arch`` model, briefly trained on the tiny real frames at ``size``, as a checkpoint."""
     import torch
 
     from adapt.models.checkpoint import CheckpointMeta, save_checkpoint
 
-    torch.manual_seed(0)
-    m = quick_train(tiny_model("deeplabv3-mobilenetv2"), tiny)
-    d = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(d, m, CheckpointMeta(classes=tiny_classes, input_size=(96, 128)))
-    return d
+    torch.manual_seed(seed)
+    m = quick_train(tiny_model(arch), tiny, size=size, steps=steps, seed=seed)
+    save_checkpoint(directory, m, CheckpointMeta(classes=classes, input_size=size))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_classes, tiny):
+    """A DeepLabV3-MobileNetV2 (0.35) checkpoint briefly trained on the tiny real frames, input size 96x128."""
+    return trained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "deeplabv3-mobilenetv2", tiny_classes, tiny)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from adapt.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from adapt.models.checkpoint import load_checkpoint
 from conftest import tiny_model
 from export.config import ExportConfig
 from export.onnx_export import export_onnx
@@ -17,13 +17,10 @@ from runtime.metadata import ModelMetadata, metadata_path
 
 @pytest.fixture(scope="module")
 def segformer_ckpt(tmp_path_factory, tiny_classes, tiny):
-    from conftest import quick_train
+    from conftest import trained_checkpoint
 
-    torch.manual_seed(1)
-    m = quick_train(tiny_model("segformer"), tiny, size=(64, 96), steps=10)
-    d = tmp_path_factory.mktemp("sf") / "ck"
-    save_checkpoint(d, m, CheckpointMeta(classes=tiny_classes, input_size=(64, 96)))
-    return d
+    return trained_checkpoint(tmp_path_factory.mktemp("sf") / "ck", "segformer", tiny_classes, tiny, size=(64, 96),
+                              steps=10, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +161,18 @@ def test_export_cli_engine_skips_cleanly_without_tensorrt(tiny_checkpoint, tiny,
     err = capsys.readouterr().err
     assert rc == 3 and "TensorRT engine skipped" in err and "Traceback" not in err
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.json").is_file()
+
+
+def test_bench_measures_each_backend_on_real_frames(tiny_checkpoint, tiny, short_clip, tmp_path):
+    from export.bench import format_bench, run_bench
+
+    rep = run_bench(str(tiny_checkpoint), str(tiny / "target"), size=(96, 128), batch=2, iters=2, warmup=1,
+                    out_dir=str(tmp_path), precisions=("fp32",), video=str(short_clip), log=lambda *_: None)
+    res = rep["results"]
+    eager, ort = res["pytorch-eager-cpu-fp32"], res["onnxruntime-cpu-fp32"]
+    for r in (eager, ort):
+        assert r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] and r["throughput_fps"] > 0 and r["peak_rss_mb"] > 0
+    assert ort["class_agreement_vs_pytorch"] >= 0.999 and ort["batch"] == 2
+    assert ort["video"]["frames"] == 50 and ort["video"]["codec"] == "h264" and 0 < ort["video"]["ratio"]
+    assert ("tensorrt" in res) or any(k.startswith("tensorrt-") for k in res)
+    assert "onnxruntime-cpu-fp32" in format_bench(rep)

@@ -288,6 +288,7 @@ class VideoFrames(Dataset):
 
 
 def is_video(path: str | Path) -> bool:
+    """Whether ``path`` names a video file by its suffix (mp4, avi, mov, mkv, webm, m4v)."""
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 

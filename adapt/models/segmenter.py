@@ -75,6 +75,7 @@ def _hf_class(model_type: str):
 
 
 def arch_of(model_type: str) -> str:
+    """Our architecture name for a transformers ``model_type`` (``segformer`` / ``mobilenet_v2``); KeyError otherwise."""
     return {"segformer": "segformer", "mobilenet_v2": "deeplabv3-mobilenetv2"}[model_type]
 
 
