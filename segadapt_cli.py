@@ -127,14 +127,16 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
     from runtime.video import segment_video
 
     providers = ns.providers.split(",") if ns.providers else None
+    src = ns.source
+    video_suffixes = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+    is_video = src.isdigit() or Path(src).suffix.lower() in video_suffixes
+    # video: decoding and encoding share the CPU, so ONNX Runtime's idle threads should not spin
     pred = Predictor(ns.model, providers=providers, threads=ns.threads, letterbox=ns.letterbox,
-                     size=tuple(ns.size) if ns.size else None)
+                     size=tuple(ns.size) if ns.size else None, spin=not is_video)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    src = ns.source
     print(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}")
-    video_suffixes = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-    if src.isdigit() or Path(src).suffix.lower() in video_suffixes:
+    if is_video:
         from tqdm import tqdm
 
         bar = tqdm(desc="video", unit="frame")

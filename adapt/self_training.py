@@ -13,8 +13,9 @@ Per step (methods.md 0.2 source-free recipe + CrossMatch 1.3 + IR2F 5.3, the [RE
 4. student loss: pixel-weighted CE on the pseudo-labels, or the rectification-aware mixture loss with the rectifier's
    per-pixel reliability r; with depth, the RGB-D student learns the fused labels too, and each stream is trained
    toward the other stream's weak-view pseudo-label (cross-modal consistency);
-5. rectifier loss: BCE toward what is observable on the target (flip stability of the teacher's label, RGB/RGB-D
-   agreement);
+5. rectifier loss: BCE toward what is observable on the target: by default the agreement of the teacher's label
+   with the *anchor* (a frozen copy of the source model after AdaBN, whose probabilities also enter the
+   rectifier), optionally flip/photometric stability, and with depth the RGB/RGB-D agreement;
 6. optimiser step, EMA update of the teacher(s).
 
 BatchNorm statistics are re-estimated on the target first (AdaBN) and then frozen in the student.
@@ -22,6 +23,7 @@ BatchNorm statistics are re-estimated on the target first (AdaBN) and then froze
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -129,10 +131,15 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         aux.train()
         freeze_batchnorm(aux)
         aux_teacher = EMATeacher(aux, cfg.teacher.alpha)
-    rect = None
+    rect = anchor = None
     if cfg.rectifier.enabled:
-        rect = ImplicitRectifier(student.feature_channels, K, cfg.rectifier.latent_dim, cfg.rectifier.hidden,
-                                 cfg.rectifier.layers).to(device)
+        rect = make_rectifier(cfg, student.feature_channels, K).to(device)
+    if uses_anchor(cfg):
+        # the anchor: a frozen copy of the model as it is after AdaBN (restored from the training state on resume)
+        anchor = copy.deepcopy(student).eval()
+        anchor.requires_grad_(False)
+        if resume_state is not None:
+            anchor.load_state_dict(resume_state["anchor"])
     groups = student.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
     if aux is not None:
         groups += aux.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
@@ -166,6 +173,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             ts["aux"], ts["aux_teacher"] = aux.state_dict(), aux_teacher.model.state_dict()
         if rect is not None:
             ts["rectifier"] = rect.state_dict()
+        if anchor is not None:
+            ts["anchor"] = anchor.state_dict()
         out_meta.info.update(step=step)
         save_checkpoint(out / "last", student, out_meta, ts)
         save_checkpoint(out / "adapted", teacher.model if cfg.keep == "teacher" else student, out_meta)
@@ -192,7 +201,10 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 pa = None
                 if use_depth:
                     pa = F.softmax(upsample_logits(aux_teacher(rgbd(x_w, depth)).float(), (H, W)), 1)
-                pt_flip = pt_photo = None
+                pt_flip = pt_photo = pn = pn_small = None
+                if anchor is not None:
+                    ln = anchor(x_w).float()
+                    pn_small, pn = F.softmax(ln, 1), F.softmax(upsample_logits(ln, (H, W)), 1)
                 if rect is not None and cfg.rectifier.flip_consistency:
                     pt_flip = F.softmax(upsample_logits(teacher(x_w.flip(-1)).float(), (H, W)), 1).flip(-1)
                 if rect is not None and cfg.rectifier.photometric_consistency:
@@ -203,6 +215,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 probs, agree = fuse_dual_head(pt, pa, cfg.depth.require_agreement)
             else:
                 probs, agree = pt, None
+            if pn is not None and cfg.pseudo.anchor_weight > 0:
+                probs = (1 - cfg.pseudo.anchor_weight) * probs + cfg.pseudo.anchor_weight * pn
             th = tracker.update(probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
             labels, mask, conf = pseudo_label(probs, th, ignore)
             if agree is not None:
@@ -216,8 +230,12 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 qs = max(1, cfg.rectifier.query_stride)
                 hq, wq = max(1, H // qs), max(1, W // qs)
                 small_probs = F.softmax(lt.float(), 1)
+                if cfg.rectifier.anchor_consistency:
+                    small_probs = torch.cat([small_probs, pn_small], 1)
                 r_small = rect(ft.float().detach(), small_probs.detach(), (hq, wq))
                 target = torch.ones_like(pt[:, 0], dtype=torch.bool)
+                if cfg.rectifier.anchor_consistency:
+                    target &= pt.argmax(1) == pn.argmax(1)
                 if pt_flip is not None:
                     target &= pt.argmax(1) == pt_flip.argmax(1)
                 if pt_photo is not None:
@@ -300,11 +318,24 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
+def uses_anchor(cfg: AdaptConfig) -> bool:
+    """Whether the run keeps the frozen AdaBN anchor (rectifier target/input or anchor-weighted pseudo-labels)."""
+    return (cfg.rectifier.enabled and cfg.rectifier.anchor_consistency) or cfg.pseudo.anchor_weight > 0
+
+
+def make_rectifier(cfg: AdaptConfig, feature_channels: int, num_classes: int) -> ImplicitRectifier:
+    """The IR2F rectifier as configured: its latent grid takes the teacher's features and class probabilities, and
+    the anchor's class probabilities too when ``rectifier.anchor_consistency`` is on."""
+    k = num_classes * (2 if cfg.rectifier.anchor_consistency else 1)
+    return ImplicitRectifier(feature_channels, k, cfg.rectifier.latent_dim, cfg.rectifier.hidden, cfg.rectifier.layers)
+
+
 def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
-    """Rebuild the EMA teacher and rectifier saved in ``<out>/last`` for analysis (benchmarks).
+    """Rebuild the EMA teacher, rectifier and anchor saved in ``<out>/last`` for analysis (benchmarks).
 
     Returns:
-        (teacher :class:`EMATeacher`, rectifier :class:`ImplicitRectifier` in eval mode, checkpoint metadata).
+        (teacher :class:`EMATeacher`, rectifier :class:`ImplicitRectifier` in eval mode, anchor model in eval mode
+        or None, checkpoint metadata).
 
     Raises:
         FileNotFoundError: no ``last/training_state.pt`` (the run had no rectifier state to save).
@@ -314,10 +345,14 @@ def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
     student, meta = load_checkpoint(d)
     teacher = EMATeacher(student, cfg.teacher.alpha)
     teacher.model.load_state_dict(st["teacher"])
-    rect = ImplicitRectifier(student.feature_channels, meta.classes.num_classes, cfg.rectifier.latent_dim,
-                             cfg.rectifier.hidden, cfg.rectifier.layers)
+    rect = make_rectifier(cfg, student.feature_channels, meta.classes.num_classes)
     rect.load_state_dict(st["rectifier"])
-    return teacher, rect.eval(), meta
+    anchor = None
+    if "anchor" in st:
+        anchor = copy.deepcopy(student)
+        anchor.load_state_dict(st["anchor"])
+        anchor.eval()
+    return teacher, rect.eval(), anchor, meta
 
 
-__all__ = ["adapt", "target_dataset", "rectifier_scores"]
+__all__ = ["adapt", "target_dataset", "rectifier_scores", "make_rectifier", "uses_anchor"]

@@ -56,7 +56,7 @@ def measure(ckpt, ds, size) -> dict:
 @torch.no_grad()
 def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> dict:
     """AUROC of rectifier values and of max-softmax confidence for 'teacher pseudo-label == true label'."""
-    teacher, rect, meta = rectifier_scores(cfg)
+    teacher, rect, anchor, meta = rectifier_scores(cfg)
     ignore = meta.classes.ignore_index
     r_all, c_all, ok_all = [], [], []
     ds = copy.copy(ds_eval)
@@ -68,7 +68,10 @@ def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> di
         logits, feats = teacher.forward_features(x)
         probs = F.softmax(upsample_logits(logits.float(), size), 1)
         conf, pred = probs.max(1)
-        r = rect(feats.float(), F.softmax(logits.float(), 1), size)
+        p_small = F.softmax(logits.float(), 1)
+        if cfg.rectifier.anchor_consistency:
+            p_small = torch.cat([p_small, F.softmax(anchor(x).float(), 1)], 1)
+        r = rect(feats.float(), p_small, size)
         valid = lab != ignore
         r_all.append(r[valid].numpy())
         c_all.append(conf[valid].numpy())

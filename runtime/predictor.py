@@ -70,6 +70,7 @@ class Predictor:
         providers: ONNX Runtime execution providers in order of preference (``tensorrt``, ``cuda``, ``cpu``);
             None = every available one. Ignored for engines.
         threads: ONNX Runtime intra-op threads (0 = default).
+        spin: ONNX Runtime's idle threads spin-wait (default); False when other threads share the CPU (video).
         size: (H, W) to run the model at; must equal the graph's size for static graphs, default = metadata size.
         letterbox: keep the aspect ratio (pad) instead of stretching frames to the model size.
 
@@ -81,10 +82,11 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | Path, providers: Optional[Sequence[str]] = None, threads: int = 0,
-                 size: Optional[Tuple[int, int]] = None, letterbox: bool = False, backend: Optional[Backend] = None):
+                 size: Optional[Tuple[int, int]] = None, letterbox: bool = False, backend: Optional[Backend] = None,
+                 spin: bool = True):
         self.model_path = Path(model_path)
         self.metadata = load_metadata(self.model_path)
-        self.backend = backend or open_backend(self.model_path, self.metadata, providers, threads)
+        self.backend = backend or open_backend(self.model_path, self.metadata, providers, threads, spin)
         m = self.metadata
         self.size = tuple(size) if size else tuple(m.input_size)
         if not m.dynamic and self.size != tuple(m.input_size):
@@ -161,17 +163,26 @@ class Predictor:
             chunk = list(frames[s:s + step])
             t0 = time.perf_counter()
             x, boxes = self.preprocess(chunk)
-            n = len(chunk)
-            if not self.metadata.dynamic and x.shape[0] < self.metadata.batch:  # pad a static batch
-                x = np.concatenate([x, np.repeat(x[-1:], self.metadata.batch - n, 0)])
-            t1 = time.perf_counter()
-            out = self.backend.infer(x)
-            t2 = time.perf_counter()
-            maps = self.postprocess(out, boxes, [f.shape[:2] for f in chunk])
-            t3 = time.perf_counter()
-            tm = {"preprocess": (t1 - t0) * 1e3 / n, "infer": (t2 - t1) * 1e3 / n, "postprocess": (t3 - t2) * 1e3 / n}
-            results += [Prediction(cm, dict(tm)) for cm in maps]
+            pre_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
+            results += self.infer_prepared(x, boxes, [f.shape[:2] for f in chunk], pre_ms)
         return results
+
+    def infer_prepared(self, x: np.ndarray, boxes, frame_shapes, preprocess_ms: float = 0.0) -> List[Prediction]:
+        """Inference and postprocessing of a batch made by :meth:`preprocess` (at most ``max_batch`` frames).
+
+        Pipelines call this when frames were preprocessed elsewhere (the video reader thread does it).
+        ``frame_shapes``: (H, W) of each original frame; ``preprocess_ms``: per frame, copied into the timings.
+        """
+        n = x.shape[0]
+        if not self.metadata.dynamic and n < self.metadata.batch:  # pad a static batch
+            x = np.concatenate([x, np.repeat(x[-1:], self.metadata.batch - n, 0)])
+        t1 = time.perf_counter()
+        out = self.backend.infer(x)
+        t2 = time.perf_counter()
+        maps = self.postprocess(out, boxes, frame_shapes)
+        t3 = time.perf_counter()
+        tm = {"preprocess": preprocess_ms, "infer": (t2 - t1) * 1e3 / n, "postprocess": (t3 - t2) * 1e3 / n}
+        return [Prediction(cm, dict(tm)) for cm in maps]
 
     def predict(self, frame: np.ndarray) -> Prediction:
         """Segment one (H, W, 3) uint8 RGB frame."""

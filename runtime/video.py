@@ -1,7 +1,8 @@
 """Video in, overlay video out: decoding, inference and encoding overlap in a bounded pipeline.
 
-A reader thread decodes frames (OpenCV) into a bounded queue, the calling thread batches them through the
-:class:`~runtime.predictor.Predictor`, and a writer thread blends overlays and encodes them. The queues are bounded,
+A reader thread decodes frames (OpenCV) and preprocesses them (resize to the model size) into a bounded queue, the
+calling thread batches them through the :class:`~runtime.predictor.Predictor`'s backend, and a writer thread blends
+overlays and encodes them. For the best throughput on a busy CPU, build the predictor with ``spin=False``. The queues are bounded,
 so memory stays flat however long the video. Output is H.264 (``yuv420p``, playable in browsers) through PyAV's
 libx264 when PyAV is installed, otherwise MPEG-4 part 2 through OpenCV with a warning (pip's OpenCV cannot write
 H.264).
@@ -34,6 +35,8 @@ class VideoWriter:
         codec: ``h264`` (PyAV/libx264, browser-playable) or ``mp4v`` (OpenCV). ``auto``: h264 when PyAV is
             installed, else mp4v with a warning.
         crf: x264 constant rate factor (quality; lower is better, 18-28 usual).
+        preset: x264 speed preset. ``ultrafast`` (default) leaves the most CPU to inference: a 960x540 frame took
+            4.1 ms to encode with it and 8.0 ms with ``superfast`` on a 2-core CPU (measured); files are larger.
 
     Frames must all have the same size; odd sizes are cropped by one pixel for yuv420p.
 
@@ -41,11 +44,13 @@ class VideoWriter:
         RuntimeError: the file cannot be opened for writing.
     """
 
-    def __init__(self, path: Union[str, Path], fps: float, codec: str = "auto", crf: int = 23):
+    def __init__(self, path: Union[str, Path], fps: float, codec: str = "auto", crf: int = 23,
+                 preset: str = "ultrafast"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.crf = crf
+        self.preset = preset
         if codec == "auto":
             try:
                 import av  # noqa: F401
@@ -71,8 +76,7 @@ class VideoWriter:
             self._stream = self._av.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
             self._stream.width, self._stream.height = self.size[1], self.size[0]
             self._stream.pix_fmt = "yuv420p"
-            # superfast: encoding must not starve inference of CPU (measured on 2 cores, docs/benchmarks.md)
-            self._stream.options = {"crf": str(self.crf), "preset": "superfast"}
+            self._stream.options = {"crf": str(self.crf), "preset": self.preset}
         else:
             self._cv = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                        (self.size[1], self.size[0]))
@@ -146,7 +150,7 @@ def open_capture(source: Union[str, int, Path]) -> cv2.VideoCapture:
 def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path: Union[str, Path],
                   alpha: float = 0.5, batch_size: int = 1, class_map_dir: Optional[Union[str, Path]] = None,
                   max_frames: Optional[int] = None, queue_size: int = 16, codec: str = "auto",
-                  progress: Optional[Callable[[int, int], None]] = None) -> VideoReport:
+                  preset: str = "ultrafast", progress: Optional[Callable[[int, int], None]] = None) -> VideoReport:
     """Segment a video file or camera and write the overlay video (and optionally the class maps as PNGs).
 
     Args:
@@ -158,6 +162,7 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
         class_map_dir: if set, write ``<frame index>.png`` single-channel class maps there.
         max_frames: stop after this many frames (needed for cameras, which never end).
         queue_size: bound of the decode and encode queues (frames in flight).
+        codec, preset: output codec and x264 preset, see :class:`VideoWriter`.
         progress: callback ``(frames_done, total_or_0)``.
 
     Returns:
@@ -185,7 +190,10 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
                 ok, bgr = cap.read()
                 if not ok:
                     break
-                in_q.put(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                t = time.perf_counter()
+                x, boxes = predictor.preprocess([rgb])
+                in_q.put((rgb, x, boxes[0], (time.perf_counter() - t) * 1e3))
                 n += 1
         except Exception as e:  # surfaced to the caller below
             errors.append(e)
@@ -193,7 +201,7 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
             cap.release()
             in_q.put(_END)
 
-    writer = VideoWriter(out_path, src_fps, codec)
+    writer = VideoWriter(out_path, src_fps, codec, preset=preset)
 
     def write_loop() -> None:
         try:
@@ -231,7 +239,10 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
                 batch.append(item)
             if not batch:
                 break
-            for frame, pred in zip(batch, predictor.predict_batch(batch)):
+            x = batch[0][1] if len(batch) == 1 else np.concatenate([b[1] for b in batch])
+            preds = predictor.infer_prepared(x, [b[2] for b in batch], [b[0].shape[:2] for b in batch],
+                                             sum(b[3] for b in batch) / len(batch))
+            for (frame, *_), pred in zip(batch, preds):
                 out_q.put((done, frame, pred.class_map))
                 for k in stage:
                     stage[k] += pred.timings.get(k, 0.0)

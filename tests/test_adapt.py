@@ -211,7 +211,7 @@ def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
 
 def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
     from adapt.adabn import adapt_batchnorm  # noqa: F401 - documents what the reference below applies
-    from adapt.models.checkpoint import load_checkpoint
+    from adapt.models.checkpoint import load_checkpoint, load_training_state
     from adapt.self_training import adapt
 
     adapt_cfg.teacher.alpha = 0.5
@@ -230,6 +230,10 @@ def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
         assert torch.allclose(c, 0.5 * a + 0.5 * b, atol=1e-6), n
         changed += int(not torch.equal(a, b))
     assert changed > 10  # the student moved
+    # the rectifier's anchor is the frozen AdaBN model: saved with the training state, untouched by the step
+    anchor = load_training_state(out / "last")["anchor"]
+    for n, v in t0.state_dict().items():
+        assert torch.equal(anchor[n], v), n
     assert meta.info["command"] == "adapt" and len(meta.info["source_checkpoint_sha256"]) == 64
     cov = [json.loads(line) for line in (out / "coverage.jsonl").read_text().splitlines()]
     assert cov[-1]["step"] == 1 and set(cov[-1]["coverage"]) == set(meta.classes.names)
@@ -266,12 +270,15 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
     from adapt.self_training import adapt
 
     adapt(adapt_cfg, log=lambda *_: None)
+    anchor_before = load_training_state(Path(adapt_cfg.out) / "last")["anchor"]
     adapt_cfg.steps, adapt_cfg.resume = 4, True
     adapt_cfg.rectifier.photometric_consistency = True  # the extra teacher pass for the rectifier's target
     msgs = []
     s = adapt(adapt_cfg, log=msgs.append)
     assert any("resuming" in m for m in msgs) and s["steps"] == 4
-    assert load_training_state(Path(adapt_cfg.out) / "last")["step"] == 4
+    st = load_training_state(Path(adapt_cfg.out) / "last")
+    assert st["step"] == 4
+    assert all(torch.equal(st["anchor"][k], v) for k, v in anchor_before.items())  # restored, not re-estimated
     # RGB-D auxiliary stream on real stereo
     cfg = AdaptConfig(checkpoint=adapt_cfg.checkpoint, target=str(kitti / "image_2"), out=str(tmp_path / "kd"),
                       size=(96, 320), steps=2, batch_size=2, num_workers=0, debug_every=1,

@@ -29,11 +29,12 @@ class ImplicitRectifier(nn.Module):
 
     Args:
         in_channels: D, channels of the decoder features.
-        num_classes: K, channels of the class probabilities appended to the features (0 to use features only).
+        num_classes: channels of the class probabilities appended to the features: K for the teacher's
+            probabilities, K * n when n models' probabilities are stacked (teacher + anchor: 2K); 0 = features only.
         latent_dim: channels of the projected latent grid.
         hidden: MLP width; layers: number of hidden layers.
 
-    ``forward(features, probs, out_size)``: features (B, D, h, w), probs (B, K, h, w) or None, out_size (H, W):
+    ``forward(features, probs, out_size)``: features (B, D, h, w), probs (B, num_classes, h, w) or None, out_size (H, W):
     returns r (B, H, W) float in (0, 1) at the pixel centres of an H x W grid. ``query(features, probs, coords)`` does
     the same at arbitrary coordinates (B, Q, 2) in [-1, 1] (y, x), returning (B, Q).
     """
