@@ -35,6 +35,8 @@ from runtime.metadata import ModelMetadata, metadata_path
 FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "Resize", "Erf", "ArgMax",
                    "BatchNormalization", "InstanceNormalization", "Range", "Upsample"]
 # (never "Cast": blocking Cast makes onnxconverter-common wrap Casts in Casts forever)
+# Quantised in the INT8 graph (the input normalisation excepted, see _preprocessing_nodes).
+INT8_OP_TYPES = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "Relu", "Clip", "AveragePool", "GlobalAveragePool"]
 
 
 @dataclass

@@ -68,6 +68,13 @@ def test_reduced_precision_variants_agree(static_export):
     q = onnx.load(str(static_export.files["int8"]))
     ops = {n.op_type for n in q.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the input normalisation (Cast -> Mul -> Add before the first Conv) stays FP32: no DequantizeLinear feeds it
+    producer = {o: n for n in q.graph.node for o in n.output}
+    cast = next(n for n in q.graph.node if n.op_type == "Cast" and producer.get(n.input[0], n).op_type == "Transpose")
+    mul = next(n for n in q.graph.node if n.op_type == "Mul" and cast.output[0] in n.input)
+    assert all(producer[i].op_type != "DequantizeLinear" for i in mul.input if i in producer)
+    assert any(n.op_type == "DequantizeLinear" for n in q.graph.node if n.output[0] in
+               {i for c in q.graph.node if c.op_type == "Conv" for i in c.input})  # while the convs are INT8
     f16 = onnx.load(str(static_export.files["fp16"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in f16.graph.initializer)
 

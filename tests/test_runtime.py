@@ -57,6 +57,11 @@ def test_predictor_matches_direct_onnxruntime(onnx_models, tiny):
     sess = ort.InferenceSession(str(onnx_models[0]), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {"images": img[None]})[0][0]
     assert np.array_equal(p.predict(img).class_map, ref)
+    # the video setting: idle threads do not spin; same results
+    q = Predictor(onnx_models[0], providers=["cpu"], spin=False)
+    opts = q.backend.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert np.array_equal(q.predict(img).class_map, ref)
 
 
 def test_dynamic_logits_model_sizes_and_letterbox(onnx_models, tiny):
@@ -144,6 +149,13 @@ def test_whole_video_to_browser_playable_h264(onnx_models, video_path, tmp_path)
     assert n_out == n_in
     maps = sorted((tmp_path / "maps").glob("*.png"))
     assert len(maps) == n_in and cv2.imread(str(maps[0]), cv2.IMREAD_UNCHANGED).shape == (540, 960)
+    # frames preprocessed in the reader thread give the same class maps as Predictor.predict
+    cap = cv2.VideoCapture(str(video_path))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 7)
+    ok, bgr = cap.read()
+    cap.release()
+    direct = p.predict(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).class_map
+    assert ok and np.array_equal(cv2.imread(str(maps[7]), cv2.IMREAD_UNCHANGED), direct)
     assert rep.fps > 0 and rep.codec == "h264"
 
 
