@@ -250,10 +250,18 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: List[np.ndarray
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
     tmp = out_path.with_name(out_path.stem + ".q.onnx")
     try:
+        # onnxruntime's symbolic shape inference cannot finish on our dynamic height/width graphs, and when it fails
+        # it leaves sym_shape_infer_temp.onnx + a <uuid>.data file in the working directory: skip it there (ONNX's
+        # own shape inference is enough for QDQ), and clean up after it if it fails on a static graph
+        dynamic = any(d.dim_param for i in onnx.load(str(fp32_path), load_external_data=False).graph.input
+                      for d in i.type.tensor_type.shape.dim)
+        before = set(Path.cwd().iterdir())
         try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=dynamic)
         except Exception:  # onnxruntime raises a bare Exception when symbolic inference is incomplete
-            # dynamic height/width can defeat symbolic shape inference; ONNX's own inference is enough for QDQ
+            for f in set(Path.cwd().iterdir()) - before:
+                if f.name == "sym_shape_infer_temp.onnx" or f.suffix == ".data":
+                    f.unlink(missing_ok=True)
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), _FrameReader(input_name, calib_inputs), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
