@@ -171,7 +171,15 @@ class Predictor:
         """Inference and postprocessing of a batch made by :meth:`preprocess` (at most ``max_batch`` frames).
 
         Pipelines call this when frames were preprocessed elsewhere (the video reader thread does it).
-        ``frame_shapes``: (H, W) of each original frame; ``preprocess_ms``: per frame, copied into the timings.
+
+        Args:
+            x: the graph's input batch, (B, H, W, 3) uint8 or (B, 3, H, W) float32 as the metadata's layout says.
+            boxes: B valid boxes (y, x, h, w) in model pixels, as returned by :meth:`preprocess`.
+            frame_shapes: B (height, width) of the original frames, in pixels: class maps come back at that size.
+            preprocess_ms: preprocessing time per frame in ms, copied into the timings.
+
+        Returns:
+            B :class:`Prediction` (class map (height, width) uint8/int32, per-stage timings in ms per frame).
         """
         n = x.shape[0]
         if not self.metadata.dynamic and n < self.metadata.batch:  # pad a static batch
