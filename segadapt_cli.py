@@ -221,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-tiny", action="store_true", help="do not write the 120x160 tiny subsets")
     d.set_defaults(_run=_cmd_data)
 
-    t = sub.add_parser("train-source", help="supervised training of the source model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train-source", help="supervised training of the source model")
     t.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_dataclass_arguments(t, SourceTrainConfig)
@@ -230,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from adapt.config import AdaptConfig
 
-    a = sub.add_parser("adapt", help="source-free adaptation of a checkpoint to unlabelled target footage",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser("adapt", help="source-free adaptation of a checkpoint to unlabelled target footage")
     a.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
     a.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_dataclass_arguments(a, AdaptConfig)
@@ -252,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from export.config import ExportConfig
 
-    x = sub.add_parser("export", help="checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x = sub.add_parser("export", help="checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository")
     add_dataclass_arguments(x, ExportConfig)
     x.set_defaults(_run=_cmd_export)
 
@@ -293,8 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
     dm.set_defaults(_run=_cmd_demo)
 
-    pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video")
     pl.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
     add_dataclass_arguments(pl, PipelineConfig)
     pl.set_defaults(_run=_cmd_pipeline)

@@ -25,6 +25,16 @@ def test_help_does_not_import_torch():
     assert "HEAVY []" in out.stdout, out.stdout
 
 
+@pytest.mark.parametrize("command", ["train-source", "adapt", "export", "pipeline"])
+def test_config_flags_show_their_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out  # argparse's own default (None = "not given") must not be shown
+    if command == "adapt":
+        assert "--pseudo.anchor-weight" in out and "(default: 0.0)" in out
+
+
 def test_evaluate_cli_writes_json_and_overlays(tiny_checkpoint, tiny, tmp_path, capsys):
     rc = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny / "target"),
                "--json", str(tmp_path / "m.json"), "--overlays", str(tmp_path / "ov")])
