@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: List[np.ndarray
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=dynamic)
         except Exception:  # onnxruntime raises a bare Exception when symbolic inference is incomplete
             for f in set(Path.cwd().iterdir()) - before:
-                if f.name == "sym_shape_infer_temp.onnx" or f.suffix == ".data":
+                if f.name == "sym_shape_infer_temp.onnx" or re.fullmatch(r"[0-9a-f-]{36}\.data", f.name):
                     f.unlink(missing_ok=True)
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), _FrameReader(input_name, calib_inputs), quant_format=QuantFormat.QDQ,
