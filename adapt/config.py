@@ -341,7 +341,12 @@ class RectifierConfig:
     - with depth, always: the RGB and RGB-D teachers agree.
 
     The enabled signals are combined by AND. ``warmup_steps``: steps before its values enter the mixture loss.
-    ``query_stride``: r is predicted on a grid ``stride`` times coarser than the crop, then upsampled."""
+    ``query_stride``: r is predicted on a grid ``stride`` times coarser than the crop, then upsampled.
+
+    ``prior`` [RECON]: what the implicit head corrects, ``r = sigmoid(logit(prior) + INR output)`` with the INR's
+    last layer starting at zero: ``teacher_anchor`` (default) the mean of the teacher's and the anchor's probability
+    of the pseudo-label, ``teacher`` the teacher's own probability, ``none`` the plain INR (``r = sigmoid(INR)``,
+    sessions 1-2)."""
 
     enabled: bool = True
     latent_dim: int = 64
@@ -354,6 +359,7 @@ class RectifierConfig:
     anchor_consistency: bool = True
     flip_consistency: bool = False
     photometric_consistency: bool = False
+    prior: str = "teacher_anchor"
 
 
 @dataclass

@@ -44,7 +44,7 @@ from adapt.debug import save_debug_grid
 from adapt.models.aux_stream import make_auxiliary_stream
 from adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpoint, load_checkpoint,
                                      load_segmenter, save_checkpoint)
-from adapt.models.rectifier import ImplicitRectifier, mixture_loss, weighted_ce
+from adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
 from adapt.models.segmenter import upsample_logits
 from adapt.pseudo_label import ThresholdTracker, coverage_per_class, fuse_dual_head, pseudo_label
 from adapt.teacher import EMATeacher
@@ -75,6 +75,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     Raises:
         FileNotFoundError / ValueError: bad checkpoint, target or depth settings.
     """
+    if cfg.rectifier.prior not in RECTIFIER_PRIORS:
+        raise ValueError(f"rectifier.prior must be one of {RECTIFIER_PRIORS}, got {cfg.rectifier.prior!r}")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
@@ -201,10 +203,10 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 pa = None
                 if use_depth:
                     pa = F.softmax(upsample_logits(aux_teacher(rgbd(x_w, depth)).float(), (H, W)), 1)
-                pt_flip = pt_photo = pn = pn_small = None
+                pt_flip = pt_photo = pn = ln = None
                 if anchor is not None:
                     ln = anchor(x_w).float()
-                    pn_small, pn = F.softmax(ln, 1), F.softmax(upsample_logits(ln, (H, W)), 1)
+                    pn = F.softmax(upsample_logits(ln, (H, W)), 1)
                 if rect is not None and cfg.rectifier.flip_consistency:
                     pt_flip = F.softmax(upsample_logits(teacher(x_w.flip(-1)).float(), (H, W)), 1).flip(-1)
                 if rect is not None and cfg.rectifier.photometric_consistency:
@@ -229,10 +231,7 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             if rect is not None:
                 qs = max(1, cfg.rectifier.query_stride)
                 hq, wq = max(1, H // qs), max(1, W // qs)
-                small_probs = F.softmax(lt.float(), 1)
-                if cfg.rectifier.anchor_consistency:
-                    small_probs = torch.cat([small_probs, pn_small], 1)
-                r_small = rect(ft.float().detach(), small_probs.detach(), (hq, wq))
+                r_small = rectification(cfg, rect, ft, lt, ln, (hq, wq))
                 target = torch.ones_like(pt[:, 0], dtype=torch.bool)
                 if cfg.rectifier.anchor_consistency:
                     target &= pt.argmax(1) == pn.argmax(1)
@@ -318,16 +317,56 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
+RECTIFIER_PRIORS = ("none", "teacher", "teacher_anchor")
+
+
 def uses_anchor(cfg: AdaptConfig) -> bool:
-    """Whether the run keeps the frozen AdaBN anchor (rectifier target/input or anchor-weighted pseudo-labels)."""
-    return (cfg.rectifier.enabled and cfg.rectifier.anchor_consistency) or cfg.pseudo.anchor_weight > 0
+    """Whether the run keeps the frozen AdaBN anchor (rectifier target, input or prior, or anchor-weighted
+    pseudo-labels)."""
+    r = cfg.rectifier
+    return (r.enabled and (r.anchor_consistency or r.prior == "teacher_anchor")) or cfg.pseudo.anchor_weight > 0
 
 
 def make_rectifier(cfg: AdaptConfig, feature_channels: int, num_classes: int) -> ImplicitRectifier:
     """The IR2F rectifier as configured: its latent grid takes the teacher's features and class probabilities, and
-    the anchor's class probabilities too when ``rectifier.anchor_consistency`` is on."""
+    the anchor's class probabilities too when ``rectifier.anchor_consistency`` is on.
+
+    Raises:
+        ValueError: ``rectifier.prior`` is not one of ``RECTIFIER_PRIORS``.
+    """
+    if cfg.rectifier.prior not in RECTIFIER_PRIORS:
+        raise ValueError(f"rectifier.prior must be one of {RECTIFIER_PRIORS}, got {cfg.rectifier.prior!r}")
     k = num_classes * (2 if cfg.rectifier.anchor_consistency else 1)
-    return ImplicitRectifier(feature_channels, k, cfg.rectifier.latent_dim, cfg.rectifier.hidden, cfg.rectifier.layers)
+    return ImplicitRectifier(feature_channels, k, cfg.rectifier.latent_dim, cfg.rectifier.hidden, cfg.rectifier.layers,
+                             prior_residual=cfg.rectifier.prior != "none")
+
+
+def rectification(cfg: AdaptConfig, rect: ImplicitRectifier, features: torch.Tensor, logits: torch.Tensor,
+                  anchor_logits: Optional[torch.Tensor], out_size) -> torch.Tensor:
+    """Rectification values r on an ``out_size`` grid, from the teacher's decoder output, as configured.
+
+    Args:
+        rect: from :func:`make_rectifier` with the same ``cfg``.
+        features: (B, D, h, w) teacher decoder features; logits: (B, K, h, w) teacher logits.
+        anchor_logits: (B, K, h, w) logits of the frozen anchor, or None when the config does not use it.
+        out_size: (H, W) query grid.
+
+    Returns:
+        (B, H, W) float in (0, 1); gradients reach only the rectifier's parameters.
+    """
+    rc = cfg.rectifier
+    probs = F.softmax(logits.detach().float(), 1)
+    if rc.anchor_consistency:
+        probs = torch.cat([probs, F.softmax(anchor_logits.detach().float(), 1)], 1)
+    prior = None
+    if rc.prior != "none":
+        with torch.no_grad():
+            pt = F.softmax(upsample_logits(logits.detach().float(), out_size), 1)
+            pn = None
+            if rc.prior == "teacher_anchor":
+                pn = F.softmax(upsample_logits(anchor_logits.detach().float(), out_size), 1)
+            prior = confidence_prior(pt, pn)
+    return rect(features.detach().float(), probs, out_size, prior=prior)
 
 
 def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
@@ -355,4 +394,5 @@ def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
     return teacher, rect.eval(), anchor, meta
 
 
-__all__ = ["adapt", "target_dataset", "rectifier_scores", "make_rectifier", "uses_anchor"]
+__all__ = ["adapt", "target_dataset", "rectifier_scores", "make_rectifier", "rectification", "uses_anchor",
+           "RECTIFIER_PRIORS"]

@@ -44,7 +44,7 @@ from adapt.evaluate import evaluate  # noqa: E402
 from adapt.metrics import auroc  # noqa: E402
 from adapt.models.checkpoint import load_segmenter  # noqa: E402
 from adapt.models.segmenter import upsample_logits  # noqa: E402
-from adapt.self_training import adapt, rectifier_scores  # noqa: E402
+from adapt.self_training import adapt, rectification, rectifier_scores  # noqa: E402
 
 
 def measure(ckpt, ds, size) -> dict:
@@ -68,10 +68,7 @@ def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> di
         logits, feats = teacher.forward_features(x)
         probs = F.softmax(upsample_logits(logits.float(), size), 1)
         conf, pred = probs.max(1)
-        p_small = F.softmax(logits.float(), 1)
-        if cfg.rectifier.anchor_consistency:
-            p_small = torch.cat([p_small, F.softmax(anchor(x).float(), 1)], 1)
-        r = rect(feats.float(), p_small, size)
+        r = rectification(cfg, rect, feats, logits, anchor(x) if anchor is not None else None, size)
         valid = lab != ignore
         r_all.append(r[valid].numpy())
         c_all.append(conf[valid].numpy())
@@ -92,6 +89,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=6e-5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="+", default=["self_training", "+rectifier", "full"])
+    ap.add_argument("--rectifier-prior", default="teacher_anchor", choices=["none", "teacher", "teacher_anchor"],
+                    help="what the rectifier corrects (RectifierConfig.prior)")
+    ap.add_argument("--skip-baselines", action="store_true", help="leave out the source-only and AdaBN rows")
     ap.add_argument("--depth", default="none", choices=["none", "files", "stereo", "model"])
     ap.add_argument("--depth-dir", default="")
     ap.add_argument("--right-dir", default="")
@@ -111,22 +111,27 @@ def main() -> int:
                  "machine": {"platform": platform.platform(), "torch": torch.__version__,
                              "threads": torch.get_num_threads()}}
     t0 = time.time()
-    res["rows"]["source_only"] = {"runs": [measure(a.checkpoint, ds_eval, size)]}
     base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
                 lr=a.lr, num_workers=0, debug_every=0, log_every=10, save_every=a.steps)
-    cfg = AdaptConfig(**base, out=str(work / "adabn"), self_training=False)
-    adapt(cfg, log=lambda *_: None)
-    res["rows"]["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
-    print(f"source-only {res['rows']['source_only']['runs'][0]['miou']:.2f}, "
-          f"AdaBN {res['rows']['adabn']['runs'][0]['miou']:.2f}", flush=True)
+    if not a.skip_baselines:
+        res["rows"]["source_only"] = {"runs": [measure(a.checkpoint, ds_eval, size)]}
+        cfg = AdaptConfig(**base, out=str(work / "adabn"), self_training=False)
+        adapt(cfg, log=lambda *_: None)
+        res["rows"]["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
+        print(f"source-only {res['rows']['source_only']['runs'][0]['miou']:.2f}, "
+              f"AdaBN {res['rows']['adabn']['runs'][0]['miou']:.2f}", flush=True)
+
+    def rectifier_on() -> RectifierConfig:
+        return RectifierConfig(enabled=True, prior=a.rectifier_prior)
+
     variants = {
         "self_training": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=RectifierConfig(enabled=False)),
-        "+rectifier": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=RectifierConfig(enabled=True)),
-        "full": dict(pseudo=PseudoLabelConfig(class_balanced=True), rectifier=RectifierConfig(enabled=True)),
+        "+rectifier": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=rectifier_on()),
+        "full": dict(pseudo=PseudoLabelConfig(class_balanced=True), rectifier=rectifier_on()),
     }
     if a.depth != "none":
         variants["full+depth"] = dict(pseudo=PseudoLabelConfig(class_balanced=True),
-                                      rectifier=RectifierConfig(enabled=True),
+                                      rectifier=rectifier_on(),
                                       depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
                                                         right_dir=a.right_dir, model_dir=a.depth_model))
         a.rows = list(a.rows) + ["full+depth"]

@@ -129,6 +129,30 @@ def test_rectifier_shape_range_and_continuity():
     assert r.proj.weight.grad is not None
 
 
+def test_rectifier_prior_starts_at_the_observable_confidence_and_learns_a_correction():
+    from adapt.models.rectifier import ImplicitRectifier, confidence_prior
+
+    torch.manual_seed(0)
+    pt, pn = torch.softmax(3 * torch.randn(2, 5, 24, 32), 1), torch.softmax(3 * torch.randn(2, 5, 24, 32), 1)
+    prior = confidence_prior(pt, pn)
+    label = pt.argmax(1, keepdim=True)
+    assert torch.allclose(prior, 0.5 * (pt.max(1).values + pn.gather(1, label)[:, 0]))
+    assert torch.equal(confidence_prior(pt), pt.max(1).values)
+    r = ImplicitRectifier(16, 5, latent_dim=8, hidden=16, layers=2, prior_residual=True)
+    f, p = torch.randn(2, 16, 6, 8), torch.softmax(torch.randn(2, 5, 6, 8), 1)
+    out = r(f, p, (24, 32), prior=prior)
+    assert torch.allclose(out, prior.clamp(1e-4, 1 - 1e-4), atol=1e-5)  # zero-initialised correction
+    opt = torch.optim.SGD(r.parameters(), lr=0.5)
+    target = torch.zeros(2, 24, 32)
+    for _ in range(5):  # the correction is trainable: pushing every value toward 0 lowers them
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy(r(f, p, (24, 32), prior=prior), target).backward()
+        opt.step()
+    assert r(f, p, (24, 32), prior=prior).mean() < prior.mean() - 0.05
+    with pytest.raises(ValueError, match="query grid"):
+        r(f, p, (12, 16), prior=prior)
+
+
 def test_mixture_loss_downweights_unreliable_pixels():
     from adapt.models.rectifier import mixture_loss, weighted_ce
 
@@ -303,3 +327,45 @@ def test_adapt_on_video_and_cli(tiny_checkpoint, video_path, tmp_path, capsys):
     rc = main(["adapt", "--checkpoint", str(tiny_checkpoint), "--target", str(tmp_path / "none"), "--out",
                str(tmp_path / "x")])
     assert rc == 2 and "none" in capsys.readouterr().err
+
+
+def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(adapt_cfg, tiny):
+    """benchmarks/reliability_signals.py: a run without a saved anchor gets the AdaBN model rebuilt, and the signal
+    maps have the documented shapes and ranges (an anchor equal to the teacher agrees everywhere)."""
+    import importlib.util
+
+    from adapt.data.datasets import ImageFolder, collate
+    from adapt.data.transforms import Resize
+    from adapt.models.checkpoint import load_checkpoint
+    from adapt.self_training import adapt
+
+    spec = importlib.util.spec_from_file_location("reliability_signals",
+                                                  Path(__file__).parents[1] / "benchmarks" / "reliability_signals.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+
+    adapt_cfg.steps = 1
+    adapt_cfg.rectifier.enabled = False  # nothing keeps the anchor: the script must rebuild it
+    adapt(adapt_cfg, log=lambda *_: None)
+    ref = AdaptConfig(**{**adapt_cfg.__dict__, "out": str(Path(adapt_cfg.out).parent / "ref"), "self_training": False})
+    adapt(ref, log=lambda *_: None)
+    adabn, _ = load_checkpoint(Path(ref.out) / "adapted")
+    teacher, anchor, rect, meta, _ = rs.load_run(adapt_cfg.out)
+    assert rect is None and anchor is not None
+    for k, v in adabn.state_dict().items():
+        assert torch.allclose(anchor.state_dict()[k].float(), v.float(), atol=1e-5), k
+
+    img = collate([ImageFolder(tiny / "target", transform=Resize((96, 128)))[i] for i in range(2)])["image"]
+    maps = rs.signal_maps(teacher, img, meta.mean, meta.std, anchor=teacher, mc_passes=2)
+    assert set(maps) == {"pseudo_label", "max_softmax", "margin", "neg_entropy", "view_agreement", "view_mean_prob",
+                         "mc_dropout", "anchor_agreement", "anchor_mean_prob"}
+    for k, m in maps.items():
+        assert m.shape == (2, 96, 128), k
+    for k in ("max_softmax", "margin", "view_agreement", "view_mean_prob", "mc_dropout"):
+        assert 0 <= maps[k].min() and maps[k].max() <= 1 + 1e-6, k
+    assert maps["neg_entropy"].max() <= 1e-6 and maps["neg_entropy"].min() >= -np.log(11) - 1e-4
+    assert bool((maps["anchor_agreement"] == 1).all())
+    assert torch.allclose(maps["anchor_mean_prob"], maps["max_softmax"], atol=1e-5)
+    assert not any(m.training for m in teacher.modules())  # MC dropout switched dropout off again
+    with pytest.raises(FileNotFoundError, match="training_state.pt"):
+        rs.load_run(Path(adapt_cfg.out).parent / "nothing")

@@ -34,15 +34,24 @@ class ImplicitRectifier(nn.Module):
         latent_dim: channels of the projected latent grid.
         hidden: MLP width; layers: number of hidden layers.
 
-    ``forward(features, probs, out_size)``: features (B, D, h, w), probs (B, num_classes, h, w) or None, out_size (H, W):
-    returns r (B, H, W) float in (0, 1) at the pixel centres of an H x W grid. ``query(features, probs, coords)`` does
-    the same at arbitrary coordinates (B, Q, 2) in [-1, 1] (y, x), returning (B, Q).
+        prior_residual: the last layer starts at zero, so that with a ``prior`` r starts equal to it.
+
+    ``forward(features, probs, out_size, prior=None)``: features (B, D, h, w), probs (B, num_classes, h, w) or None,
+    out_size (H, W), prior (B, H, W) in [0, 1] or None: returns r (B, H, W) float in (0, 1) at the pixel centres of
+    an H x W grid. With a prior, ``r = sigmoid(logit(prior) + sum w_i r_i)``: the implicit head learns a per-pixel
+    correction of an observable reliability (:func:`confidence_prior`) instead of starting from nothing [RECON].
+    ``query(features, probs, coords, cell, prior)`` does the same at arbitrary coordinates (B, Q, 2) in [-1, 1]
+    (y, x), with prior (B, Q), returning (B, Q).
+
+    Raises:
+        ValueError: a prior whose size is not the query grid's.
     """
 
     def __init__(self, in_channels: int, num_classes: int = 0, latent_dim: int = 64, hidden: int = 128,
-                 layers: int = 3):
+                 layers: int = 3, prior_residual: bool = False):
         super().__init__()
         self.num_classes = num_classes
+        self.prior_residual = prior_residual
         self.proj = nn.Conv2d(in_channels + num_classes, latent_dim, 1)
         dims: List[int] = [latent_dim + 4] + [hidden] * layers
         mods: List[nn.Module] = []
@@ -50,13 +59,16 @@ class ImplicitRectifier(nn.Module):
             mods += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         mods.append(nn.Linear(dims[-1], 1))
         self.mlp = nn.Sequential(*mods)
+        if prior_residual:  # start exactly at the prior: the MLP learns a correction of it
+            nn.init.zeros_(mods[-1].weight)
+            nn.init.zeros_(mods[-1].bias)
 
     def latent(self, features: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
         x = features if probs is None or self.num_classes == 0 else torch.cat([features, probs], 1)
         return self.proj(x)
 
     def query(self, features: torch.Tensor, probs: Optional[torch.Tensor], coords: torch.Tensor,
-              cell: Tuple[float, float]) -> torch.Tensor:
+              cell: Tuple[float, float], prior: Optional[torch.Tensor] = None) -> torch.Tensor:
         z = self.latent(features, probs)  # (B, L, h, w)
         b, _, h, w = z.shape
         grid_coord = make_coord(h, w, z.device).permute(2, 0, 1)[None].expand(b, 2, h, w)
@@ -79,13 +91,38 @@ class ImplicitRectifier(nn.Module):
         areas[0], areas[3] = areas[3], areas[0]  # local ensemble: weight by the diagonally opposite area
         areas[1], areas[2] = areas[2], areas[1]
         out = sum(p * (a / total) for p, a in zip(preds, areas))
+        if prior is not None:
+            out = out + torch.logit(prior.float().clamp(1e-4, 1 - 1e-4))
         return torch.sigmoid(out)
 
-    def forward(self, features: torch.Tensor, probs: Optional[torch.Tensor], out_size: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, probs: Optional[torch.Tensor], out_size: Tuple[int, int],
+                prior: Optional[torch.Tensor] = None) -> torch.Tensor:
         H, W = out_size
         coords = make_coord(H, W, features.device).reshape(1, -1, 2).expand(features.shape[0], -1, -1)
-        r = self.query(features, probs, coords, (2.0 / H, 2.0 / W))
+        if prior is not None:
+            if tuple(prior.shape[-2:]) != (H, W):
+                raise ValueError(f"prior has size {tuple(prior.shape[-2:])}, the query grid is {(H, W)}")
+            prior = prior.reshape(features.shape[0], H * W)
+        r = self.query(features, probs, coords, (2.0 / H, 2.0 / W), prior)
         return r.reshape(features.shape[0], H, W)
+
+
+def confidence_prior(teacher_probs: torch.Tensor, anchor_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The observable reliability the rectifier corrects [RECON]: the teacher's probability of its own pseudo-label,
+    averaged with the anchor's probability of that same label when ``anchor_probs`` is given.
+
+    Args:
+        teacher_probs: (B, K, H, W) float softmax probabilities of the EMA teacher.
+        anchor_probs: optional (B, K, H, W) float softmax probabilities of the frozen AdaBN anchor.
+
+    Returns:
+        (B, H, W) float in [0, 1].
+    """
+    label = teacher_probs.argmax(1, keepdim=True)
+    p = teacher_probs.gather(1, label)[:, 0]
+    if anchor_probs is not None:
+        p = 0.5 * (p + anchor_probs.gather(1, label)[:, 0])
+    return p
 
 
 def mixture_loss(logits: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, weights: torch.Tensor,
