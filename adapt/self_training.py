@@ -46,7 +46,8 @@ from adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpo
                                      load_segmenter, save_checkpoint)
 from adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
 from adapt.models.segmenter import upsample_logits
-from adapt.pseudo_label import ThresholdTracker, coverage_per_class, fuse_dual_head, pseudo_label
+from adapt.pseudo_label import (ClassFrequencyWeights, ThresholdTracker, coverage_per_class, fuse_dual_head,
+                                pseudo_label)
 from adapt.teacher import EMATeacher
 from adapt.train_utils import autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state
 
@@ -149,6 +150,9 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         groups.append({"params": list(rect.parameters()), "lr": cfg.rectifier.lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     tracker = ThresholdTracker(K, cfg.pseudo.fraction, cfg.pseudo.threshold, cfg.pseudo.floor)
+    class_weights = None
+    if cfg.pseudo.class_weight_power > 0:
+        class_weights = ClassFrequencyWeights(K, cfg.pseudo.class_weight_power, max_weight=cfg.pseudo.class_weight_max)
     tracker_aux = ThresholdTracker(K, cfg.pseudo.fraction, cfg.pseudo.threshold, cfg.pseudo.floor)
     start = 0
     elapsed_before = 0.0
@@ -161,6 +165,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             rect.load_state_dict(resume_state["rectifier"])
         opt.load_state_dict(resume_state["optimizer"])
         tracker.load_state_dict(resume_state["tracker"])
+        if class_weights is not None and "class_weights" in resume_state:
+            class_weights.load_state_dict(resume_state["class_weights"])
         tracker_aux.load_state_dict(resume_state["tracker_aux"])
         start, elapsed_before = int(resume_state["step"]), float(resume_state["elapsed"])
         set_rng_state(resume_state["rng"])
@@ -177,6 +183,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             ts["rectifier"] = rect.state_dict()
         if anchor is not None:
             ts["anchor"] = anchor.state_dict()
+        if class_weights is not None:
+            ts["class_weights"] = class_weights.state_dict()
         out_meta.info.update(step=step)
         save_checkpoint(out / "last", student, out_meta, ts)
         save_checkpoint(out / "adapted", teacher.model if cfg.keep == "teacher" else student, out_meta)
@@ -225,6 +233,9 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 mask &= agree
                 labels = torch.where(mask, labels, torch.full_like(labels, ignore))
             weights = mask.float()
+            if class_weights is not None:
+                class_weights.update(labels, ignore)
+                weights = weights * class_weights.pixel_weights(labels, ignore)
             # ---- rectifier (training-only): reliability r from an implicit head on the teacher's features
             r_full = None
             loss_rect = torch.zeros((), device=device)

@@ -5,15 +5,19 @@ Rows (each self-training row for every seed; source-only and AdaBN are determini
   adabn            BatchNorm statistics re-estimated on the target images
   self_training    AdaBN + EMA teacher self-training, fixed confidence threshold, ClassMix, strong photometric view
   + rectifier      the same with the IR2F rectifier's mixture loss
-  full             + class-balanced (CBST) thresholds: the full method as far as it runs without depth
+  full             + class-balanced (CBST) thresholds and class-frequency loss weights (the PseudoLabelConfig
+                   defaults): the full method as far as it runs without depth
   full + depth     only with --depth: + CrossMatch RGB-D auxiliary stream (dual-head fusion, cross-modal consistency)
 
 Target labels are used only for measuring, after adaptation. Also reports how well the rectifier's reliability
 predicts pseudo-label correctness (AUROC against the real labels) next to the teacher's max-softmax confidence.
 
-CamVid day -> dusk (the recorded run):
-    python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --steps 150 --seeds 0 1 2 \
-        --json runs/bench/adaptation_camvid.json
+CamVid day -> dusk (run 3 in docs/benchmarks.md; the source model from benchmarks/source_only.py, 4000 steps):
+    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --steps 150 --seeds 0 1 2 \
+        --work runs/bench3/adapt_camvid --json runs/bench3/adaptation_camvid.json
+One row with a changed setting (every self-training row gets the --set overrides):
+    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
+        --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
 Any folder with depth (KITTI stereo here, a functional check on 5 frames):
     python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target ../shared/data/kitti5/image_2 \
         --labels ../shared/data/kitti5/label_camvid11 --depth stereo --right-dir ../shared/data/kitti5/image_3 \
@@ -78,6 +82,25 @@ def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> di
             "pseudo_label_accuracy": float(ok.mean())}
 
 
+def override(cfg: AdaptConfig, item: str) -> None:
+    """Apply ``FIELD=VALUE`` (dotted field path) to ``cfg``, converting VALUE to the field's current type.
+
+    Raises:
+        SystemExit: malformed item or unknown field.
+    """
+    key, sep, val = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+    *path, name = key.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p, None)
+    if obj is None or not hasattr(obj, name):
+        raise SystemExit(f"--set {item!r}: AdaptConfig has no field {key!r}")
+    cur = getattr(obj, name)
+    setattr(obj, name, val.lower() in ("1", "true", "yes") if isinstance(cur, bool) else type(cur)(val))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -92,6 +115,8 @@ def main() -> int:
     ap.add_argument("--rectifier-prior", default="teacher_anchor", choices=["none", "teacher", "teacher_anchor"],
                     help="what the rectifier corrects (RectifierConfig.prior)")
     ap.add_argument("--skip-baselines", action="store_true", help="leave out the source-only and AdaBN rows")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override an AdaptConfig field in every self-training row, e.g. pseudo.floor=0.0")
     ap.add_argument("--depth", default="none", choices=["none", "files", "stereo", "model"])
     ap.add_argument("--depth-dir", default="")
     ap.add_argument("--right-dir", default="")
@@ -124,13 +149,14 @@ def main() -> int:
     def rectifier_on() -> RectifierConfig:
         return RectifierConfig(enabled=True, prior=a.rectifier_prior)
 
+    plain = PseudoLabelConfig(class_balanced=False, class_weight_power=0.0)  # one fixed threshold, no class weights
     variants = {
-        "self_training": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=RectifierConfig(enabled=False)),
-        "+rectifier": dict(pseudo=PseudoLabelConfig(class_balanced=False), rectifier=rectifier_on()),
-        "full": dict(pseudo=PseudoLabelConfig(class_balanced=True), rectifier=rectifier_on()),
+        "self_training": dict(pseudo=plain, rectifier=RectifierConfig(enabled=False)),
+        "+rectifier": dict(pseudo=plain, rectifier=rectifier_on()),
+        "full": dict(pseudo=PseudoLabelConfig(), rectifier=rectifier_on()),  # the defaults: CBST + class weights
     }
     if a.depth != "none":
-        variants["full+depth"] = dict(pseudo=PseudoLabelConfig(class_balanced=True),
+        variants["full+depth"] = dict(pseudo=PseudoLabelConfig(),
                                       rectifier=rectifier_on(),
                                       depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
                                                         right_dir=a.right_dir, model_dir=a.depth_model))
@@ -139,7 +165,9 @@ def main() -> int:
         runs = []
         for seed in a.seeds:
             out = work / f"{row.replace('+', 'plus_')}_s{seed}"
-            cfg = AdaptConfig(**base, out=str(out), seed=seed, **variants[row])
+            cfg = AdaptConfig(**base, out=str(out), seed=seed, **copy.deepcopy(variants[row]))
+            for item in a.set:
+                override(cfg, item)
             t = time.time()
             s = adapt(cfg, log=lambda *_: None)
             r = measure(out / "adapted", ds_eval, size)

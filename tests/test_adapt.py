@@ -171,6 +171,27 @@ def test_mixture_loss_downweights_unreliable_pixels():
     assert r.grad is None  # stop-gradient on r
 
 
+def test_class_frequency_weights_lift_rare_classes():
+    from adapt.pseudo_label import ClassFrequencyWeights
+
+    labels = torch.full((1, 10, 10), 255)
+    labels[0, :9] = 0  # 90 pixels of class 0
+    labels[0, 9, :9] = 1  # 9 of class 1
+    labels[0, 9, 9] = 2  # 1 of class 2; class 3 never appears
+    cw = ClassFrequencyWeights(4, power=0.5, momentum=0.5, max_weight=5.0)
+    assert torch.equal(cw.class_weights(), torch.ones(4))
+    w = cw.update(labels[:, :, :], 255)
+    assert w[0] < 1 < w[1] < w[2] and w[2] <= 5.0 and w[3] == 5.0  # rarer = heavier, clipped
+    f = torch.tensor([0.9, 0.09, 0.01, 0.0])
+    assert torch.allclose((f * w).sum(), torch.tensor(1.0), atol=0.05)  # mean weight over kept pixels ~1 (clip)
+    labels[0, 0, 0] = 255
+    pw = cw.pixel_weights(labels, 255)
+    assert pw.shape == (1, 10, 10) and pw[0, 0, 0] == 0 and torch.isclose(pw[0, 9, 9], w[2])
+    cw2 = ClassFrequencyWeights(4, power=0.0)
+    cw2.update(labels, 255)
+    assert torch.allclose(cw2.class_weights(), torch.ones(4), atol=1e-5)  # power 0: no reweighting
+
+
 def test_ema_teacher_update_and_dropout_off():
     from adapt.teacher import EMATeacher
 
@@ -303,6 +324,8 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
     st = load_training_state(Path(adapt_cfg.out) / "last")
     assert st["step"] == 4
     assert all(torch.equal(st["anchor"][k], v) for k, v in anchor_before.items())  # restored, not re-estimated
+    # class-frequency loss weights (on by default) keep their running frequencies in the training state
+    assert st["class_weights"]["freq"].shape == (11,) and abs(float(st["class_weights"]["freq"].sum()) - 1) < 1e-4
     # RGB-D auxiliary stream on real stereo
     cfg = AdaptConfig(checkpoint=adapt_cfg.checkpoint, target=str(kitti / "image_2"), out=str(tmp_path / "kd"),
                       size=(96, 320), steps=2, batch_size=2, num_workers=0, debug_every=1,
