@@ -353,7 +353,7 @@ class RectifierConfig:
     ``prior`` [RECON]: what the implicit head corrects, ``r = sigmoid(logit(prior) + INR output)`` with the INR's
     last layer starting at zero: ``teacher_anchor`` (default) the mean of the teacher's and the anchor's probability
     of the pseudo-label, ``teacher`` the teacher's own probability, ``none`` the plain INR (``r = sigmoid(INR)``,
-    sessions 1-2). Measured (docs/benchmarks.md, run 3): AUROC 0.02-0.05 above the plain INR in every paired run,
+    sessions 1-2). Measured (docs/benchmarks.md, run 3): AUROC 0.01-0.04 above the plain INR in every paired run,
     mIoU unchanged; in the full method 0.864-0.870 vs max-softmax 0.838-0.845, about the prior's own AUROC (seed 0:
     prior 0.869, rectifier 0.870)."""
 
