@@ -380,30 +380,52 @@ def rectification(cfg: AdaptConfig, rect: ImplicitRectifier, features: torch.Ten
     return rect(features.detach().float(), probs, out_size, prior=prior)
 
 
-def rectifier_scores(cfg: AdaptConfig, checkpoint_dir: Optional[str] = None):
-    """Rebuild the EMA teacher, rectifier and anchor saved in ``<out>/last`` for analysis (benchmarks).
+def load_run(run: str | Path):
+    """Rebuild a finished adaptation run from ``<run>/last`` for analysis (benchmarks): its EMA teacher, its frozen
+    anchor and its rectifier, with the run's own saved config.
+
+    A run that did not keep an anchor gets one rebuilt from its source checkpoint (AdaBN on its target images, at the
+    run's input size), as :func:`adapt` would have made it; video targets get none.
 
     Returns:
-        (teacher :class:`EMATeacher`, rectifier :class:`ImplicitRectifier` in eval mode, anchor model in eval mode
-        or None, checkpoint metadata).
+        (teacher segmenter in eval mode, anchor segmenter in eval mode or None, rectifier in eval mode or None,
+        checkpoint metadata, the run's :class:`AdaptConfig`).
 
     Raises:
-        FileNotFoundError: no ``last/training_state.pt`` (the run had no rectifier state to save).
+        FileNotFoundError: ``<run>/last/training_state.pt`` is missing (not a finished ``segadapt adapt`` run).
     """
-    d = Path(checkpoint_dir or cfg.out) / "last"
+    from adapt.config import from_dict
+    from adapt.data.transforms import Resize
+
+    d = Path(run) / "last"
+    if not (d / "training_state.pt").is_file():
+        raise FileNotFoundError(f"{d / 'training_state.pt'}: not found; expected the output folder of a finished "
+                                "`segadapt adapt` run")
     st = torch.load(d / "training_state.pt", map_location="cpu", weights_only=True)
     student, meta = load_checkpoint(d)
-    teacher = EMATeacher(student, cfg.teacher.alpha)
-    teacher.model.load_state_dict(st["teacher"])
-    rect = make_rectifier(cfg, student.feature_channels, meta.classes.num_classes)
-    rect.load_state_dict(st["rectifier"])
-    anchor = None
+    saved = meta.info["config"]
+    saved.setdefault("rectifier", {}).setdefault("prior", "none")  # runs from before the prior option had none
+    cfg = from_dict(AdaptConfig, saved)
+    teacher = copy.deepcopy(student)
+    teacher.load_state_dict(st["teacher"])
+    anchor = rect = None
     if "anchor" in st:
         anchor = copy.deepcopy(student)
         anchor.load_state_dict(st["anchor"])
         anchor.eval()
-    return teacher, rect.eval(), anchor, meta
+    elif cfg.checkpoint and Path(cfg.checkpoint).exists() and not is_video(cfg.target):
+        anchor, _ = load_segmenter(cfg.checkpoint)
+        plain = ImageFolder(cfg.target, transform=Resize(tuple(meta.input_size)))
+        adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu")
+    if "rectifier" in st:
+        # runs made before the anchor existed have no such config key: read the rectifier's input width instead
+        k = st["rectifier"]["proj.weight"].shape[1] - student.feature_channels
+        cfg.rectifier.anchor_consistency = k == 2 * meta.classes.num_classes
+        rect = make_rectifier(cfg, student.feature_channels, meta.classes.num_classes)
+        rect.load_state_dict(st["rectifier"])
+        rect.eval()
+    return teacher.eval(), anchor, rect, meta, cfg
 
 
-__all__ = ["adapt", "target_dataset", "rectifier_scores", "make_rectifier", "rectification", "uses_anchor",
+__all__ = ["adapt", "target_dataset", "load_run", "make_rectifier", "rectification", "uses_anchor",
            "RECTIFIER_PRIORS"]

@@ -48,7 +48,7 @@ from adapt.evaluate import evaluate  # noqa: E402
 from adapt.metrics import auroc  # noqa: E402
 from adapt.models.checkpoint import load_segmenter  # noqa: E402
 from adapt.models.segmenter import upsample_logits  # noqa: E402
-from adapt.self_training import adapt, rectification, rectifier_scores  # noqa: E402
+from adapt.self_training import adapt, load_run, rectification  # noqa: E402
 
 
 def measure(ckpt, ds, size) -> dict:
@@ -60,7 +60,7 @@ def measure(ckpt, ds, size) -> dict:
 @torch.no_grad()
 def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> dict:
     """AUROC of rectifier values and of max-softmax confidence for 'teacher pseudo-label == true label'."""
-    teacher, rect, anchor, meta = rectifier_scores(cfg)
+    teacher, anchor, rect, meta, cfg = load_run(cfg.out)
     ignore = meta.classes.ignore_index
     r_all, c_all, ok_all = [], [], []
     ds = copy.copy(ds_eval)

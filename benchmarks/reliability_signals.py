@@ -39,16 +39,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from adapt.adabn import adapt_batchnorm  # noqa: E402
 from adapt.augment import normalize  # noqa: E402
-from adapt.config import AdaptConfig, default_camvid_dir, from_dict  # noqa: E402
-from adapt.data.datasets import ImageFolder, LabeledImageFolder, collate, is_video  # noqa: E402
+from adapt.config import default_camvid_dir  # noqa: E402
+from adapt.data.datasets import LabeledImageFolder  # noqa: E402
 from adapt.data.transforms import Resize  # noqa: E402
 from adapt.metrics import auroc  # noqa: E402
-from adapt.models.checkpoint import load_checkpoint, load_segmenter  # noqa: E402
-from adapt.self_training import make_rectifier, rectification  # noqa: E402
+from adapt.self_training import load_run, rectification  # noqa: E402
 
 VIEWS = ("flip", "scale0.75", "scale1.25", "gamma0.7")
 
@@ -121,50 +118,6 @@ def signal_maps(teacher: nn.Module, img: torch.Tensor, mean, std, anchor: Option
         out["anchor_agreement"] = (pa.argmax(1) == label).float()
         out["anchor_mean_prob"] = 0.5 * (p.gather(1, idx)[:, 0] + pa.gather(1, idx)[:, 0])
     return out
-
-
-def load_run(run: str | Path):
-    """Rebuild a finished adaptation run's EMA teacher, frozen anchor and rectifier from ``<run>/last``.
-
-    A run that did not keep an anchor gets one rebuilt from its source checkpoint (AdaBN on its target images), as
-    ``adapt()`` would have made it.
-
-    Returns:
-        (teacher segmenter in eval mode, anchor segmenter in eval mode or None, rectifier in eval mode or None,
-        checkpoint metadata, the run's :class:`AdaptConfig`).
-
-    Raises:
-        FileNotFoundError: ``<run>/last/training_state.pt`` is missing (not a finished ``segadapt adapt`` run).
-    """
-    d = Path(run) / "last"
-    if not (d / "training_state.pt").is_file():
-        raise FileNotFoundError(f"{d / 'training_state.pt'}: not found; --run must be the output folder of a "
-                                "finished `segadapt adapt` run")
-    st = torch.load(d / "training_state.pt", map_location="cpu", weights_only=True)
-    student, meta = load_checkpoint(d)
-    saved = meta.info["config"]
-    saved.setdefault("rectifier", {}).setdefault("prior", "none")  # runs from before the prior option had none
-    cfg = from_dict(AdaptConfig, saved)
-    teacher = copy.deepcopy(student)
-    teacher.load_state_dict(st["teacher"])
-    anchor = rect = None
-    if "anchor" in st:
-        anchor = copy.deepcopy(student)
-        anchor.load_state_dict(st["anchor"])
-        anchor.eval()
-    elif cfg.checkpoint and Path(cfg.checkpoint).exists() and not is_video(cfg.target):
-        # a run without the anchor in its state: rebuild it as adapt() does (source model + AdaBN on the target)
-        anchor, _ = load_segmenter(cfg.checkpoint)
-        plain = ImageFolder(cfg.target, transform=Resize(tuple(meta.input_size)))  # the run's input size
-        adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu")
-    if "rectifier" in st:
-        # runs made before the anchor existed have no such config key: read the rectifier's input width instead
-        k = st["rectifier"]["proj.weight"].shape[1] - student.feature_channels
-        cfg.rectifier.anchor_consistency = k == 2 * meta.classes.num_classes
-        rect = make_rectifier(cfg, student.feature_channels, meta.classes.num_classes)
-        rect.load_state_dict(st["rectifier"])
-        rect.eval()
-    return teacher.eval(), anchor, rect, meta, cfg
 
 
 def main() -> int:

@@ -360,7 +360,7 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     from adapt.data.datasets import ImageFolder, collate
     from adapt.data.transforms import Resize
     from adapt.models.checkpoint import load_checkpoint
-    from adapt.self_training import adapt
+    from adapt.self_training import adapt, load_run
 
     spec = importlib.util.spec_from_file_location("reliability_signals",
                                                   Path(__file__).parents[1] / "benchmarks" / "reliability_signals.py")
@@ -373,7 +373,7 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     ref = AdaptConfig(**{**adapt_cfg.__dict__, "out": str(Path(adapt_cfg.out).parent / "ref"), "self_training": False})
     adapt(ref, log=lambda *_: None)
     adabn, _ = load_checkpoint(Path(ref.out) / "adapted")
-    teacher, anchor, rect, meta, _ = rs.load_run(adapt_cfg.out)
+    teacher, anchor, rect, meta, _ = load_run(adapt_cfg.out)
     assert rect is None and anchor is not None
     for k, v in adabn.state_dict().items():
         assert torch.allclose(anchor.state_dict()[k].float(), v.float(), atol=1e-5), k
@@ -391,4 +391,4 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     assert torch.allclose(maps["anchor_mean_prob"], maps["max_softmax"], atol=1e-5)
     assert not any(m.training for m in teacher.modules())  # MC dropout switched dropout off again
     with pytest.raises(FileNotFoundError, match="training_state.pt"):
-        rs.load_run(Path(adapt_cfg.out).parent / "nothing")
+        load_run(Path(adapt_cfg.out).parent / "nothing")
