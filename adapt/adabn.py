@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from adapt.augment import normalize
+from segadapt.adapt.augment import normalize
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from adapt.config import PhotometricConfig
+from segadapt.adapt.config import PhotometricConfig
 
 _LUMA = (0.299, 0.587, 0.114)
 

@@ -1,13 +1,11 @@
-"""Typed configuration dataclasses and their command-line mapping (no torch import here).
+"""Typed configuration dataclasses of source training and adaptation, and their dict/JSON mapping (no torch).
 
-Every field of a config dataclass becomes a command-line flag: ``--field-name`` for top-level fields and
-``--section.field-name`` for fields of nested dataclasses. Values are parsed with the field's type, booleans take
-``true/false``, tuples take several values. A JSON file passed with ``--config`` is applied first, flags after it.
+The command line (``segadapt.cli_args``) turns every field into a flag; ``from_dict`` reads (partial) JSON configs
+and the configs saved with runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -112,51 +110,11 @@ class SourceTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dataclass <-> argparse / dict
-
-
-def _parse_bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+# dataclass <-> dict (JSON configs, saved run configs)
 
 
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Tuple[str, ...] = ()) -> None:
-    """Add one flag per field of dataclass ``cls`` (recursively for nested dataclasses, as ``--section.field``).
-
-    Defaults are left as None in argparse so that only flags the user gave override the config.
-    """
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        t = hints[f.name]
-        name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(t):
-            add_dataclass_arguments(parser, t, prefix=name + ".")
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kw: dict = {"dest": name, "default": None, "help": f"(default: {default})"}
-        origin = typing.get_origin(t)
-        if origin in (tuple, Tuple):
-            args = typing.get_args(t)
-            kw.update(nargs=len(args), type=args[0], metavar=args[0].__name__.upper())
-        elif t is bool:
-            kw.update(type=_parse_bool, metavar="BOOL")
-        elif t in (int, float, str):
-            kw.update(type=t)
-        else:
-            raise TypeError(f"unsupported config field type {t} for {name}")
-        parser.add_argument(flag, **kw)
 
 
 def from_dict(cls, d: dict, path: str = ""):
@@ -204,38 +162,6 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def merge_namespace(cfg, ns: argparse.Namespace):
-    """Apply the flags the user gave (non-None values in ``ns``, dotted names for nested fields) onto ``cfg``."""
-    for key, val in vars(ns).items():
-        if val is None or key.startswith("_"):
-            continue
-        parts = key.split(".")
-        obj = cfg
-        ok = True
-        for p in parts[:-1]:
-            if not hasattr(obj, p):
-                ok = False
-                break
-            obj = getattr(obj, p)
-        if not ok or not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
-            continue
-        setattr(obj, parts[-1], tuple(val) if isinstance(val, list) else val)
-    return cfg
-
-
-def config_from_cli(cls, ns: argparse.Namespace, config_file: str | None = None):
-    """``cls()`` defaults, then the JSON file (if any), then the command-line flags."""
-    cfg = cls()
-    if config_file:
-        p = Path(config_file)
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: cannot read config: {e}") from None
-        cfg = from_dict(cls, d)
-    return merge_namespace(cfg, ns)
-
-
 def parse_size(s: Any) -> Tuple[int, int]:
     """Parse ``(H, W)`` from a pair or a ``HxW`` string."""
     if isinstance(s, str):
@@ -244,42 +170,6 @@ def parse_size(s: Any) -> Tuple[int, int]:
     h, w = s
     return int(h), int(w)
 
-
-@dataclass
-class PipelineConfig:
-    """The main job (``segadapt pipeline``): source model -> source-free adaptation -> measurements -> ONNX export
-    -> segmented video -> report, in one resumable run directory.
-
-    ``preset`` picks the scale: ``quick`` (120x160, minutes on 2 CPU cores, still on real frames) or ``full``
-    (360x480, benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
-    ``source_checkpoint`` reuses an existing source model instead of training one. Splits are read from ``data``:
-    ``source_train``/``source_val`` (source, labelled), ``target_adapt`` (target: its images for adaptation, its
-    labels only to measure). ``video``: the clip segmented at the end (empty = the dash-cam clip in the data root).
-    """
-
-    data: str = field(default_factory=default_camvid_dir)
-    out: str = "runs/pipeline"
-    preset: str = "quick"
-    source_checkpoint: str = ""
-    arch: str = "deeplabv3-mobilenetv2"
-    size: Tuple[int, int] = (0, 0)
-    source_steps: int = 0
-    source_minutes: float = 0.0
-    adapt_steps: int = 0
-    adapt_minutes: float = 0.0
-    target_split: str = "target_adapt"
-    video: str = ""
-    video_max_frames: int = 0
-    device: str = "auto"
-    seed: int = 0
-
-
-PIPELINE_PRESETS = {
-    "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 7.0, "batch_size": 8,
-              "adapt_steps": 150, "adapt_minutes": 4.0},
-    "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,
-             "adapt_steps": 3000, "adapt_minutes": 0.0},
-}
 
 
 @dataclass
@@ -300,7 +190,7 @@ class PseudoLabelConfig:
     AdaBN [RECON] (measured once, seed 0: 33.55 mIoU at w = 0.5 vs 32.85 at 0, within the seed spread).
     ``class_weight_power`` p > 0: each kept pixel's loss is weighted by its class's running pseudo-label frequency
     to the power -p (mean weight 1, at most ``class_weight_max``), so that rare classes are not trained away
-    [RECON, :class:`adapt.pseudo_label.ClassFrequencyWeights`]. Measured together with floor 0 (CamVid dusk, the
+    [RECON, :class:`segadapt.adapt.pseudo_label.ClassFrequencyWeights`]. Measured together with floor 0 (CamVid dusk, the
     session-3 source model, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3)."""
 
     threshold: float = 0.9

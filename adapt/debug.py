@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import torch
 
-from runtime.classes import colorize
+from segadapt.runtime.classes import colorize
 
 
 def _gray(x: torch.Tensor) -> np.ndarray:

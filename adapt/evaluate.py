@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapt.augment import normalize
-from adapt.data.datasets import LabeledImageFolder
-from adapt.metrics import ConfusionMatrix, format_table
-from adapt.models.segmenter import Segmenter, upsample_logits
-from runtime.classes import ClassInfo, overlay
+from segadapt.adapt.augment import normalize
+from segadapt.adapt.data.datasets import LabeledImageFolder
+from segadapt.adapt.metrics import ConfusionMatrix, format_table
+from segadapt.adapt.models.segmenter import Segmenter, upsample_logits
+from segadapt.runtime.classes import ClassInfo, overlay
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def evaluate(model: Segmenter, dataset: LabeledImageFolder, mean, std, size: Opt
         overlay_dir: if set, write colourised overlays (prediction | label) of the first ``max_overlays`` frames.
 
     Returns:
-        metrics dict of :func:`adapt.metrics.metrics_from_confusion` plus ``num_images``.
+        metrics dict of :func:`segadapt.adapt.metrics.metrics_from_confusion` plus ``num_images``.
     """
     classes: ClassInfo = dataset.classes
     cm = ConfusionMatrix(classes.num_classes, classes.ignore_index)
@@ -116,7 +116,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, size: Optional
     Raises:
         ValueError: the split's classes differ from the checkpoint's.
     """
-    from adapt.models.checkpoint import load_segmenter
+    from segadapt.adapt.models.checkpoint import load_segmenter
 
     model, meta = load_segmenter(checkpoint, map_location=device)
     ds = LabeledImageFolder(data, classes=None)

@@ -1,7 +1,7 @@
 """Source-free adaptation (``segadapt adapt``): one readable loop.
 
 Inputs are a source checkpoint and unlabelled target footage, nothing else: the target dataset types
-(:class:`~adapt.data.datasets.ImageFolder`, :class:`~adapt.data.datasets.VideoFrames`) have no label field, and the
+(:class:`~segadapt.adapt.data.datasets.ImageFolder`, :class:`~segadapt.adapt.data.datasets.VideoFrames`) have no label field, and the
 config has no field for source data.
 
 Per step (methods.md 0.2 source-free recipe + CrossMatch 1.3 + IR2F 5.3, the [RECON] parts configurable):
@@ -34,22 +34,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adapt.adabn import adapt_batchnorm, freeze_batchnorm
-from adapt.augment import class_mix_masks, mix, normalize, normalize_float, photometric
-from adapt.config import AdaptConfig, to_dict
-from adapt.data.datasets import ImageFolder, VideoFrames, collate, is_video
-from adapt.data.depth import make_depth_provider
-from adapt.data.transforms import train_transform
-from adapt.debug import save_debug_grid
-from adapt.models.aux_stream import make_auxiliary_stream
-from adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpoint, load_checkpoint,
+from segadapt.adapt.adabn import adapt_batchnorm, freeze_batchnorm
+from segadapt.adapt.augment import class_mix_masks, mix, normalize, normalize_float, photometric
+from segadapt.adapt.config import AdaptConfig, to_dict
+from segadapt.adapt.data.datasets import ImageFolder, VideoFrames, collate, is_video
+from segadapt.adapt.data.depth import make_depth_provider
+from segadapt.adapt.data.transforms import train_transform
+from segadapt.adapt.debug import save_debug_grid
+from segadapt.adapt.models.aux_stream import make_auxiliary_stream
+from segadapt.adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpoint, load_checkpoint,
                                      load_segmenter, save_checkpoint)
-from adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
-from adapt.models.segmenter import upsample_logits
-from adapt.pseudo_label import (ClassFrequencyWeights, ThresholdTracker, coverage_per_class, fuse_dual_head,
+from segadapt.adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
+from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.adapt.pseudo_label import (ClassFrequencyWeights, ThresholdTracker, coverage_per_class, fuse_dual_head,
                                 pseudo_label)
-from adapt.teacher import EMATeacher
-from adapt.train_utils import autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state
+from segadapt.adapt.teacher import EMATeacher
+from segadapt.adapt.train_utils import autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state
 
 
 def target_dataset(cfg: AdaptConfig, size, transform, depth_provider):
@@ -112,7 +112,7 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     else:
         student = src_model
         if cfg.adabn:
-            from adapt.data.transforms import Resize
+            from segadapt.adapt.data.transforms import Resize
 
             plain = target_dataset(cfg, size, Resize(size), depth_provider)
             loader = DataLoader(plain, batch_size=8, shuffle=False, collate_fn=collate, num_workers=0)
@@ -394,8 +394,8 @@ def load_run(run: str | Path):
     Raises:
         FileNotFoundError: ``<run>/last/training_state.pt`` is missing (not a finished ``segadapt adapt`` run).
     """
-    from adapt.config import from_dict
-    from adapt.data.transforms import Resize
+    from segadapt.adapt.config import from_dict
+    from segadapt.adapt.data.transforms import Resize
 
     d = Path(run) / "last"
     if not (d / "training_state.pt").is_file():

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adapt.augment import normalize_float, photometric
-from adapt.config import SourceTrainConfig, to_dict
-from adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
-from adapt.data.transforms import Resize, train_transform
-from adapt.evaluate import evaluate
-from adapt.models.checkpoint import CheckpointMeta, load_checkpoint, load_training_state, save_checkpoint
-from adapt.models.segmenter import build_segmenter, upsample_logits
-from adapt.train_utils import (autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
+from segadapt.adapt.augment import normalize_float, photometric
+from segadapt.adapt.config import SourceTrainConfig, to_dict
+from segadapt.adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
+from segadapt.adapt.data.transforms import Resize, train_transform
+from segadapt.adapt.evaluate import evaluate
+from segadapt.adapt.models.checkpoint import CheckpointMeta, load_checkpoint, load_training_state, save_checkpoint
+from segadapt.adapt.models.segmenter import build_segmenter, upsample_logits
+from segadapt.adapt.train_utils import (autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
                                warmup_poly)
-from runtime.classes import ClassInfo
+from segadapt.runtime.classes import ClassInfo
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
             log(f"--resume: no {out / 'last'} with a training state; starting from scratch")
         mc = cfg.model
         if mc.pretrained:
-            from adapt.models.checkpoint import is_checkpoint
+            from segadapt.adapt.models.checkpoint import is_checkpoint
 
             model = (load_checkpoint(mc.pretrained)[0] if is_checkpoint(mc.pretrained)
                      else build_segmenter(mc.arch, classes.num_classes, pretrained=mc.pretrained,

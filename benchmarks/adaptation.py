@@ -34,21 +34,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from adapt.augment import normalize  # noqa: E402
-from adapt.config import AdaptConfig, DepthConfig, PseudoLabelConfig, RectifierConfig, default_camvid_dir  # noqa
-from adapt.data.datasets import LabeledImageFolder  # noqa: E402
-from adapt.data.transforms import Resize  # noqa: E402
-from adapt.evaluate import evaluate  # noqa: E402
-from adapt.metrics import auroc  # noqa: E402
-from adapt.models.checkpoint import load_segmenter  # noqa: E402
-from adapt.models.segmenter import upsample_logits  # noqa: E402
-from adapt.self_training import adapt, load_run, rectification  # noqa: E402
+from segadapt.adapt.augment import normalize
+from segadapt.adapt.config import AdaptConfig, DepthConfig, PseudoLabelConfig, RectifierConfig, default_camvid_dir
+from segadapt.adapt.data.datasets import LabeledImageFolder
+from segadapt.adapt.data.transforms import Resize
+from segadapt.adapt.evaluate import evaluate
+from segadapt.adapt.metrics import auroc
+from segadapt.adapt.models.checkpoint import load_segmenter
+from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.adapt.self_training import adapt, load_run, rectification
 
 
 def measure(ckpt, ds, size) -> dict:

@@ -33,19 +33,17 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from adapt.augment import normalize  # noqa: E402
-from adapt.config import default_camvid_dir  # noqa: E402
-from adapt.data.datasets import LabeledImageFolder  # noqa: E402
-from adapt.data.transforms import Resize  # noqa: E402
-from adapt.metrics import auroc  # noqa: E402
-from adapt.self_training import load_run, rectification  # noqa: E402
+from segadapt.adapt.augment import normalize
+from segadapt.adapt.config import default_camvid_dir
+from segadapt.adapt.data.datasets import LabeledImageFolder
+from segadapt.adapt.data.transforms import Resize
+from segadapt.adapt.metrics import auroc
+from segadapt.adapt.self_training import load_run, rectification
 
 VIEWS = ("flip", "scale0.75", "scale1.25", "gamma0.7")
 

@@ -18,14 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from adapt.config import ModelConfig, SourceTrainConfig, default_camvid_dir, to_dict  # noqa: E402
-from adapt.evaluate import evaluate_checkpoint  # noqa: E402
-from adapt.metrics import format_table  # noqa: E402
-from adapt.train_source import train_source  # noqa: E402
+from segadapt.adapt.config import ModelConfig, SourceTrainConfig, default_camvid_dir, to_dict
+from segadapt.adapt.evaluate import evaluate_checkpoint
+from segadapt.adapt.metrics import format_table
+from segadapt.adapt.train_source import train_source
 
 
 def main() -> int:

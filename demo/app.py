@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
-from runtime.predictor import Predictor
+from segadapt.runtime.predictor import Predictor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -80,7 +80,7 @@ def segment_clip(predictor: Predictor, video_path: Optional[str], out_dir: str, 
     Raises:
         DemoError: no file, a file over ``max_mb``, or a file with no decodable frame.
     """
-    from runtime.video import segment_video
+    from segadapt.runtime.video import segment_video
 
     if not video_path:
         raise DemoError("No video: upload a clip first.")

@@ -50,9 +50,9 @@ def _peak_rss_mb() -> float:
 def _bench_torch(args: dict) -> dict:
     import torch
 
-    from adapt.models.checkpoint import load_segmenter
-    from export.frames import load_frames
-    from export.wrapper import ExportWrapper
+    from segadapt.adapt.models.checkpoint import load_segmenter
+    from segadapt.export.frames import load_frames
+    from segadapt.export.wrapper import ExportWrapper
 
     if args["threads"]:
         torch.set_num_threads(args["threads"])
@@ -86,8 +86,8 @@ def _bench_torch(args: dict) -> dict:
 
 
 def _bench_runtime(args: dict) -> dict:
-    from export.frames import load_frames
-    from runtime.predictor import Predictor
+    from segadapt.export.frames import load_frames
+    from segadapt.runtime.predictor import Predictor
 
     p = Predictor(args["model"], providers=args.get("providers"), threads=args["threads"])
     frames = load_frames(args["frames"], max(args["batch"], 4), tuple(p.size))
@@ -105,7 +105,7 @@ def _bench_runtime(args: dict) -> dict:
     r["backend"] = p.backend.describe()
     r["peak_rss_mb"] = _peak_rss_mb()
     if args.get("video"):
-        from runtime.video import segment_video
+        from segadapt.runtime.video import segment_video
 
         # the backend alone in its fastest setting (spinning threads, the predictor above), then the video pipeline
         # in its own setting (idle ONNX Runtime threads do not spin: decoding and encoding need the CPU), with the
@@ -155,10 +155,10 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
     """
     import onnxruntime as ort
 
-    from adapt.models.checkpoint import load_segmenter
-    from export.config import ExportConfig
-    from export.onnx_export import export_onnx
-    from export.tensorrt_build import build_engine, tensorrt_status
+    from segadapt.adapt.models.checkpoint import load_segmenter
+    from segadapt.export.config import ExportConfig
+    from segadapt.export.onnx_export import export_onnx
+    from segadapt.export.tensorrt_build import build_engine, tensorrt_status
 
     _, meta = load_segmenter(checkpoint)
     size = tuple(size) if size else tuple(meta.input_size)
@@ -176,7 +176,7 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
         results.update(_in_process("_bench_torch", dict(checkpoint=checkpoint, device=dev, frames=frames, size=size,
                                                          batch=batch, iters=iters, warmup=warmup, threads=threads,
                                                          dtypes=["fp32"] + (["fp16"] if dev == "cuda" else []))))
-    from runtime.backends import available_ort_providers
+    from segadapt.runtime.backends import available_ort_providers
 
     vsize = None
     if video:

@@ -25,12 +25,12 @@ import numpy as np
 import onnx
 import torch
 
-from adapt.models.checkpoint import checkpoint_hash, is_checkpoint, load_segmenter
-from export.config import ExportConfig
-from export.frames import load_frames
-from export.wrapper import ExportWrapper
-from runtime.files import write_atomic
-from runtime.metadata import ModelMetadata, metadata_path
+from segadapt.adapt.models.checkpoint import checkpoint_hash, is_checkpoint, load_segmenter
+from segadapt.export.config import ExportConfig
+from segadapt.export.frames import load_frames
+from segadapt.export.wrapper import ExportWrapper
+from segadapt.runtime.files import write_atomic
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 # Kept in FP32 in the FP16 graph: normalisation statistics, softmax and resizing lose accuracy or overflow in FP16.
 FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "Resize", "Erf", "ArgMax",
@@ -313,7 +313,7 @@ def export_onnx(cfg: ExportConfig, log: Callable[[str], None] = print) -> Export
         exporter=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     # parity frames: real footage
-    from adapt.config import default_camvid_dir
+    from segadapt.adapt.config import default_camvid_dir
 
     pdir = cfg.parity_data or cfg.calib or str(Path(default_camvid_dir()) / "tiny" / "target")
     frames = load_frames(pdir, cfg.parity_frames, size)

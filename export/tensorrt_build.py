@@ -1,7 +1,7 @@
 """ONNX -> TensorRT engine with the TensorRT Python API (TensorRT 10 and 11), built on the GPU that will run it.
 
 * TensorRT 11 networks are always strongly typed: there are no FP16/INT8 builder flags or calibrators; the precision
-  comes from the ONNX graph (an FP16 graph or an INT8 Q/DQ graph from :mod:`export.onnx_export`).
+  comes from the ONNX graph (an FP16 graph or an INT8 Q/DQ graph from :mod:`segadapt.export.onnx_export`).
 * TensorRT 10 (JetPack 6 ships 10.3): an FP32 graph can be built with the FP16 builder flag (weakly typed);
   precision-baked graphs are built strongly typed where the flag exists (10.12+ recommends it).
 * Dynamic inputs get one optimisation profile (min/opt/max), a timing cache file is reused across builds, and the
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from runtime.files import write_atomic
-from runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.files import write_atomic
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -106,7 +106,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gb: f
     write_atomic(engine_path, bytes(plan))
     if cache_path:
         write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    from runtime.backends import gpu_name
+    from segadapt.runtime.backends import gpu_name
 
     d = meta.to_dict()
     d.update(format="engine", precision=precision, tensorrt_version=trt.__version__, gpu_name=gpu_name(),

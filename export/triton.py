@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from runtime.files import write_atomic
-from runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.files import write_atomic
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 _TRITON_DTYPES = {"uint8": "TYPE_UINT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float32": "TYPE_FP32",
                   "float16": "TYPE_FP16"}

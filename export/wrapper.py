@@ -1,7 +1,7 @@
 """The export module: only the RGB segmenter, with normalisation and (optionally) argmax inside the graph.
 
 The auxiliary RGB-D stream, the rectifier and any training head are never part of it: the wrapper is built from a
-:class:`~adapt.models.segmenter.Segmenter` with 3 input channels and calls nothing else (mmdeploy's
+:class:`~segadapt.adapt.models.segmenter.Segmenter` with 3 input channels and calls nothing else (mmdeploy's
 "segmentation logits or argmax only" promise, without function rewriting).
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapt.models.segmenter import Segmenter
+from segadapt.adapt.models.segmenter import Segmenter
 
 
 class ExportWrapper(nn.Module):

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from runtime.metadata import ModelMetadata
+from segadapt.runtime.metadata import ModelMetadata
 
 ORT_PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",

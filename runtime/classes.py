@@ -60,7 +60,7 @@ class ClassInfo:
             FileNotFoundError: the file does not exist.
             ValueError: the file is not valid JSON or lacks the class list (the message names the file).
         """
-        from runtime.files import read_json_object
+        from segadapt.runtime.files import read_json_object
 
         d = read_json_object(path, "class description")
         try:

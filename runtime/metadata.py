@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from runtime.classes import ClassInfo
-from runtime.files import read_json_object, write_atomic
+from segadapt.runtime.classes import ClassInfo
+from segadapt.runtime.files import read_json_object, write_atomic
 
 METADATA_VERSION = 1
 INPUT_LAYOUTS = ("uint8_nhwc", "float_nchw")

@@ -11,9 +11,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from runtime.backends import Backend, BackendError, open_backend
-from runtime.classes import overlay
-from runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.backends import Backend, BackendError, open_backend
+from segadapt.runtime.classes import overlay
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Video in, overlay video out: decoding, inference and encoding overlap in a bounded pipeline.
 
 A reader thread decodes frames (OpenCV) and preprocesses them (resize to the model size) into a bounded queue, the
-calling thread batches them through the :class:`~runtime.predictor.Predictor`'s backend, and a writer thread blends
+calling thread batches them through the :class:`~segadapt.runtime.predictor.Predictor`'s backend, and a writer thread blends
 overlays and encodes them. For the best throughput on a busy CPU, build the predictor with ``spin=False``. The
 queues are bounded, so memory stays flat however long the video. Output is H.264 (``yuv420p``, playable in browsers) through PyAV's
 libx264 when PyAV is installed, otherwise MPEG-4 part 2 through OpenCV with a warning (pip's OpenCV cannot write
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import cv2
 import numpy as np
 
-from runtime.predictor import Predictor
+from segadapt.runtime.predictor import Predictor
 
 _END = object()
 

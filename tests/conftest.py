@@ -49,14 +49,14 @@ def kitti(shared_data) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_classes(camvid):
-    from runtime.classes import ClassInfo
+    from segadapt.runtime.classes import ClassInfo
 
     return ClassInfo.load(camvid / "classes.json")
 
 
 def tiny_model(arch: str, num_classes: int = 11, in_channels: int = 3):
     """Small, fast models for tests (random weights)."""
-    from adapt.models.segmenter import build_segmenter
+    from segadapt.adapt.models.segmenter import build_segmenter
 
     variant = "b0" if arch == "segformer" else "0.35"
     return build_segmenter(arch, num_classes, variant, in_channels=in_channels, output_stride=16, ignore_index=11)
@@ -68,9 +68,9 @@ def quick_train(model, tiny, size=(96, 128), steps=30, lr=3e-3, seed=0):
     import torch
     import torch.nn.functional as F
 
-    from adapt.augment import normalize
-    from adapt.data.datasets import LabeledImageFolder, collate
-    from adapt.data.transforms import Resize
+    from segadapt.adapt.augment import normalize
+    from segadapt.adapt.data.datasets import LabeledImageFolder, collate
+    from segadapt.adapt.data.transforms import Resize
 
     torch.manual_seed(seed)
     ds = LabeledImageFolder(tiny / "source", transform=Resize(size))
@@ -93,7 +93,7 @@ def trained_checkpoint(directory, arch, classes, tiny, size=(96, 128), steps=30,
     """Save a small ``arch`` model, briefly trained on the tiny real frames at ``size``, as a checkpoint."""
     import torch
 
-    from adapt.models.checkpoint import CheckpointMeta, save_checkpoint
+    from segadapt.adapt.models.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(seed)
     m = quick_train(tiny_model(arch), tiny, size=size, steps=steps, seed=seed)
@@ -110,8 +110,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_classes, tiny):
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint, tiny, tmp_path_factory):
     """Static FP32 ONNX export (uint8 NHWC in, class map out, 96x128) of the tiny checkpoint, with metadata."""
-    from export.config import ExportConfig
-    from export.onnx_export import export_onnx
+    from segadapt.export.config import ExportConfig
+    from segadapt.export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx")
     res = export_onnx(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out), parity_data=str(tiny / "target"),
@@ -124,7 +124,7 @@ def short_clip(video_path, tmp_path_factory):
     """A real 2-second clip (50 frames of the dash-cam video, 270x480), H.264."""
     import cv2
 
-    from runtime.video import VideoWriter
+    from segadapt.runtime.video import VideoWriter
 
     out = tmp_path_factory.mktemp("clip") / "clip.mp4"
     cap = cv2.VideoCapture(str(video_path))

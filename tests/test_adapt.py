@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.config import AdaptConfig, DepthConfig, RectifierConfig
+from segadapt.adapt.config import AdaptConfig, DepthConfig, RectifierConfig
 from conftest import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["segformer", "deeplabv3-mobilenetv2"])
 def test_auxiliary_stream_starts_equal_to_source(arch, tiny):
-    from adapt.models.aux_stream import make_auxiliary_stream
+    from segadapt.adapt.models.aux_stream import make_auxiliary_stream
 
     torch.manual_seed(0)
     src = tiny_model(arch).eval()
@@ -37,7 +37,7 @@ def test_auxiliary_stream_starts_equal_to_source(arch, tiny):
 
 
 def test_stereo_depth_matches_kitti_ground_truth(kitti):
-    from adapt.data.depth import FileDepth, StereoDepth
+    from segadapt.adapt.data.depth import FileDepth, StereoDepth
 
     sd = StereoDepth(str(kitti / "image_3"))
     gt_reader = FileDepth(str(kitti / "disp_occ_0"))
@@ -58,7 +58,7 @@ def test_stereo_depth_matches_kitti_ground_truth(kitti):
 
 
 def test_file_depth_kitti_disparity_png(kitti):
-    from adapt.data.depth import FileDepth
+    from segadapt.adapt.data.depth import FileDepth
 
     f = sorted((kitti / "image_2").iterdir())[0]
     raw16 = cv2.imread(str(kitti / "disp_occ_0" / f.name), cv2.IMREAD_UNCHANGED)
@@ -73,9 +73,9 @@ def test_file_depth_kitti_disparity_png(kitti):
 
 
 def test_depth_follows_flip_and_crop_through_the_dataset(kitti):
-    from adapt.data.datasets import ImageFolder
-    from adapt.data.depth import FileDepth
-    from adapt.data.transforms import Compose, RandomCrop, RandomHFlip
+    from segadapt.adapt.data.datasets import ImageFolder
+    from segadapt.adapt.data.depth import FileDepth
+    from segadapt.adapt.data.transforms import Compose, RandomCrop, RandomHFlip
 
     fd = FileDepth(str(kitti / "disp_occ_0"))
     plain = ImageFolder(kitti / "image_2", depth_provider=fd)
@@ -99,7 +99,7 @@ def test_depth_follows_flip_and_crop_through_the_dataset(kitti):
 def test_model_depth_provider_with_a_local_tiny_model(tmp_path, kitti):
     from transformers import DPTConfig, DPTForDepthEstimation
 
-    from adapt.data.depth import ModelDepth
+    from segadapt.adapt.data.depth import ModelDepth
 
     cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
                     image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
@@ -114,7 +114,7 @@ def test_model_depth_provider_with_a_local_tiny_model(tmp_path, kitti):
 
 
 def test_rectifier_shape_range_and_continuity():
-    from adapt.models.rectifier import ImplicitRectifier
+    from segadapt.adapt.models.rectifier import ImplicitRectifier
 
     torch.manual_seed(0)
     r = ImplicitRectifier(16, 5, latent_dim=8, hidden=16, layers=2)
@@ -130,7 +130,7 @@ def test_rectifier_shape_range_and_continuity():
 
 
 def test_rectifier_prior_starts_at_the_observable_confidence_and_learns_a_correction():
-    from adapt.models.rectifier import ImplicitRectifier, confidence_prior
+    from segadapt.adapt.models.rectifier import ImplicitRectifier, confidence_prior
 
     torch.manual_seed(0)
     pt, pn = torch.softmax(3 * torch.randn(2, 5, 24, 32), 1), torch.softmax(3 * torch.randn(2, 5, 24, 32), 1)
@@ -154,7 +154,7 @@ def test_rectifier_prior_starts_at_the_observable_confidence_and_learns_a_correc
 
 
 def test_mixture_loss_downweights_unreliable_pixels():
-    from adapt.models.rectifier import mixture_loss, weighted_ce
+    from segadapt.adapt.models.rectifier import mixture_loss, weighted_ce
 
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 3, 3, requires_grad=True)
@@ -172,7 +172,7 @@ def test_mixture_loss_downweights_unreliable_pixels():
 
 
 def test_class_frequency_weights_lift_rare_classes():
-    from adapt.pseudo_label import ClassFrequencyWeights
+    from segadapt.adapt.pseudo_label import ClassFrequencyWeights
 
     labels = torch.full((1, 10, 10), 255)
     labels[0, :9] = 0  # 90 pixels of class 0
@@ -193,7 +193,7 @@ def test_class_frequency_weights_lift_rare_classes():
 
 
 def test_ema_teacher_update_and_dropout_off():
-    from adapt.teacher import EMATeacher
+    from segadapt.adapt.teacher import EMATeacher
 
     torch.manual_seed(0)
     s = tiny_model("segformer")
@@ -211,7 +211,7 @@ def test_ema_teacher_update_and_dropout_off():
 
 
 def test_class_balanced_thresholds_and_fusion():
-    from adapt.pseudo_label import class_balanced_thresholds, fuse_dual_head, pseudo_label
+    from segadapt.adapt.pseudo_label import class_balanced_thresholds, fuse_dual_head, pseudo_label
 
     probs = torch.zeros(1, 3, 1, 6)
     conf = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
@@ -232,7 +232,7 @@ def test_class_balanced_thresholds_and_fusion():
 
 
 def test_adabn_sets_target_statistics():
-    from adapt.adabn import adapt_batchnorm
+    from segadapt.adapt.adabn import adapt_batchnorm
 
     torch.manual_seed(0)
     m = tiny_model("deeplabv3-mobilenetv2")
@@ -255,9 +255,9 @@ def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
 
 
 def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
-    from adapt.adabn import adapt_batchnorm  # noqa: F401 - documents what the reference below applies
-    from adapt.models.checkpoint import load_checkpoint, load_training_state
-    from adapt.self_training import adapt
+    from segadapt.adapt.adabn import adapt_batchnorm  # noqa: F401 - documents what the reference below applies
+    from segadapt.adapt.models.checkpoint import load_checkpoint, load_training_state
+    from segadapt.adapt.self_training import adapt
 
     adapt_cfg.teacher.alpha = 0.5
     adapt_cfg.steps = 1
@@ -288,8 +288,8 @@ def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
 
 
 def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch):
-    import adapt.data.datasets as dsmod
-    from adapt.self_training import adapt
+    import segadapt.adapt.data.datasets as dsmod
+    from segadapt.adapt.self_training import adapt
 
     opened = []
     real = cv2.imread
@@ -311,8 +311,8 @@ def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch):
 
 
 def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
-    from adapt.models.checkpoint import load_training_state
-    from adapt.self_training import adapt
+    from segadapt.adapt.models.checkpoint import load_training_state
+    from segadapt.adapt.self_training import adapt
 
     adapt(adapt_cfg, log=lambda *_: None)
     anchor_before = load_training_state(Path(adapt_cfg.out) / "last")["anchor"]
@@ -339,7 +339,7 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
 
 
 def test_adapt_on_video_and_cli(tiny_checkpoint, video_path, tmp_path, capsys):
-    from segadapt_cli import main
+    from segadapt.cli import main
 
     rc = main(["adapt", "--checkpoint", str(tiny_checkpoint), "--target", str(video_path), "--out",
                str(tmp_path / "v"), "--steps", "2", "--batch-size", "2", "--num-workers", "0",
@@ -357,10 +357,10 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     maps have the documented shapes and ranges (an anchor equal to the teacher agrees everywhere)."""
     import importlib.util
 
-    from adapt.data.datasets import ImageFolder, collate
-    from adapt.data.transforms import Resize
-    from adapt.models.checkpoint import load_checkpoint
-    from adapt.self_training import adapt, load_run
+    from segadapt.adapt.data.datasets import ImageFolder, collate
+    from segadapt.adapt.data.transforms import Resize
+    from segadapt.adapt.models.checkpoint import load_checkpoint
+    from segadapt.adapt.self_training import adapt, load_run
 
     spec = importlib.util.spec_from_file_location("reliability_signals",
                                                   Path(__file__).parents[1] / "benchmarks" / "reliability_signals.py")

@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
-from segadapt_cli import main
+from segadapt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, segadapt_cli\n"
-            "try:\n    segadapt_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys, segadapt.cli\n"
+            "try:\n    segadapt.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "bad = [m for m in ('torch', 'transformers', 'onnxruntime', 'gradio') if m in sys.modules]\n"
             "print('HEAVY', bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -121,7 +121,7 @@ def test_data_camvid_from_local_http_server(segnet_mirror, tmp_path, camvid):
     assert tiny_img.shape == (120, 160, 3)
     assert not (out / ".raw").exists()
     # the downloaded layout is readable by the datasets
-    from adapt.data.datasets import LabeledImageFolder
+    from segadapt.adapt.data.datasets import LabeledImageFolder
 
     assert len(LabeledImageFolder(out / "source_val")) == 2
 

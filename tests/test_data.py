@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.data.datasets import ImageFolder, LabeledImageFolder, Sample, VideoFrames, collate, read_label
-from adapt.data.transforms import Compose, RandomCrop, RandomHFlip, RandomScale, Resize, train_transform
+from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, Sample, VideoFrames, collate, read_label
+from segadapt.adapt.data.transforms import Compose, RandomCrop, RandomHFlip, RandomScale, Resize, train_transform
 
 
 def test_labeled_folder_on_real_frames(tiny, tiny_classes):
@@ -142,8 +142,8 @@ def test_video_errors(tmp_path):
 
 
 def test_photometric_changes_image_only_within_range():
-    from adapt.augment import gaussian_blur, photometric
-    from adapt.config import PhotometricConfig
+    from segadapt.adapt.augment import gaussian_blur, photometric
+    from segadapt.adapt.config import PhotometricConfig
 
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 48)

@@ -12,8 +12,8 @@ import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio ([demo] extra)")
 
-from demo.app import DemoError, create_demo, segment_clip, segment_image  # noqa: E402
-from runtime.predictor import Predictor  # noqa: E402
+from segadapt.demo.app import DemoError, create_demo, segment_clip, segment_image  # noqa: E402
+from segadapt.runtime.predictor import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_browser_runs_a_segmentation(served, tiny, tmp_path):
 
 
 def test_demo_module_imports_no_torch_and_loads_nothing():
-    code = ("import sys, demo.app\n"
+    code = ("import sys, segadapt.demo.app\n"
             "print('torch' in sys.modules, 'gradio' in sys.modules, 'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.split() == ["False", "False", "False"], out.stdout + out.stderr

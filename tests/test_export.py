@@ -8,11 +8,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from adapt.models.checkpoint import load_checkpoint
+from segadapt.adapt.models.checkpoint import load_checkpoint
 from conftest import tiny_model
-from export.config import ExportConfig
-from export.onnx_export import export_onnx
-from runtime.metadata import ModelMetadata, metadata_path
+from segadapt.export.config import ExportConfig
+from segadapt.export.onnx_export import export_onnx
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_dynamic_logits_export_float_input(segformer_ckpt, tiny, tmp_path, monke
 
 
 def test_export_rejects_auxiliary_stream_and_old_opset(tmp_path, tiny_classes, tiny_checkpoint):
-    from export.wrapper import ExportWrapper
+    from segadapt.export.wrapper import ExportWrapper
 
     with pytest.raises(ValueError, match="RGB"):
         ExportWrapper(tiny_model("segformer", in_channels=4), (0, 0, 0), (1, 1, 1))
@@ -132,7 +132,7 @@ def test_triton_config_parses_with_tritons_protobuf(static_export, tmp_path, seg
     pb = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient not installed")
     from google.protobuf import text_format
 
-    from export.triton import write_triton_repository
+    from segadapt.export.triton import write_triton_repository
 
     d = write_triton_repository(static_export.files["fp32"], tmp_path / "repo", name="seg")
     cfg = text_format.Parse((d / "config.pbtxt").read_text(), pb.ModelConfig())
@@ -140,7 +140,7 @@ def test_triton_config_parses_with_tritons_protobuf(static_export, tmp_path, seg
     assert list(cfg.input[0].dims) == [1, 96, 128, 3] and cfg.input[0].data_type == pb.TYPE_UINT8
     assert list(cfg.output[0].dims) == [1, 96, 128] and cfg.output[0].data_type == pb.TYPE_UINT8
     assert (d / "1" / "model.onnx").read_bytes() == static_export.files["fp32"].read_bytes()
-    from export.triton import triton_config
+    from segadapt.export.triton import triton_config
 
     meta = ModelMetadata(classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]], dynamic=True, max_batch=8,
                          input_layout="float_nchw", input_name="pixel_values", output_kind="logits",
@@ -151,7 +151,7 @@ def test_triton_config_parses_with_tritons_protobuf(static_export, tmp_path, seg
 
 
 def test_tensorrt_build_skips_cleanly_without_tensorrt(static_export, tmp_path):
-    from export.tensorrt_build import TensorRTUnavailable, build_engine, tensorrt_status
+    from segadapt.export.tensorrt_build import TensorRTUnavailable, build_engine, tensorrt_status
 
     ok, why = tensorrt_status()
     if ok:
@@ -165,8 +165,8 @@ def test_tensorrt_build_skips_cleanly_without_tensorrt(static_export, tmp_path):
 
 
 def test_export_cli_engine_skips_cleanly_without_tensorrt(tiny_checkpoint, tiny, tmp_path, capsys):
-    from export.tensorrt_build import tensorrt_status
-    from segadapt_cli import main
+    from segadapt.export.tensorrt_build import tensorrt_status
+    from segadapt.cli import main
 
     if tensorrt_status()[0]:
         pytest.skip("TensorRT is available here: the engine path is tested by the build test")
@@ -178,7 +178,7 @@ def test_export_cli_engine_skips_cleanly_without_tensorrt(tiny_checkpoint, tiny,
 
 
 def test_bench_measures_each_backend_on_real_frames(tiny_checkpoint, tiny, short_clip, tmp_path):
-    from export.bench import format_bench, run_bench
+    from segadapt.export.bench import format_bench, run_bench
 
     rep = run_bench(str(tiny_checkpoint), str(tiny / "target"), size=(96, 128), batch=2, iters=2, warmup=1,
                     out_dir=str(tmp_path), precisions=("fp32",), video=str(short_clip), log=lambda *_: None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.metrics import ConfusionMatrix, format_table, metrics_from_confusion
+from segadapt.adapt.metrics import ConfusionMatrix, format_table, metrics_from_confusion
 
 
 def test_hand_computed_case():
@@ -75,7 +75,7 @@ def test_bad_inputs_and_table():
 
 
 def test_auroc_known_values_and_ties():
-    from adapt.metrics import auroc
+    from segadapt.adapt.metrics import auroc
 
     assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)  # the textbook example
     assert auroc([1, 1, 1], [1, 0, 1]) == 0.5  # all tied: chance

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, load_checkpoint, load_segmenter,
+from segadapt.adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, load_checkpoint, load_segmenter,
                                      save_checkpoint)
-from adapt.models.segmenter import build_segmenter
+from segadapt.adapt.models.segmenter import build_segmenter
 from conftest import tiny_model
 
 
@@ -65,7 +65,7 @@ def test_checkpoint_overwrite_is_atomic_and_leaves_no_temp(tmp_path, tiny_classe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
     # a failure while writing (here: the disk fills up) leaves the previous checkpoint untouched
-    import adapt.models.checkpoint as ckmod
+    import segadapt.adapt.models.checkpoint as ckmod
 
     def disk_full(*a, **k):
         raise OSError("No space left on device")

@@ -6,8 +6,7 @@ import os
 import cv2
 import pytest
 
-from adapt.config import PipelineConfig
-from adapt.pipeline import StepFailed, run_pipeline
+from segadapt.pipeline import PipelineConfig, StepFailed, run_pipeline
 
 
 @pytest.fixture()

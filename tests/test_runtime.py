@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from export.config import ExportConfig
-from export.onnx_export import export_onnx
-from runtime.backends import BackendError, OrtBackend
-from runtime.metadata import ModelMetadata, metadata_path
-from runtime.predictor import Predictor
+from segadapt.export.config import ExportConfig
+from segadapt.export.onnx_export import export_onnx
+from segadapt.runtime.backends import BackendError, OrtBackend
+from segadapt.runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_corrupt_or_mismatched_model_files(onnx_models, tmp_path):
 
 
 def test_engine_version_mismatch_message(onnx_models, tmp_path):
-    from runtime.backends import TrtBackend
+    from segadapt.runtime.backends import TrtBackend
 
     meta = ModelMetadata.load(metadata_path(onnx_models[0]))
     meta.tensorrt_version, meta.format = "0.0.1", "engine"
@@ -133,7 +133,7 @@ def test_engine_version_mismatch_message(onnx_models, tmp_path):
 
 def test_whole_video_to_browser_playable_h264(onnx_models, video_path, tmp_path):
     av = pytest.importorskip("av", reason="PyAV writes H.264")
-    from runtime.video import segment_video
+    from segadapt.runtime.video import segment_video
 
     p = Predictor(onnx_models[0], providers=["cpu"])
     rep = segment_video(p, video_path, tmp_path / "out.mp4", batch_size=1, class_map_dir=tmp_path / "maps")
@@ -160,7 +160,7 @@ def test_whole_video_to_browser_playable_h264(onnx_models, video_path, tmp_path)
 
 
 def test_video_errors(onnx_models, tmp_path):
-    from runtime.video import segment_video
+    from segadapt.runtime.video import segment_video
 
     p = Predictor(onnx_models[0], providers=["cpu"])
     empty = tmp_path / "empty.mp4"
@@ -173,13 +173,13 @@ def test_runtime_never_imports_torch(onnx_models, tiny, video_path, tmp_path):
     code = f"""
 import sys, json
 import numpy as np, cv2
-from runtime.predictor import Predictor
-from runtime.video import segment_video
+from segadapt.runtime.predictor import Predictor
+from segadapt.runtime.video import segment_video
 p = Predictor({str(onnx_models[0])!r}, providers=['cpu'])
 img = cv2.imread({str(sorted((tiny / 'target' / 'images').iterdir())[0])!r})[:, :, ::-1].copy()
 r = p.predict(img)
 segment_video(p, {str(video_path)!r}, {str(tmp_path / 'v.mp4')!r}, max_frames=5)
-print(json.dumps({{'torch': 'torch' in sys.modules, 'adapt': any(m.startswith('adapt') for m in sys.modules),
+print(json.dumps({{'torch': 'torch' in sys.modules, 'adapt': any(m.startswith('segadapt.adapt') for m in sys.modules),
                   'shape': list(r.class_map.shape)}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -207,7 +207,7 @@ def test_runtime_is_python310_compatible():
 
 
 def test_predict_cli_on_images_and_video(onnx_models, tiny, video_path, tmp_path):
-    from segadapt_cli import main
+    from segadapt.cli import main
 
     assert main(["predict", "--model", str(onnx_models[0]), "--source", str(tiny / "target"), "--out",
                  str(tmp_path / "imgs"), "--save-class-maps", "--providers", "cpu"]) == 0

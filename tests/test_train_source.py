@@ -2,9 +2,9 @@ import json
 
 import torch
 
-from adapt.config import ModelConfig, PhotometricConfig, SourceTrainConfig
-from adapt.models.checkpoint import load_checkpoint, load_training_state
-from adapt.train_source import train_source
+from segadapt.adapt.config import ModelConfig, PhotometricConfig, SourceTrainConfig
+from segadapt.adapt.models.checkpoint import load_checkpoint, load_training_state
+from segadapt.adapt.train_source import train_source
 
 
 def _cfg(tiny, out, steps):

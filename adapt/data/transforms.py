@@ -14,7 +14,7 @@ from typing import Callable, Sequence, Tuple
 import cv2
 import numpy as np
 
-from adapt.data.datasets import Sample
+from segadapt.adapt.data.datasets import Sample
 
 
 def _resize_sample(s: Sample, h: int, w: int) -> Sample:

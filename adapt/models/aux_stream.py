@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adapt.models.segmenter import Segmenter, _hf_class
+from segadapt.adapt.models.segmenter import Segmenter, _hf_class
 
 
 def make_auxiliary_stream(source: Segmenter) -> Segmenter:

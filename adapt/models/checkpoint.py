@@ -25,9 +25,9 @@ from typing import Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapt.models.segmenter import Segmenter, _hf_class, arch_of
-from runtime.classes import ClassInfo
-from runtime.files import read_json_object
+from segadapt.adapt.models.segmenter import Segmenter, _hf_class, arch_of
+from segadapt.runtime.classes import ClassInfo
+from segadapt.runtime.files import read_json_object
 
 FORMAT = "segadapt-checkpoint"
 FORMAT_VERSION = 1
@@ -212,7 +212,7 @@ def load_segmenter(path: str | Path, classes: Optional[ClassInfo] = None,
     model = Segmenter(hf).to(map_location).eval()
     if classes is None:
         names = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
-        from runtime.classes import default_palette
+        from segadapt.runtime.classes import default_palette
 
         classes = ClassInfo(tuple(names), tuple(tuple(c) for c in default_palette(len(names))),
                             int(getattr(hf.config, "semantic_loss_ignore_index", 255)))

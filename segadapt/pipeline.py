@@ -17,11 +17,49 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-from adapt.config import (PIPELINE_PRESETS, AdaptConfig, ModelConfig, PipelineConfig, SourceTrainConfig,
-                          default_data_root, to_dict)
+from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, default_camvid_dir, default_data_root,
+                                   to_dict)
+
+
+@dataclass
+class PipelineConfig:
+    """The main job (``segadapt pipeline``): source model -> source-free adaptation -> measurements -> ONNX export
+    -> segmented video -> report, in one resumable run directory.
+
+    ``preset`` picks the scale: ``quick`` (120x160, minutes on 2 CPU cores, still on real frames) or ``full``
+    (360x480, benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
+    ``source_checkpoint`` reuses an existing source model instead of training one. Splits are read from ``data``:
+    ``source_train``/``source_val`` (source, labelled), ``target_adapt`` (target: its images for adaptation, its
+    labels only to measure). ``video``: the clip segmented at the end (empty = the dash-cam clip in the data root).
+    """
+
+    data: str = field(default_factory=default_camvid_dir)
+    out: str = "runs/pipeline"
+    preset: str = "quick"
+    source_checkpoint: str = ""
+    arch: str = "deeplabv3-mobilenetv2"
+    size: Tuple[int, int] = (0, 0)
+    source_steps: int = 0
+    source_minutes: float = 0.0
+    adapt_steps: int = 0
+    adapt_minutes: float = 0.0
+    target_split: str = "target_adapt"
+    video: str = ""
+    video_max_frames: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+
+PIPELINE_PRESETS = {
+    "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 7.0, "batch_size": 8,
+              "adapt_steps": 150, "adapt_minutes": 4.0},
+    "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,
+             "adapt_steps": 3000, "adapt_minutes": 0.0},
+}
 
 
 class StepFailed(RuntimeError):
@@ -67,7 +105,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     def step_train_source() -> dict:
         if cfg.source_checkpoint:
             return {"checkpoint": cfg.source_checkpoint, "reused": True}
-        from adapt.train_source import train_source
+        from segadapt.adapt.train_source import train_source
 
         steps = p["source_steps"]
         scfg = SourceTrainConfig(data=str(data), out=str(out / "source"), size=p["size"], steps=steps,
@@ -78,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         return {"checkpoint": str(out / "source" / "best"), "summary": s}
 
     def step_adapt() -> dict:
-        from adapt.self_training import adapt
+        from segadapt.adapt.self_training import adapt
 
         acfg = AdaptConfig(checkpoint=done("train_source")["checkpoint"], target=str(target), out=str(out / "adapt"),
                            size=p["size"], steps=p["adapt_steps"], max_minutes=p["adapt_minutes"],
@@ -88,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         return {"checkpoint": str(out / "adapt" / "adapted"), "summary": s}
 
     def step_evaluate() -> dict:
-        from adapt.evaluate import evaluate_checkpoint
+        from segadapt.adapt.evaluate import evaluate_checkpoint
 
         res: Dict[str, dict] = {}
         dev = "cpu" if device == "auto" else device
@@ -105,8 +143,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         return {"metrics": res}
 
     def step_export() -> dict:
-        from export.config import ExportConfig
-        from export.onnx_export import export_onnx
+        from segadapt.export.config import ExportConfig
+        from segadapt.export.onnx_export import export_onnx
 
         files = {}
         parity = {}
@@ -120,8 +158,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         return {"files": files, "parity": parity}
 
     def step_video() -> dict:
-        from runtime.predictor import Predictor
-        from runtime.video import segment_video
+        from segadapt.runtime.predictor import Predictor
+        from segadapt.runtime.video import segment_video
 
         if not video.is_file():
             raise FileNotFoundError(f"{video}: video for the runtime step not found (set --video)")

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 
 def _cmd_data(ns: argparse.Namespace) -> int:
-    from adapt.data.camvid import DEFAULT_BASE_URL, download_camvid
+    from segadapt.adapt.data.camvid import DEFAULT_BASE_URL, download_camvid
 
     if ns.dataset != "camvid":
         raise ValueError(f"unknown dataset {ns.dataset!r}")
@@ -24,7 +24,8 @@ def _cmd_data(ns: argparse.Namespace) -> int:
 
 def _resolved_config(cls, ns: argparse.Namespace):
     """Defaults, then ``--config`` JSON, then flags; None (after printing it) with ``--print-config``."""
-    from adapt.config import config_from_cli, to_dict
+    from segadapt.adapt.config import to_dict
+    from segadapt.cli_args import config_from_cli
 
     cfg = config_from_cli(cls, ns, ns.config)
     if ns.print_config:
@@ -34,32 +35,32 @@ def _resolved_config(cls, ns: argparse.Namespace):
 
 
 def _cmd_train_source(ns: argparse.Namespace) -> int:
-    from adapt.config import SourceTrainConfig
+    from segadapt.adapt.config import SourceTrainConfig
 
     cfg = _resolved_config(SourceTrainConfig, ns)
     if cfg is not None:
-        from adapt.train_source import train_source
+        from segadapt.adapt.train_source import train_source
 
         print(json.dumps(train_source(cfg), indent=1))
     return 0
 
 
 def _cmd_adapt(ns: argparse.Namespace) -> int:
-    from adapt.config import AdaptConfig
+    from segadapt.adapt.config import AdaptConfig
 
     cfg = _resolved_config(AdaptConfig, ns)
     if cfg is not None:
         if not cfg.checkpoint:
             raise ValueError("--checkpoint is required (the source model)")
-        from adapt.self_training import adapt
+        from segadapt.adapt.self_training import adapt
 
         print(json.dumps(adapt(cfg), indent=1))
     return 0
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
-    from adapt.evaluate import evaluate_checkpoint
-    from adapt.metrics import format_table
+    from segadapt.adapt.evaluate import evaluate_checkpoint
+    from segadapt.adapt.metrics import format_table
 
     m = evaluate_checkpoint(ns.checkpoint, ns.data, size=ns.size, device=ns.device, batch_size=ns.batch_size,
                             overlay_dir=ns.overlays, json_out=ns.json)
@@ -70,10 +71,11 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(ns: argparse.Namespace) -> int:
-    from adapt.config import PipelineConfig, config_from_cli
+    from segadapt.cli_args import config_from_cli
+    from segadapt.pipeline import PipelineConfig
 
     cfg = config_from_cli(PipelineConfig, ns, ns.config)
-    from adapt.pipeline import run_pipeline
+    from segadapt.pipeline import run_pipeline
 
     rep = run_pipeline(cfg)
     print(json.dumps(rep["metrics"], indent=1))
@@ -82,19 +84,19 @@ def _cmd_pipeline(ns: argparse.Namespace) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace) -> int:
-    from adapt.config import config_from_cli
-    from export.config import ExportConfig
+    from segadapt.cli_args import config_from_cli
+    from segadapt.export.config import ExportConfig
 
     cfg = config_from_cli(ExportConfig, ns, None)
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required")
     if cfg.format not in ("onnx", "engine", "triton"):
         raise ValueError(f"--format must be onnx, engine or triton, got {cfg.format!r}")
-    from export.onnx_export import export_onnx
+    from segadapt.export.onnx_export import export_onnx
 
     res = export_onnx(cfg)
     if cfg.format == "engine":
-        from export.tensorrt_build import TensorRTUnavailable, build_engine
+        from segadapt.export.tensorrt_build import TensorRTUnavailable, build_engine
 
         try:
             for prec, path in res.files.items():
@@ -107,7 +109,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
             print(json.dumps({k: str(v) for k, v in res.files.items()}, indent=1))
             return 3
     elif cfg.format == "triton":
-        from export.triton import write_triton_repository
+        from segadapt.export.triton import write_triton_repository
 
         repo = res.files["fp32"].parent / "triton"
         for prec, path in res.files.items():
@@ -123,8 +125,8 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
 
     import cv2
 
-    from runtime.predictor import Predictor
-    from runtime.video import segment_video
+    from segadapt.runtime.predictor import Predictor
+    from segadapt.runtime.video import segment_video
 
     providers = ns.providers.split(",") if ns.providers else None
     src = ns.source
@@ -153,7 +155,7 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
         bar.close()
         print(json.dumps(rep.to_dict(), indent=1))
         return 0
-    from adapt.data.datasets import IMAGE_SUFFIXES
+    from segadapt.adapt.data.datasets import IMAGE_SUFFIXES
 
     p = Path(src)
     if p.is_dir():
@@ -185,8 +187,8 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from adapt.config import default_camvid_dir
-    from export.bench import format_bench, run_bench, save_report
+    from segadapt.adapt.config import default_camvid_dir
+    from segadapt.export.bench import format_bench, run_bench, save_report
 
     ns.frames = ns.frames or str(Path(default_camvid_dir()) / "tiny" / "target")
 
@@ -200,7 +202,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from demo.app import launch
+    from segadapt.demo.app import launch
 
     launch(ns.model, ns.reference, ns.examples, ns.host, ns.port,
            providers=ns.providers.split(",") if ns.providers else None)
@@ -208,7 +210,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adapt.config import PipelineConfig, SourceTrainConfig, add_dataclass_arguments
+    from segadapt.adapt.config import SourceTrainConfig
+    from segadapt.cli_args import add_dataclass_arguments
+    from segadapt.pipeline import PipelineConfig
 
     p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
                                 "semantic segmentation.")
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(t, SourceTrainConfig)
     t.set_defaults(_run=_cmd_train_source)
 
-    from adapt.config import AdaptConfig
+    from segadapt.adapt.config import AdaptConfig
 
     a = sub.add_parser("adapt", help="source-free adaptation of a checkpoint to unlabelled target footage")
     a.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
@@ -248,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the metrics as JSON here")
     e.set_defaults(_run=_cmd_evaluate)
 
-    from export.config import ExportConfig
+    from segadapt.export.config import ExportConfig
 
     x = sub.add_parser("export", help="checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository")
     add_dataclass_arguments(x, ExportConfig)
