@@ -137,10 +137,52 @@ def _in_process(fn_name: str, args: dict) -> dict:
     return res
 
 
+def _bench_onnxruntime(exp, trt_exp, args: dict, video: str, vsize, log) -> dict:
+    """Each available ONNX Runtime provider on each exported graph (the TensorRT provider gets the TensorRT-form INT8
+    graph); the video pipeline on the FP32 graph."""
+    from segadapt.runtime.backends import available_ort_providers
+
+    results: dict = {}
+    for prov in available_ort_providers():
+        for prec, path in exp.files.items():
+            src = trt_exp if (prov == "tensorrt" and prec == "int8" and trt_exp is not None) else exp
+            label = f"onnxruntime-{prov}-{prec}"
+            log(f"bench {label}")
+            res = _in_process("_bench_runtime", dict(args, model=str(src.files[prec]), providers=[prov], label=label,
+                                                      frame_size=vsize or args["size"],
+                                                      video=video if prec == "fp32" else "", video_size=args["size"]))
+            if "error" in res:
+                res = {label: {"error": res["error"]}}
+            res[label]["class_agreement_vs_pytorch"] = src.parity[prec]["class_agreement"]
+            results.update(res)
+    return results
+
+
+def _bench_tensorrt(exp, trt_exp, args: dict, out: Path, log) -> dict:
+    """A TensorRT engine per exported graph (INT8 from the TensorRT-form graph), each measured in its own process."""
+    from segadapt.export.tensorrt_build import build_engine
+
+    results: dict = {}
+    for prec, path in exp.files.items():
+        label = f"tensorrt-{prec}"
+        src = trt_exp.files["int8"] if prec == "int8" and trt_exp is not None else path
+        try:
+            build_engine(src, out / f"model.{prec}.engine", log=log)
+            res = _in_process("_bench_runtime", dict(args, model=str(out / f"model.{prec}.engine"), threads=0,
+                                                      label=label, frame_size=args["size"], video=""))
+        except Exception as e:  # recorded, the rest of the bench goes on
+            res = {label: {"error": f"{type(e).__name__}: {e}"}}
+        results.update(res)
+    return results
+
+
 def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: int = 30, warmup: int = 5,
               threads: int = 0, out_dir: Optional[str] = None, precisions=("fp32", "int8"), video: str = "",
               log: Callable[[str], None] = print) -> dict:
     """Export (if needed) and measure every backend available here on the same frames.
+
+    INT8 is exported in the onnxruntime form for ONNX Runtime's CPU and CUDA providers and, where TensorRT (native
+    or ONNX Runtime's TensorRT provider) is available, also in the TensorRT form (``<out>/tensorrt-int8/``) for it.
 
     Args:
         checkpoint: our checkpoint.
@@ -148,36 +190,43 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
         size: (H, W) model input size (default: the checkpoint's).
         batch: batch size for the throughput figure.
         precisions: ONNX variants to measure (``fp32``, ``fp16``, ``int8``).
-        video: optional video file: measures end-to-end video throughput vs backend-only throughput.
+        video: optional video file: measures end-to-end video throughput vs backend-only throughput (FP32 graph,
+            each ONNX Runtime provider), reported under each result's ``video``.
 
     Returns:
         dict with ``machine``, ``config`` and ``results`` (one entry per backend/precision, or an ``error``).
     """
+    from dataclasses import replace
+
     import onnxruntime as ort
 
     from segadapt.adapt.models.checkpoint import load_segmenter
     from segadapt.export.config import ExportConfig
     from segadapt.export.onnx_export import export_onnx
-    from segadapt.export.tensorrt_build import build_engine, tensorrt_status
+    from segadapt.export.tensorrt_build import tensorrt_status
+    from segadapt.runtime.backends import available_ort_providers
 
     _, meta = load_segmenter(checkpoint)
     size = tuple(size) if size else tuple(meta.input_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).with_name(Path(checkpoint).name + "-bench")
     out.mkdir(parents=True, exist_ok=True)
     cfg = ExportConfig(checkpoint=checkpoint, out=str(out), imgsz=size, batch=1, dynamic=True, max_batch=batch,
-                       half="fp16" in precisions, int8="int8" in precisions, calib=frames, parity_data=frames)
+                       half="fp16" in precisions, int8="int8" in precisions, calib=frames, parity_data=frames,
+                       int8_backend="onnxruntime")
     exp = export_onnx(cfg, log=log)
+    trt_ok, why = tensorrt_status()
+    trt_exp = None
+    if cfg.int8 and (trt_ok or "tensorrt" in available_ort_providers()):
+        trt_exp = export_onnx(replace(cfg, out=str(out / "tensorrt-int8"), half=False, int8_backend="tensorrt"),
+                              log=log)
     results: dict = {}
     import torch
 
-    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devs:
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         log(f"bench PyTorch eager on {dev}")
         results.update(_in_process("_bench_torch", dict(checkpoint=checkpoint, device=dev, frames=frames, size=size,
                                                          batch=batch, iters=iters, warmup=warmup, threads=threads,
                                                          dtypes=["fp32"] + (["fp16"] if dev == "cuda" else []))))
-    from segadapt.runtime.backends import available_ort_providers
-
     vsize = None
     if video:
         import cv2
@@ -185,32 +234,9 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
         cap = cv2.VideoCapture(video)
         vsize = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
         cap.release()
-    for prov in available_ort_providers():
-        for prec, path in exp.files.items():
-            label = f"onnxruntime-{prov}-{prec}"
-            log(f"bench {label}")
-            res = _in_process("_bench_runtime", dict(model=str(path), providers=[prov], threads=threads,
-                                                      frames=frames, batch=batch, iters=iters, warmup=warmup,
-                                                      label=label, frame_size=vsize or size, tmp=str(out),
-                                                      video=video if prec == "fp32" else "", video_size=size))
-            if "error" in res:
-                res = {label: {"error": res["error"]}}
-            res[label]["class_agreement_vs_pytorch"] = exp.parity[prec]["class_agreement"]
-            results.update(res)
-    ok, why = tensorrt_status()
-    if ok:
-        for prec, path in exp.files.items():
-            label = f"tensorrt-{prec}"
-            try:
-                build_engine(path, out / f"model.{prec}.engine", log=log)
-                res = _in_process("_bench_runtime", dict(model=str(out / f"model.{prec}.engine"), threads=0,
-                                                          frames=frames, batch=batch, iters=iters, warmup=warmup,
-                                                          label=label, frame_size=size, tmp=str(out), video=""))
-            except Exception as e:  # recorded, the rest of the bench goes on
-                res = {label: {"error": f"{type(e).__name__}: {e}"}}
-            results.update(res)
-    else:
-        results["tensorrt"] = {"skipped": why}
+    args = dict(threads=threads, frames=frames, batch=batch, iters=iters, warmup=warmup, tmp=str(out), size=size)
+    results.update(_bench_onnxruntime(exp, trt_exp, args, video, vsize, log))
+    results.update(_bench_tensorrt(exp, trt_exp, args, out, log) if trt_ok else {"tensorrt": {"skipped": why}})
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": mp.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -222,7 +248,9 @@ def run_bench(checkpoint: str, frames: str, size=None, batch: int = 8, iters: in
 
 
 def format_bench(rep: dict) -> str:
-    """A Markdown table of :func:`run_bench` results (latencies in ms, throughput in frames/s, memory in MiB)."""
+    """:func:`run_bench` results as Markdown: a table of latencies (ms), throughput (frames/s), memory (MiB) and
+    agreement with PyTorch, then, for the backends measured on a video, a table of the video pipeline (decode +
+    segment + H.264 encode) against the backend alone."""
     rows = ["| backend | p50 ms (b=1) | p90 ms | end-to-end p50 ms | throughput fps (b) | peak MB | agreement |",
             "|---|---|---|---|---|---|---|"]
     for k, r in rep["results"].items():
@@ -234,6 +262,14 @@ def format_bench(rep: dict) -> str:
         mem = r.get("peak_gpu_mem_mb", r.get("peak_rss_mb", 0))
         rows.append(f"| {k} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {e2e} | {r['throughput_fps']:.1f} ({r['batch']}) "
                     f"| {mem:.0f} | {agr} |")
+    videos = {k: r["video"] for k, r in rep["results"].items() if isinstance(r.get("video"), dict)}
+    if videos:
+        rows += ["", "Video (decode + segment + H.264 encode, batch 1, FP32 graph):", "",
+                 "| backend | end-to-end fps | backend-only fps | ratio | frames | codec |",
+                 "|---|---|---|---|---|---|"]
+        for k, v in videos.items():
+            rows.append(f"| {k} | {v['end_to_end_fps']:.1f} | {v['backend_only_fps']:.1f} | {v['ratio'] * 100:.0f} % "
+                        f"| {v['frames']} | {v['codec']} |")
     return "\n".join(rows)
 
 

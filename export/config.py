@@ -1,47 +1,81 @@
-"""Typed export configuration (torch-free, so the CLI can build its flags without importing torch)."""
+"""Typed export configuration (torch-free, so the CLI can build its flags without importing torch).
+
+Each field is documented by the string under it (the flag's help line); enumerations are ``Literal`` and numbers
+carry their range (:mod:`segadapt.adapt.typed_config`), so ``segadapt export`` refuses bad values before it loads the
+checkpoint.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Annotated, Literal
+
+from segadapt.adapt.typed_config import Bounds, PositiveFloat, PositiveInt, Size
+
+MinSize = Annotated[tuple[int, int], Bounds(8)]
 
 
 @dataclass
 class ExportConfig:
-    """``segadapt export`` settings.
-
-    checkpoint: our checkpoint (or a local transformers directory). out: output directory (default
-    ``<checkpoint>-export``). format: ``onnx``, ``engine`` (TensorRT, built from the ONNX file on this machine's GPU)
-    or ``triton`` (a model repository). imgsz: (H, W) of the static graph or the profile's ``opt`` shape; (0, 0) =
-    the checkpoint's input size. batch: static batch (or ``opt`` batch when dynamic). dynamic: dynamic batch/height/
-    width between ``min_size`` and ``max_size`` (H, W) and batch 1..``max_batch``. half: also write an FP16 graph
-    (numerically sensitive ops stay FP32). int8: also write an INT8 QDQ graph calibrated on the frames in ``calib``.
-    input_layout: ``uint8_nhwc`` or ``float_nchw``. output: ``class_map`` or ``logits``. class_dtype: ``uint8`` or
-    ``int32``. opset: ONNX opset (>= 17). simplify: run onnxslim. workspace: TensorRT workspace limit in GiB.
-    parity_data: folder of real frames for the parity check (default: ``calib``, else the CamVid tiny target frames).
-    parity_frames: how many frames to compare. legacy_exporter: use torch's TorchScript exporter instead of dynamo.
-    """
+    """``segadapt export`` settings: the RGB segmenter of a checkpoint to ONNX (FP32, optionally FP16 and INT8
+    Q/DQ), then optionally a TensorRT engine or a Triton repository; metadata beside every file."""
 
     checkpoint: str = ""
+    """segadapt checkpoint (or local transformers directory) to export (required)"""
     out: str = ""
+    """output directory; empty = <checkpoint>-export"""
     name: str = "model"
-    format: str = "onnx"
-    imgsz: Tuple[int, int] = (0, 0)
-    batch: int = 1
+    """file stem: <out>/<name>.onnx, .fp16.onnx, .int8.onnx, .engine"""
+    format: Literal["onnx", "engine", "triton"] = "onnx"
+    """onnx; engine (TensorRT, built from the ONNX file on this machine's GPU); triton (a model repository)"""
+    imgsz: Size = (0, 0)
+    """H W of the static graph, or the optimisation profile's opt shape; 0 0 = the checkpoint's input size"""
+    batch: PositiveInt = 1
+    """static batch (or the profile's opt batch when dynamic)"""
     dynamic: bool = False
-    min_size: Tuple[int, int] = (64, 64)
-    max_size: Tuple[int, int] = (1088, 1920)
-    max_batch: int = 8
+    """dynamic batch (1..--max-batch), height and width (--min-size..--max-size)"""
+    min_size: MinSize = (64, 64)
+    """dynamic graphs: smallest H W"""
+    max_size: MinSize = (1088, 1920)
+    """dynamic graphs: largest H W"""
+    max_batch: PositiveInt = 8
+    """dynamic graphs: largest batch"""
     half: bool = False
+    """also write an FP16 graph (numerically sensitive ops stay FP32)"""
     int8: bool = False
+    """also write an INT8 Q/DQ graph calibrated on the frames in --calib"""
     calib: str = ""
-    calib_frames: int = 32
-    input_layout: str = "uint8_nhwc"
-    output: str = "class_map"
-    class_dtype: str = "uint8"
-    opset: int = 18
+    """folder of real target frames for INT8 calibration (default: --parity-data)"""
+    calib_frames: PositiveInt = 32
+    """frames used for INT8 calibration"""
+    int8_backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    """INT8 Q/DQ form: onnxruntime (uint8 asymmetric activations, ONNX Runtime's CPU kernels); tensorrt (int8
+    symmetric activations and weights, zero points 0: the only form TensorRT's parser accepts); auto = tensorrt for
+    --format engine/triton, else onnxruntime"""
+    int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    """activation ranges: the largest magnitude seen, the 99.99th percentile, or onnxruntime's KL search (with its
+    default 128 bins it picked the minmax ranges on the CamVid test models)"""
+    input_layout: Literal["uint8_nhwc", "float_nchw"] = "uint8_nhwc"
+    """graph input: uint8 (B, H, W, 3) RGB with normalisation inside, or normalised float32 (B, 3, H, W)"""
+    output: Literal["class_map", "logits"] = "class_map"
+    """graph output: (B, H, W) class ids at input resolution, or (B, K, H/s, W/s) logits"""
+    class_dtype: Literal["uint8", "int32"] = "uint8"
+    """dtype of the class map (uint8 up to 256 classes)"""
+    opset: Annotated[int, Bounds(17)] = 18
+    """ONNX opset (>= 17)"""
     simplify: bool = True
-    workspace: float = 4.0
+    """simplify the graph with onnxslim"""
+    workspace: PositiveFloat = 4.0
+    """TensorRT workspace memory limit, GiB"""
     parity_data: str = ""
-    parity_frames: int = 8
+    """folder of real frames for the parity check against PyTorch (default: --calib, else CamVid tiny target)"""
+    parity_frames: PositiveInt = 8
+    """frames compared in the parity check"""
     legacy_exporter: bool = False
+    """use torch's TorchScript exporter instead of the dynamo exporter"""
+
+    def check(self) -> None:
+        if any(a > b for a, b in zip(self.min_size, self.max_size)):
+            raise ValueError(f"--min-size {self.min_size} must not exceed --max-size {self.max_size}")
+        if self.dynamic and self.batch > self.max_batch:
+            raise ValueError(f"--batch {self.batch} must not exceed --max-batch {self.max_batch}")

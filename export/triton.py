@@ -4,7 +4,8 @@
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/1/model.onnx | model.plan
-    <repo>/<name>/1/model.json     (our metadata, for clients: classes, palette, normalisation)
+    <repo>/<name>/1/model.json | model.plan.json   (our metadata, for clients: classes, palette, normalisation;
+                                                     named as runtime.metadata.metadata_path names it)
 
 Batch is Triton's implicit first dimension (``max_batch_size`` > 0 with dynamic batching). Triton batches only
 requests of the same H x W; dynamic H/W show as -1.
@@ -84,10 +85,16 @@ def write_triton_repository(model_path: str | Path, repo: str | Path, name: str 
         the model directory ``<repo>/<name>``.
 
     Raises:
-        FileNotFoundError: the model or its metadata is missing.
+        FileNotFoundError: the model or its metadata is missing (an ``.onnx`` file without a sidecar uses the copy
+            embedded in the graph).
     """
     model_path = Path(model_path)
-    meta = ModelMetadata.load(metadata_path(model_path))
+    if model_path.suffix == ".onnx":
+        from segadapt.export.tensorrt_build import onnx_metadata
+
+        meta = onnx_metadata(model_path)
+    else:
+        meta = ModelMetadata.load(metadata_path(model_path))
     platform = "onnxruntime_onnx" if model_path.suffix == ".onnx" else "tensorrt_plan"
     mdir = Path(repo) / name
     (mdir / "1").mkdir(parents=True, exist_ok=True)
@@ -95,6 +102,6 @@ def write_triton_repository(model_path: str | Path, repo: str | Path, name: str 
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(model_path, tmp)
     tmp.replace(target)
-    meta.save(mdir / "1" / "model.json")
+    meta.save(metadata_path(target))
     write_atomic(mdir / "config.pbtxt", triton_config(meta, name, platform, max_batch_size, kind=kind).encode())
     return mdir

@@ -7,6 +7,8 @@ the metadata says) and returns the graph's output as a numpy array.
 from __future__ import annotations
 
 import abc
+import queue
+import threading
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -140,16 +142,37 @@ def _trt_dtype_to_np(trt, dt) -> np.dtype:
     return np.dtype(table[dt])
 
 
+class _ExecState:
+    """What one TensorRT request runs with: an execution context, its CUDA stream, its device buffers (sized for
+    the largest input of its optimisation profile) and that profile's index."""
+
+    def __init__(self, context, stream, d_in, d_out, max_shape: tuple, profile: int):
+        self.context, self.stream, self.d_in, self.d_out = context, stream, d_in, d_out
+        self.max_shape, self.profile = max_shape, profile
+
+
 class TrtBackend(Backend):
     """TensorRT backend: deserialise a plan, preallocate device buffers, ``execute_async_v3`` on a CUDA stream.
 
     Works with TensorRT 10 (JetPack 6) and 11. Device memory and copies use cuda-python (``cuda.bindings.runtime``,
-    or the older ``cuda.cudart``), never torch. Buffers are sized for the largest input the engine accepts
-    (the optimisation profile's max shape) and reused.
+    or the older ``cuda.cudart``), never torch.
+
+    Concurrency (the demo serves requests from several threads): an execution context is not thread-safe, so no two
+    requests ever share one. Each :meth:`infer` takes an execution state (context + its own CUDA stream + its own
+    device input/output buffers) from a pool, runs, and puts it back; states are created lazily, at most
+    ``max_contexts`` of them, and a request that finds none free waits for one. A pool rather than one context per
+    thread (``threading.local``): web servers run handlers on pools of dozens of threads (Gradio/AnyIO: up to 40), and
+    each context holds its own activation memory for the profile's largest shape, so per-thread contexts would grow
+    GPU memory with the number of threads that ever called; the pool bounds it. TensorRT also requires contexts in
+    concurrent use of a dynamic-shape engine to use different optimisation profiles, so for a dynamic engine the
+    pool holds at most one state per profile (state i uses profile i; our engines have one profile: requests to a
+    dynamic engine run one at a time, like a lock). A static engine runs up to ``max_contexts`` requests at once.
 
     Args:
         path: the ``.engine``/``.plan`` file (a raw TensorRT plan).
         metadata: its metadata; its ``tensorrt_version`` and ``gpu_name`` must match this machine.
+        device_id: the CUDA device (made current in every thread that runs a request).
+        max_contexts: most execution states (contexts) alive at once, >= 1.
 
     Raises:
         BackendError: TensorRT or cuda-python missing, no GPU, version/GPU mismatch ("rebuild the engine"), or a
@@ -158,9 +181,10 @@ class TrtBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, metadata: ModelMetadata, device_id: int = 0):
+    def __init__(self, path: str | Path, metadata: ModelMetadata, device_id: int = 0, max_contexts: int = 2):
         self.path = Path(path)
         self.metadata = metadata
+        self._states: List[_ExecState] = []  # before anything can fail: __del__ frees what exists
         try:
             import tensorrt as trt
         except ImportError as e:
@@ -175,6 +199,7 @@ class TrtBackend(Backend):
         if metadata.gpu_name and gpu and metadata.gpu_name != gpu:
             raise BackendError(f"{self.path}: engine was built for {metadata.gpu_name}, this GPU is {gpu}; engines "
                                f"are bound to one GPU model: rebuild it here")
+        self.device_id = device_id
         _check(self.cudart.cudaSetDevice(device_id))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -183,33 +208,64 @@ class TrtBackend(Backend):
             raise BackendError(f"{self.path}: TensorRT could not deserialise this engine (corrupt, or built by "
                                f"another TensorRT version)")
         self.engine = engine
-        self.context = engine.create_execution_context()
-        self.stream = _check(self.cudart.cudaStreamCreate())
+        self._find_io(engine)
+        self.dynamic = -1 in tuple(engine.get_tensor_shape(self.input_name))
+        limit = max(1, int(max_contexts))
+        self.max_contexts = min(limit, max(1, int(engine.num_optimization_profiles))) if self.dynamic else limit
+        self._lock = threading.Lock()
+        self._idle: "queue.LifoQueue[_ExecState]" = queue.LifoQueue()
+        self._idle.put(self._new_state())  # the first one now: a broken engine fails at load, not at first request
+        self.max_shape = self._states[0].max_shape
+
+    def _find_io(self, engine) -> None:
+        """Input/output tensor names and dtypes. Raises BackendError: not one input, or a name the metadata lacks."""
+        trt = self.trt
         self.inputs, self.outputs = [], []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             (self.inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
         if len(self.inputs) != 1:
             raise BackendError(f"{self.path}: expected one input tensor, found {self.inputs}")
-        self.input_name = self.inputs[0]
-        self.output_name = self.outputs[0]
-        if self.input_name != metadata.input_name:
+        self.input_name, self.output_name = self.inputs[0], self.outputs[0]
+        if self.input_name != self.metadata.input_name:
             raise BackendError(f"{self.path}: engine input is {self.input_name!r} but the metadata says "
-                               f"{metadata.input_name!r}")
-        shape = tuple(engine.get_tensor_shape(self.input_name))
-        if -1 in shape:
-            max_shape = tuple(engine.get_tensor_profile_shape(self.input_name, 0)[2])
-        else:
-            max_shape = shape
+                               f"{self.metadata.input_name!r}")
         self.in_dtype = _trt_dtype_to_np(trt, engine.get_tensor_dtype(self.input_name))
         self.out_dtype = _trt_dtype_to_np(trt, engine.get_tensor_dtype(self.output_name))
-        self.context.set_input_shape(self.input_name, max_shape)
-        max_out = tuple(self.context.get_tensor_shape(self.output_name))
-        self._in_bytes = int(np.prod(max_shape)) * self.in_dtype.itemsize
-        self._out_bytes = int(np.prod(max_out)) * self.out_dtype.itemsize
-        self.d_in = _check(self.cudart.cudaMalloc(self._in_bytes))
-        self.d_out = _check(self.cudart.cudaMalloc(self._out_bytes))
-        self.max_shape = max_shape
+
+    def _new_state(self) -> _ExecState:
+        """Create execution state number ``len(self._states)`` (context, stream, device buffers for its profile's
+        largest shape) and record it. Raises BackendError: TensorRT or CUDA refused."""
+        cud, profile = self.cudart, len(self._states)
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise BackendError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
+        stream = _check(cud.cudaStreamCreate())
+        if self.dynamic:
+            if profile > 0 and not context.set_optimization_profile_async(profile, int(stream)):
+                raise BackendError(f"{self.path}: TensorRT refused optimisation profile {profile}")
+            max_shape = tuple(self.engine.get_tensor_profile_shape(self.input_name, profile)[2])
+        else:
+            max_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        context.set_input_shape(self.input_name, max_shape)
+        max_out = tuple(context.get_tensor_shape(self.output_name))
+        d_in = _check(cud.cudaMalloc(int(np.prod(max_shape)) * self.in_dtype.itemsize))
+        d_out = _check(cud.cudaMalloc(int(np.prod(max_out)) * self.out_dtype.itemsize))
+        state = _ExecState(context, stream, d_in, d_out, max_shape, profile)
+        self._states.append(state)
+        return state
+
+    def _acquire(self) -> _ExecState:
+        """A free execution state: an idle one, a new one while fewer than ``max_contexts`` exist, else the next one
+        another request puts back (blocks)."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if len(self._states) < self.max_contexts:
+                return self._new_state()
+        return self._idle.get()
 
     @property
     def device(self) -> str:
@@ -219,31 +275,50 @@ class TrtBackend(Backend):
         return f"tensorrt {self.trt.__version__}"
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run one batch (thread-safe; see the class docstring).
+
+        Args:
+            x: (B, H, W, 3) uint8 or (B, 3, H, W) float32 as the metadata says, within the engine's shapes.
+
+        Returns:
+            the output tensor, a new numpy array of the engine's output dtype.
+
+        Raises:
+            BackendError: a shape beyond the engine's maximum, or a failed CUDA call or execution.
+        """
+        state = self._acquire()
+        try:
+            return self._run(state, x)
+        finally:
+            self._idle.put(state)
+
+    def _run(self, st: _ExecState, x: np.ndarray) -> np.ndarray:
         cud = self.cudart
         x = np.ascontiguousarray(x, dtype=self.in_dtype)
-        if any(a > b for a, b in zip(x.shape, self.max_shape)):
-            raise BackendError(f"{self.path}: input shape {x.shape} exceeds the engine's maximum {self.max_shape}")
-        self.context.set_input_shape(self.input_name, x.shape)
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out = np.empty(out_shape, self.out_dtype)
+        if x.ndim != len(st.max_shape) or any(a > b for a, b in zip(x.shape, st.max_shape)):
+            raise BackendError(f"{self.path}: input shape {x.shape} exceeds the engine's maximum {st.max_shape}")
+        _check(cud.cudaSetDevice(self.device_id))  # the current device is per thread in the CUDA runtime
+        st.context.set_input_shape(self.input_name, x.shape)
+        out = np.empty(tuple(st.context.get_tensor_shape(self.output_name)), self.out_dtype)
         h2d = cud.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cud.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(cud.cudaMemcpyAsync(self.d_in, x.ctypes.data, x.nbytes, h2d, self.stream))
-        self.context.set_tensor_address(self.input_name, int(self.d_in))
-        self.context.set_tensor_address(self.output_name, int(self.d_out))
-        if not self.context.execute_async_v3(int(self.stream)):
+        _check(cud.cudaMemcpyAsync(st.d_in, x.ctypes.data, x.nbytes, h2d, st.stream))
+        st.context.set_tensor_address(self.input_name, int(st.d_in))
+        st.context.set_tensor_address(self.output_name, int(st.d_out))
+        if not st.context.execute_async_v3(int(st.stream)):
             raise BackendError(f"{self.path}: TensorRT execution failed")
-        _check(cud.cudaMemcpyAsync(out.ctypes.data, self.d_out, out.nbytes, d2h, self.stream))
-        _check(cud.cudaStreamSynchronize(self.stream))
+        _check(cud.cudaMemcpyAsync(out.ctypes.data, st.d_out, out.nbytes, d2h, st.stream))
+        _check(cud.cudaStreamSynchronize(st.stream))
         return out
 
     def __del__(self):
-        try:
-            self.cudart.cudaFree(self.d_in)
-            self.cudart.cudaFree(self.d_out)
-            self.cudart.cudaStreamDestroy(self.stream)
-        except Exception:  # interpreter shutdown or a failed __init__: nothing to free
-            pass
+        for st in getattr(self, "_states", []):
+            try:
+                self.cudart.cudaFree(st.d_in)
+                self.cudart.cudaFree(st.d_out)
+                self.cudart.cudaStreamDestroy(st.stream)
+            except Exception:  # interpreter shutdown: nothing left to free
+                pass
 
 
 def _import_cudart():
@@ -279,7 +354,8 @@ def gpu_name(cudart=None, device_id: int = 0) -> Optional[str]:
 
 def open_backend(path: str | Path, metadata: ModelMetadata, providers: Optional[Sequence[str]] = None,
                  threads: int = 0, spin: bool = True) -> Backend:
-    """Pick the backend from the file: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT.
+    """Pick the backend from the file: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan``/``.trt`` -> TensorRT
+    (thread-safe, up to 2 concurrent requests on a static engine, see :class:`TrtBackend`).
     ``threads`` and ``spin``: see :class:`OrtBackend` (ignored for engines).
 
     Raises:

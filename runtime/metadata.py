@@ -1,8 +1,11 @@
 """The file that describes an exported model, defined once here and written by ``export``.
 
-Beside every exported model file ``<name>.onnx`` / ``<name>.engine`` sits ``<name>.json`` with
-:class:`ModelMetadata`. The runtime reads it to know the input layout and size, normalisation, output kind and class
-names, and (for TensorRT engines) to refuse an engine built for another TensorRT version or GPU.
+Every exported model file has its own metadata file :class:`ModelMetadata` beside it (see :func:`metadata_path`):
+``<name>.onnx`` -> ``<name>.json``, ``<name>.engine`` -> ``<name>.engine.json``, ``<name>.plan`` ->
+``<name>.plan.json``, so that an engine built from an ONNX file never overwrites the ONNX file's metadata. ONNX files
+also carry the same metadata inside the graph (``metadata_props`` key ``segadapt``), so a copied ``.onnx`` alone still
+runs. The runtime reads it to know the input layout and size, normalisation, output kind and class names, and (for
+TensorRT engines) to refuse an engine built for another TensorRT version or GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ class ModelMetadata:
         exporter: versions of the tools that produced the file (torch, onnx, onnxslim, onnxruntime, tensorrt...).
         tensorrt_version, gpu_name, gpu_compute_capability: for engines, what they are bound to.
         parity: agreement measured at export time (max abs logit difference, class-map agreement...).
+        quantization: for INT8 graphs and engines, how they were quantised (empty otherwise): ``scheme``
+            (``onnxruntime``: uint8 asymmetric activations, for ONNX Runtime's CPU kernels; ``tensorrt``: int8
+            symmetric activations, every zero point 0, the only form TensorRT's ONNX parser accepts), ``format``
+            (``QDQ``), ``activation_type``/``weight_type`` (``uint8``/``int8``), ``activation_symmetric``,
+            ``weight_symmetric``, ``per_channel``, ``op_types``, ``calibration_method``, ``calibration_frames``,
+            ``calibration_data``.
     """
 
     classes: List[str]
@@ -73,6 +82,7 @@ class ModelMetadata:
     gpu_name: Optional[str] = None
     gpu_compute_capability: Optional[str] = None
     parity: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
     created: str = ""
     metadata_version: int = METADATA_VERSION
 
@@ -131,6 +141,14 @@ class ModelMetadata:
 
 
 def metadata_path(model_path: str | Path) -> Path:
-    """The metadata file beside a model file: ``dir/name.onnx`` -> ``dir/name.json``."""
+    """The metadata file beside a model file, one per artefact.
+
+    ``dir/name.onnx`` -> ``dir/name.json`` (as before); any other file (``name.engine``, ``name.plan``, ``name.trt``)
+    -> ``dir/name.engine.json`` etc.: the full file name plus ``.json``, so that ``model.onnx`` and the engine built
+    from it (``model.engine``) keep separate metadata. Engines built before this naming had ``name.json``: rebuild
+    them (engines are bound to one machine anyway) or rename the file.
+    """
     p = Path(model_path)
-    return p.with_suffix(".json")
+    if p.suffix.lower() == ".onnx":
+        return p.with_suffix(".json")
+    return p.with_name(p.name + ".json")
