@@ -18,9 +18,8 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
+from segadapt.runtime.files import IMAGE_SUFFIXES
 from segadapt.runtime.predictor import Predictor
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class DemoError(ValueError):

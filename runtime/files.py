@@ -1,4 +1,5 @@
-"""Small file helpers shared by the runtime, export and checkpoints: atomic writes and JSON objects with clear errors."""
+"""Small file helpers shared by the runtime, export and checkpoints: atomic writes, JSON objects with clear errors,
+and image-file listing (torch-free: ``segadapt predict`` and the demo use these without the ``adapt`` extra)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import List
+
+#: Image file suffixes the runtime reads (OpenCV decodes them all).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def read_json_object(path: str | Path, what: str) -> dict:
@@ -51,3 +56,23 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def list_images(source: str | Path) -> List[Path]:
+    """The image files to segment for ``source``: the file itself, or the sorted images of a folder (of its
+    ``images/`` sub-folder when it has one, as a dataset split does).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: the folder holds no image file (the message names it and the suffixes looked for).
+    """
+    p = Path(source)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such image or folder")
+    d = p / "images" if (p / "images").is_dir() else p
+    files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{d}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files

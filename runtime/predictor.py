@@ -47,19 +47,39 @@ def load_metadata(model_path: str | Path) -> ModelMetadata:
         except ValueError as e:
             raise BackendError(str(e)) from None
     if p.suffix.lower() == ".onnx":
-        try:
-            import onnx
-
-            m = onnx.load(str(p), load_external_data=False)
-            for prop in m.metadata_props:
-                if prop.key == "segadapt":
-                    return ModelMetadata.from_dict(json.loads(prop.value), str(p))
-        except ImportError:
-            pass
-        except Exception as e:  # onnx raises DecodeError etc. for corrupt files
-            raise BackendError(f"{p}: not a readable ONNX model: {e}") from None
+        embedded = _embedded_metadata(p)
+        if embedded is not None:
+            return ModelMetadata.from_dict(json.loads(embedded), str(p))
     raise BackendError(f"{p}: no metadata file {mp.name} beside it (export writes one); cannot tell the input "
                        f"layout, size and classes")
+
+
+def _embedded_metadata(p: Path) -> Optional[str]:
+    """The ``segadapt`` entry of an ONNX file's ``metadata_props`` (None if absent), read with the ``onnx`` package
+    when installed, else with onnxruntime (the runtime-only install has no ``onnx``).
+
+    Raises:
+        BackendError: the file is not a readable ONNX model.
+    """
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    try:
+        if onnx is not None:
+            props = {e.key: e.value for e in onnx.load(str(p), load_external_data=False).metadata_props}
+        else:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            props = sess.get_modelmeta().custom_metadata_map
+    except ImportError:
+        return None
+    except Exception as e:  # onnx raises DecodeError, onnxruntime InvalidProtobuf etc. for corrupt files
+        raise BackendError(f"{p}: not a readable ONNX model: {e}") from None
+    return props.get("segadapt")
 
 
 class Predictor:

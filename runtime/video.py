@@ -1,11 +1,14 @@
 """Video in, overlay video out: decoding, inference and encoding overlap in a bounded pipeline.
 
 A reader thread decodes frames (OpenCV) and preprocesses them (resize to the model size) into a bounded queue, the
-calling thread batches them through the :class:`~segadapt.runtime.predictor.Predictor`'s backend, and a writer thread blends
-overlays and encodes them. For the best throughput on a busy CPU, build the predictor with ``spin=False``. The
-queues are bounded, so memory stays flat however long the video. Output is H.264 (``yuv420p``, playable in browsers) through PyAV's
-libx264 when PyAV is installed, otherwise MPEG-4 part 2 through OpenCV with a warning (pip's OpenCV cannot write
-H.264).
+calling thread batches them through the :class:`~segadapt.runtime.predictor.Predictor`'s backend, and a writer
+thread blends overlays and encodes them. For the best throughput on a busy CPU, build the predictor with
+``spin=False``. The queues are bounded, so memory stays flat however long the video. Output is H.264 (``yuv420p``,
+playable in browsers) through PyAV's libx264 when PyAV is installed, otherwise MPEG-4 part 2 through OpenCV with a
+warning (pip's OpenCV cannot write H.264).
+
+Every queue operation waits with a timeout and gives up when the thread on the other side has stopped, so a failing
+reader or writer (a corrupt stream, a full disk) ends the run with one error instead of blocking it forever.
 """
 
 from __future__ import annotations
@@ -24,6 +27,46 @@ import numpy as np
 from segadapt.runtime.predictor import Predictor
 
 _END = object()
+_POLL_S = 0.1  # how often a blocked queue operation checks whether the other side has stopped
+
+
+def _put(q: "queue.Queue", item, give_up: Callable[[], bool]) -> bool:
+    """Put ``item``, waiting while the queue is full; False (item dropped) once ``give_up()`` is true."""
+    while True:
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            if give_up():
+                return False
+
+
+def _get(q: "queue.Queue", give_up: Callable[[], bool]):
+    """Get an item, waiting while the queue is empty; ``_END`` once it is empty and ``give_up()`` is true."""
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            if give_up():
+                try:
+                    return q.get_nowait()  # put just before the producer stopped
+                except queue.Empty:
+                    return _END
+
+
+def _failure(e: BaseException, what: str) -> Exception:
+    """One error for a failed stage, ``<what>: <cause>``: an OSError (same errno) for an OSError, a ValueError for a
+    ValueError, else a RuntimeError; the cause is chained."""
+    msg = f"{what}: {str(e) or type(e).__name__}"
+    if isinstance(e, OSError):
+        err: Exception = OSError(msg)
+        err.errno = e.errno
+    elif isinstance(e, ValueError):
+        err = ValueError(msg)
+    else:
+        err = RuntimeError(msg)
+    err.__cause__ = e
+    return err
 
 
 class VideoWriter:
@@ -100,11 +143,14 @@ class VideoWriter:
         self.frames += 1
 
     def close(self) -> None:
+        """Flush and close the file (closed even when flushing fails, e.g. on a full disk; the error is raised)."""
         if self._av is not None:
-            for pkt in self._stream.encode():
-                self._av.mux(pkt)
-            self._av.close()
-            self._av = None
+            container, self._av = self._av, None
+            try:
+                for pkt in self._stream.encode():
+                    container.mux(pkt)
+            finally:
+                container.close()
         if self._cv is not None:
             self._cv.release()
             self._cv = None
@@ -170,6 +216,13 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
 
     Raises:
         ValueError: the source cannot be opened or holds no frame.
+        OSError: reading the source or writing the output failed, e.g. ``<out_path>: writing the video failed at
+            frame 12: [Errno 28] No space left on device`` (same errno as the cause; a ValueError or RuntimeError
+            of the same form for other causes).
+
+    When reading, inference or writing fails, the partial output video is removed (it may lack its index and not
+    play, and on a full disk it holds the space); class maps already written are kept. An interrupt
+    (KeyboardInterrupt) keeps the video of the frames done, closed properly.
     """
     cap = open_capture(source)
     src_fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
@@ -193,31 +246,42 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 t = time.perf_counter()
                 x, boxes = predictor.preprocess([rgb])
-                in_q.put((rgb, x, boxes[0], (time.perf_counter() - t) * 1e3))
+                if not _put(in_q, (rgb, x, boxes[0], (time.perf_counter() - t) * 1e3), stop.is_set):
+                    break
                 n += 1
         except Exception as e:  # surfaced to the caller below
-            errors.append(e)
+            name = f"camera {source}" if str(source).isdigit() else str(source)
+            errors.append(_failure(e, f"{name}: reading the video failed at frame {n}"))
         finally:
             cap.release()
-            in_q.put(_END)
+            _put(in_q, _END, stop.is_set)
 
     writer = VideoWriter(out_path, src_fps, codec, preset=preset)
 
     def write_loop() -> None:
+        idx = 0
         try:
             while True:
-                item = out_q.get()
+                item = out_q.get()  # the calling thread always ends the queue with _END while this thread runs
                 if item is _END:
                     break
                 idx, frame, cm = item
                 writer.write(predictor.overlay(frame, cm, alpha))
                 if class_map_dir is not None:
-                    cv2.imwrite(str(Path(class_map_dir) / f"{idx:06d}.png"), cm)
+                    f = Path(class_map_dir) / f"{idx:06d}.png"
+                    if not cv2.imwrite(str(f), cm):
+                        raise OSError(f"{f}: cannot write the class map")
+                idx += 1
         except Exception as e:  # surfaced to the caller below
-            errors.append(e)
+            errors.append(_failure(e, f"{out_path}: writing the video failed at frame {idx}"))
             stop.set()
         finally:
-            writer.close()
+            try:
+                writer.close()
+            except Exception as e:  # flushing the encoder can fail too (full disk)
+                if not errors:
+                    errors.append(_failure(e, f"{out_path}: writing the video failed at the end ({idx} frames)"))
+                stop.set()
 
     t0 = time.perf_counter()
     rt = threading.Thread(target=reader, daemon=True)
@@ -228,36 +292,44 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
     done = 0
     bs = max(1, min(batch_size, predictor.max_batch))
     ended = False
+    failed = True  # an exception in this thread (not an interrupt) also removes the partial video
+
+    def stopped() -> bool:  # the writer failed (it sets stop) or is gone: nothing will take frames any more
+        return stop.is_set() or not wt.is_alive()
+
     try:
-        while not ended and not stop.is_set():
+        while not ended and not stopped():
             batch = []
             while len(batch) < bs:
-                item = in_q.get()
+                item = _get(in_q, lambda: stopped() or not rt.is_alive())
                 if item is _END:
                     ended = True
                     break
                 batch.append(item)
-            if not batch:
+            if not batch or stopped():
                 break
             x = batch[0][1] if len(batch) == 1 else np.concatenate([b[1] for b in batch])
             preds = predictor.infer_prepared(x, [b[2] for b in batch], [b[0].shape[:2] for b in batch],
                                              sum(b[3] for b in batch) / len(batch))
             for (frame, *_), pred in zip(batch, preds):
-                out_q.put((done, frame, pred.class_map))
+                if not _put(out_q, (done, frame, pred.class_map), stopped):
+                    break
                 for k in stage:
                     stage[k] += pred.timings.get(k, 0.0)
                 done += 1
             if progress:
                 progress(done, total)
+        failed = False
+    except KeyboardInterrupt:
+        failed = False
+        raise
     finally:
         stop.set()
-        while rt.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                in_q.get_nowait()
-            except queue.Empty:
-                time.sleep(0.01)
-        out_q.put(_END)
+        rt.join()  # its queue puts give up within _POLL_S once stop is set
+        _put(out_q, _END, lambda: not wt.is_alive())
         wt.join()
+        if failed or errors:
+            Path(out_path).unlink(missing_ok=True)
     if errors:
         raise errors[0]
     if done == 0:

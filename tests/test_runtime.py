@@ -216,3 +216,144 @@ def test_predict_cli_on_images_and_video(onnx_models, tiny, video_path, tmp_path
     assert main(["predict", "--model", str(onnx_models[0]), "--source", str(video_path), "--out",
                  str(tmp_path / "vid"), "--max-frames", "10"]) == 0
     assert (tmp_path / "vid" / "solidWhiteRight_overlay.mp4").stat().st_size > 0
+
+
+def test_predict_cli_without_torch(tiny_onnx, tiny, tmp_path):
+    """A runtime-only install (no torch, no onnx package): `segadapt predict` on a real frame works and never imports
+    torch or segadapt.adapt (torch, transformers and onnx are made unimportable in the child process); a copied
+    .onnx alone, without its .json, runs with the same classes and palette (the metadata embedded in the graph, read
+    through onnxruntime)."""
+    import shutil
+
+    frame = sorted((tiny / "target" / "images").iterdir())[0]
+    lone = tmp_path / "copied" / "model.onnx"
+    lone.parent.mkdir()
+    shutil.copy(tiny_onnx, lone)
+    code = f"""
+import importlib.abc, json, sys
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] in ('torch', 'transformers', 'onnx'):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+from segadapt.cli import main
+rcs = [main(['predict', '--model', m, '--source', {str(frame)!r}, '--out', o, '--providers', 'cpu'])
+       for m, o in (({str(tiny_onnx)!r}, {str(tmp_path / "out")!r}), ({str(lone)!r}, {str(tmp_path / "lone")!r}))]
+mods = sorted(sys.modules)
+print(json.dumps({{'rc': rcs, 'torch': [m for m in mods if m.partition('.')[0] in ('torch', 'transformers', 'onnx')],
+                  'adapt': [m for m in mods if m == 'segadapt.adapt' or m.startswith('segadapt.adapt.')]}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == {"rc": [0, 0], "torch": [], "adapt": []}, r.stderr
+    overlay = tmp_path / "out" / f"{frame.stem}_overlay.png"
+    assert overlay.is_file() and cv2.imread(str(overlay)).shape == cv2.imread(str(frame)).shape
+    assert not metadata_path(lone).exists()
+    assert np.array_equal(cv2.imread(str(tmp_path / "lone" / overlay.name)), cv2.imread(str(overlay)))
+
+
+def _bounded(fn, timeout=90.0):
+    """Run ``fn`` in a thread: a hang fails the test instead of hanging the suite. Returns (result, exception)."""
+    import threading
+
+    res: dict = {}
+
+    def target():
+        try:
+            res["value"] = fn()
+        except BaseException as e:  # handed to the test
+            res["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"segment_video did not return within {timeout:.0f} s (hang)"
+    return res.get("value"), res.get("error")
+
+
+def test_video_writer_failure_is_an_error_not_a_hang(tiny_onnx, video_path, tmp_path, monkeypatch):
+    """The disk fills up after 5 frames: segment_video raises one clear OSError naming the output, within a bounded
+    time (before, the main loop blocked forever on the full output queue), and removes the partial file."""
+    import errno
+
+    from segadapt.runtime import video as video_mod
+
+    real_write = video_mod.VideoWriter.write
+
+    def write(self, rgb):
+        if self.frames >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, rgb)
+
+    monkeypatch.setattr(video_mod.VideoWriter, "write", write)
+    p = Predictor(tiny_onnx, providers=["cpu"], spin=False)
+    out = tmp_path / "full.mp4"
+    _, err = _bounded(lambda: video_mod.segment_video(p, video_path, out, queue_size=2))
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC, repr(err)
+    assert str(err) == f"{out}: writing the video failed at frame 5: [Errno 28] No space left on device"
+    assert not out.exists()  # a truncated video is not left behind (and its space is given back)
+
+    # the disk fills up while the encoder is flushed at the end
+    monkeypatch.setattr(video_mod.VideoWriter, "write", real_write)
+    real_close = video_mod.VideoWriter.close
+
+    def close(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(video_mod.VideoWriter, "close", close)
+    _, err = _bounded(lambda: video_mod.segment_video(p, video_path, out, queue_size=2, max_frames=8))
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC, repr(err)
+    assert str(err) == f"{out}: writing the video failed at the end (8 frames): [Errno 28] No space left on device"
+    assert not out.exists()
+
+
+def test_video_reader_and_inference_failures_end_cleanly(tiny_onnx, video_path, tmp_path, monkeypatch):
+    """A decode error after 5 frames is one clear error naming the source; an inference error stops the reader and
+    the writer: both return within a bounded time, without a partial output file."""
+    import errno
+
+    from segadapt.runtime import video as video_mod
+
+    real_open = video_mod.open_capture
+
+    class FailingCapture:
+        def __init__(self, cap):
+            self.cap, self.n = cap, 0
+
+        def read(self):
+            if self.n >= 5:
+                raise OSError(errno.EIO, "Input/output error")
+            self.n += 1
+            return self.cap.read()
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(video_mod, "open_capture", lambda src: FailingCapture(real_open(src)))
+    p = Predictor(tiny_onnx, providers=["cpu"], spin=False)
+    out = tmp_path / "r.mp4"
+    _, err = _bounded(lambda: video_mod.segment_video(p, video_path, out, queue_size=2))
+    assert isinstance(err, OSError) and err.errno == errno.EIO, repr(err)
+    assert str(err) == f"{video_path}: reading the video failed at frame 5: [Errno 5] Input/output error"
+    assert not out.exists()
+    monkeypatch.setattr(video_mod, "open_capture", real_open)
+
+    calls = []
+    real_infer = p.infer_prepared
+
+    def infer(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("inference failed")
+        return real_infer(*a, **k)
+
+    monkeypatch.setattr(p, "infer_prepared", infer)
+    out2 = tmp_path / "i.mp4"
+    _, err = _bounded(lambda: video_mod.segment_video(p, video_path, out2, queue_size=2))
+    assert isinstance(err, RuntimeError) and str(err) == "inference failed", repr(err)
+    assert not out2.exists()
