@@ -194,7 +194,7 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     batches = infinite(loader)
     cov_file = open(out / "coverage.jsonl", "a")
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", dynamic_ncols=True)
     step = start
     last_logs: dict = {}
     try:
@@ -299,7 +299,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
                 aux_teacher.update(aux)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kept=f"{float(mask.float().mean()):.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kept=f"{float(mask.float().mean()):.2f}",
+                            refresh=False)
             last_logs = logs
             if step % cfg.log_every == 0 or step == cfg.steps:
                 cov = coverage_per_class(labels, K, ignore)

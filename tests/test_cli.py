@@ -137,3 +137,117 @@ def test_adapt_depth_flag_alias(capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert rc == 0 and cfg["depth"]["provider"] == "stereo" and cfg["depth"]["right_dir"] == "R"
     assert cfg["steps"] == 7
+
+
+def _flags_and_help(command: str):
+    """(flag, help text) of every option of a subcommand, from its parser."""
+    from segadapt.cli import build_parser
+
+    p = build_parser(command)
+    sub = next(a for a in p._actions if a.dest == "command").choices[command]
+    return [(a.option_strings[-1], a.help or "") for a in sub._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["data", "train-source", "adapt", "evaluate", "export", "predict", "bench",
+                                     "demo", "pipeline"])
+def test_every_flag_has_a_help_line(command):
+    rows = _flags_and_help(command)
+    assert len(rows) >= 3
+    bare = [f for f, h in rows if not h.split("(default")[0].strip()]
+    assert bare == [], f"{command}: flags without a help line: {bare}"
+
+
+@pytest.mark.parametrize("args, names", [
+    (["adapt", "--keep", "studnet"], ["teacher", "student"]),
+    (["adapt", "--depth.provider", "lidar"], ["none", "files", "stereo", "model"]),
+    (["adapt", "--rectifier.prior", "anchor"], ["teacher_anchor", "teacher", "none"]),
+    (["train-source", "--model.arch", "resnet"], ["deeplabv3-mobilenetv2", "segformer"]),
+    (["adapt", "--teacher.alpha", "2"], ["--teacher.alpha", "[0, 1)"]),
+    (["adapt", "--lr", "nan"], ["--lr", "finite"]),
+    (["adapt", "--pseudo.fraction", "2"], ["--pseudo.fraction", "[0, 1]"]),
+    (["adapt", "--steps", "-5"], ["--steps", ">= 1"]),
+    (["adapt", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    (["train-source", "--size", "-1", "240"], ["--size", ">= 0"]),
+    (["export", "--batch", "0"], ["--batch", ">= 1"]),
+])
+def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, names, capsys, monkeypatch):
+    import segadapt.adapt.self_training as st
+    import segadapt.adapt.train_source as ts
+
+    def must_not_run(*a, **k):
+        raise AssertionError("work started before the flags were checked")
+
+    monkeypatch.setattr(st, "adapt", must_not_run)
+    monkeypatch.setattr(ts, "train_source", must_not_run)
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--checkpoint", "x", "--target", "y"] if args[0] == "adapt" else args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    for n in names:
+        assert n in err, err
+
+
+def test_bad_values_in_a_config_file_name_the_key(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"teacher": {"alpha": 1.5}, "keep": "teacher"}))
+    rc = main(["adapt", "--config", str(tmp_path / "c.json"), "--print-config"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher.alpha" in err and "[0, 1)" in err
+    (tmp_path / "d.json").write_text(json.dumps({"keep": "studnet"}))
+    rc = main(["adapt", "--config", str(tmp_path / "d.json"), "--print-config"])
+    assert rc == 2 and "student" in capsys.readouterr().err
+
+
+def test_cross_field_rules_checked_up_front(capsys):
+    rc = main(["adapt", "--print-config", "--depth", "files"])
+    assert rc == 2 and "--depth.directory" in capsys.readouterr().err
+    rc = main(["adapt", "--print-config", "--scale", "1.5", "0.5"])
+    assert rc == 2 and "--scale" in capsys.readouterr().err
+    rc = main(["adapt", "--checkpoint", "nowhere/ckpt", "--target", "."])
+    assert rc == 2 and "nowhere/ckpt" in capsys.readouterr().err
+
+
+def test_boolean_flags_work_bare_and_with_a_value(capsys):
+    from segadapt.cli import build_parser
+
+    ns = build_parser("export").parse_args(["export", "--half", "--int8", "--dynamic", "false"])
+    assert getattr(ns, "half") is True and getattr(ns, "int8") is True and getattr(ns, "dynamic") is False
+    rc = main(["adapt", "--print-config", "--adabn", "--class-mix", "no"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert rc == 0 and cfg["adabn"] is True and cfg["class_mix"] is False
+
+
+def test_predict_builds_no_adapt_parser():
+    code = ("import sys\nfrom segadapt.cli import build_parser\n"
+            "build_parser('predict').parse_args(['predict', '--model', 'm.onnx', '--source', 's', '--out', 'o'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('segadapt.adapt') or m == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_progress_in_a_log_file_is_a_line_per_interval_not_carriage_returns(tmp_path):
+    code = ("import time, sys\nfrom segadapt.console import setup_console\nsetup_console(log_interval=0.2)\n"
+            "from tqdm import tqdm\n"
+            "for _ in tqdm(range(300), desc='work'):\n    time.sleep(0.005)\n")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stderr=f, cwd=ROOT, timeout=60, check=True)
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.strip()]
+    assert "\r" not in text and 2 <= len(lines) <= 20, lines  # ~1.5 s of work at one line per 0.2 s
+    assert "300/300" in lines[-1]
+
+
+def test_quiet_hides_progress_and_info(tmp_path):
+    code = ("from segadapt.console import setup_console, log\nsetup_console(quiet=True)\n"
+            "from tqdm import tqdm\nlog('hello info')\nfor _ in tqdm(range(5), desc='work'):\n    pass\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "hello info" not in out.stderr and "work" not in out.stderr
+    code2 = code.replace("quiet=True", "quiet=False")
+    out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "hello info" in out2.stderr and "5/5" in out2.stderr
+
+
+def test_python_dash_m_segadapt_works():
+    out = subprocess.run([sys.executable, "-m", "segadapt", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 0 and "pipeline" in out.stdout and "predict" in out.stdout

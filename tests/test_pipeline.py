@@ -58,13 +58,55 @@ def test_pipeline_end_to_end_and_resume(tiny_data, tmp_path, video_path):
     assert len(skipped) == 5
 
 
-def test_failing_step_is_named_and_keeps_earlier_outputs(tiny_data, tmp_path):
+def test_failing_step_is_named_and_keeps_earlier_outputs(tiny_data, tmp_path, monkeypatch):
+    import segadapt.runtime.video as video_mod
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(video_mod, "segment_video", disk_full)
+    monkeypatch.setenv("SEGADAPT_DATA", str(tmp_path / "no-data-root"))  # no dash-cam clip there
     cfg = PipelineConfig(data=str(tiny_data), out=str(tmp_path / "run"), size=(60, 80), source_steps=4,
-                         adapt_steps=2, video=str(tmp_path / "missing.mp4"), device="cpu")
+                         adapt_steps=2, device="cpu")
+    logs = []
     with pytest.raises(StepFailed, match="'video'") as e:
-        run_pipeline(cfg, log=lambda *_: None)
-    assert "missing.mp4" in str(e.value)
+        run_pipeline(cfg, log=logs.append)
+    assert "No space left" in str(e.value)
+    assert any("no clip at" in m and "target_adapt frames" in m for m in logs)  # said before step 1
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["failed"]["step"] == "video"
     assert set(state["done"]) == {"train_source", "adapt", "evaluate", "export"}
     assert (tmp_path / "run" / "export" / "adapted.onnx").is_file()
+    # resumed without the fault: only the video and report steps run, on the target frames made into a clip
+    monkeypatch.undo()
+    monkeypatch.setenv("SEGADAPT_DATA", str(tmp_path / "no-data-root"))
+    rep = run_pipeline(cfg, log=lambda *_: None)
+    assert rep["video"]["frames"] == 20  # the 20 tiny target frames
+    assert rep["files"]["video_source"].endswith("target_adapt_frames.mp4")
+    assert "target_adapt_frames.mp4" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_missing_inputs_fail_before_step_one(tmp_path, tiny):
+    from segadapt.cli import main
+
+    empty = tmp_path / "data"
+    (empty / "target_adapt").mkdir(parents=True)
+    cfg = PipelineConfig(data=str(empty), out=str(tmp_path / "run"), video=str(tmp_path / "missing.mp4"))
+    with pytest.raises(FileNotFoundError) as e:
+        run_pipeline(cfg, log=lambda *_: None)
+    msg = str(e.value)
+    assert "nothing was run" in msg and "\n" not in msg
+    for what in ("source_train", "source_val", "classes.json", "target_adapt", "missing.mp4"):
+        assert what in msg
+    assert not (tmp_path / "run").exists()
+    # through the CLI: one line, exit 2, no traceback
+    rc = main(["pipeline", "--data", str(empty), "--out", str(tmp_path / "run2"), "--preset", "quick"])
+    assert rc == 2 and not (tmp_path / "run2").exists()
+
+
+def test_pipeline_preset_choices_checked_before_work(tmp_path, capsys):
+    from segadapt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--preset", "quik", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "quick" in capsys.readouterr().err and not (tmp_path / "r").exists()

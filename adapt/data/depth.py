@@ -205,14 +205,15 @@ def make_depth_provider(kind: str, directory: str = "", right_dir: str = "", mod
         return None
     if kind == "files":
         if not directory:
-            raise ValueError("--depth files needs --depth-dir")
+            raise ValueError("--depth.provider files needs --depth.directory (the folder of depth or disparity maps)")
         return FileDepth(directory, file_kind, png_scale)
     if kind == "stereo":
         if not right_dir:
-            raise ValueError("--depth stereo needs --right-dir (right images with the left images' file names)")
+            raise ValueError("--depth.provider stereo needs --depth.right-dir (right images named like the left "
+                             "images)")
         return StereoDepth(right_dir, focal_px, baseline_m)
     if kind == "model":
         if not model_dir:
-            raise ValueError("--depth model needs --depth-model (a local transformers directory)")
+            raise ValueError("--depth.provider model needs --depth.model-dir (a local transformers directory)")
         return ModelDepth(model_dir, device=device)
     raise ValueError(f"unknown depth provider {kind!r}; choose none, files, stereo or model")

@@ -1,0 +1,98 @@
+"""What the command line prints: log levels (``--quiet``/``--verbose``), library warnings and progress bars.
+
+- Messages go through :mod:`logging` (logger ``segadapt``) to stderr; results (tables, JSON) go to stdout.
+- Warnings that a user cannot act on (deprecations inside torch's exporter, onnxscript, transformers...) are hidden
+  unless ``--verbose``; our own warnings always show.
+- tqdm progress bars redraw in place on a terminal (at most every 2 s). Where stderr is a file or a pipe (a log), a
+  bar becomes one line every ``log_interval`` seconds instead of thousands of carriage-return updates; ``--quiet``
+  hides them. This works through tqdm's own ``TQDM_*`` environment defaults, so the training loops need no flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+LOG = logging.getLogger("segadapt")
+
+#: library modules whose warnings and INFO logging are noise for a user of the command line
+NOISY_MODULES = ("torch", "onnxscript", "onnx_ir", "transformers", "huggingface_hub", "onnxruntime", "onnxslim",
+                 "onnxconverter_common", "timm", "torchvision", "gradio", "httpx", "urllib3")
+
+
+class _LineStream:
+    """A text stream wrapper that turns carriage-return redraws (tqdm on a non-terminal) into whole lines; lines of
+    only spaces (tqdm clearing its bar) are dropped."""
+
+    def __init__(self, stream):
+        self._s = stream
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        for ch in text:
+            if ch in "\r\n":
+                if self._line.strip():
+                    self._s.write(self._line.rstrip() + "\n")
+                self._line = ""
+            else:
+                self._line += ch
+        return len(text)
+
+    def flush(self) -> None:  # a partial line waits for its end: a bar's redraw must not split it
+        self._s.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records through ``tqdm.write``, so that messages never land in the middle of a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
+def setup_console(quiet: bool = False, verbose: bool = False, log_interval: float = 30.0) -> None:
+    """Configure logging, warning filters and progress bars for one command-line run.
+
+    Args:
+        quiet: WARNING level, no progress bars.
+        verbose: DEBUG level, every library warning and log message.
+        log_interval: seconds between progress lines when stderr is not a terminal.
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    tty = sys.stderr.isatty()
+    if not tty and not isinstance(sys.stderr, _LineStream):
+        sys.stderr = _LineStream(sys.stderr)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+    if not verbose:
+        for mod in NOISY_MODULES:
+            logging.getLogger(mod).setLevel(logging.ERROR)
+            warnings.filterwarnings("ignore", module=rf"{mod}(\.|$)")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # torch configures its own loggers when imported (after this): "Skipping torchvision::nms" and the like from
+        # the ONNX exporter are silenced through torch's own switch; a TORCH_LOGS the user set wins
+        os.environ.setdefault("TORCH_LOGS", "-onnx")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("TQDM_MININTERVAL", "2" if tty else str(log_interval))
+
+
+def log(msg: str) -> None:
+    """INFO message of the command line (the ``log`` callback handed to training, export and the pipeline)."""
+    LOG.info(msg)
