@@ -9,16 +9,17 @@ with runs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Tuple
 
 from segadapt.adapt.typed_config import (Bounds, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Size,
-                                         check_config, from_dict, hints, to_dict)
+                                         check_config, check_size, from_dict, hints, to_dict)
 
 __all__ = ["AdaptConfig", "DepthConfig", "ModelConfig", "PhotometricConfig", "PseudoLabelConfig", "RectifierConfig",
-           "SourceTrainConfig", "TeacherConfig", "check_config", "default_camvid_dir", "default_data_root",
-           "from_dict", "hints", "parse_size", "to_dict"]
+           "SourceTrainConfig", "TeacherConfig", "check_config", "check_device", "default_camvid_dir",
+           "default_data_root", "from_dict", "hints", "parse_size", "to_dict"]
 
 DEFAULT_DATA_ENV = "SEGADAPT_DATA"
 Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -54,6 +55,16 @@ def _check_range(lo_hi: Tuple[float, float], flag: str) -> None:
         raise ValueError(f"{flag}: the first value (min) must not exceed the second (max), got {lo_hi}")
 
 
+def check_device(device: str, flag: str = "--device") -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked up front; torch would only fail once it runs).
+
+    Raises:
+        ValueError: naming ``flag``.
+    """
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ValueError(f"{flag}: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
 @dataclass
 class PhotometricConfig:
     """Strengths of the photometric augmentation (image only); 0 disables a component."""
@@ -76,6 +87,9 @@ class PhotometricConfig:
     """smallest blur sigma, pixels"""
     blur_sigma_max: NonNegFloat = 1.15
     """largest blur sigma, pixels"""
+
+    def check(self) -> None:
+        _check_range((self.blur_sigma_min, self.blur_sigma_max), "--blur-sigma-min/--blur-sigma-max")
 
 
 @dataclass
@@ -151,6 +165,9 @@ class SourceTrainConfig:
 
     def check(self) -> None:
         _check_range(self.scale, "--scale")
+        check_size(self.size, "--size")
+        check_size(self.crop, "--crop", zero_means="--size")
+        check_device(self.device)
 
 
 @dataclass
@@ -325,3 +342,6 @@ class AdaptConfig:
 
     def check(self) -> None:
         _check_range(self.scale, "--scale")
+        check_size(self.size, "--size", zero_means="the checkpoint's input size")
+        check_size(self.crop, "--crop", zero_means="--size")
+        check_device(self.device)

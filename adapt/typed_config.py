@@ -14,6 +14,7 @@ may define ``check(self)`` for rules across fields (raise ``ValueError`` naming 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -61,6 +62,19 @@ Fraction = typing.Annotated[float, Bounds(0, 1)]
 Size = typing.Annotated[Tuple[int, int], Bounds(0)]  # (H, W) pixels; (0, 0) = "the default size"
 
 
+def check_size(hw: Tuple[int, int], flag: str, zero_means: str = "") -> None:
+    """A (H, W) size: both positive, or (with ``zero_means``) both 0; one 0 alone would be silently ignored.
+
+    Raises:
+        ValueError: naming ``flag``.
+    """
+    if tuple(hw) == (0, 0) and zero_means:
+        return
+    if min(hw) < 1:
+        raise ValueError(f"{flag}: H and W must both be >= 1" + (f" (or both 0 for {zero_means})" if zero_means else "")
+                         + f", got {hw[0]} {hw[1]}")
+
+
 def hints(cls) -> Dict[str, Any]:
     """The field types of dataclass ``cls`` with their ``Annotated`` extras."""
     return typing.get_type_hints(cls, include_extras=True)
@@ -106,7 +120,7 @@ def check_value(name: str, t, v) -> Any:
     base, bounds = unwrap(t)
     opts = choices(base)
     if opts is not None:
-        if v not in opts:
+        if not any(v == o and type(v) is type(o) for o in opts):
             raise ValueError(f"{name}: {v!r} is not one of {', '.join(map(str, opts))}")
         return v
     if typing.get_origin(base) in (tuple, Tuple):
@@ -131,28 +145,35 @@ def check_value(name: str, t, v) -> Any:
     return v
 
 
-def from_dict(cls, d: dict, path: str = ""):
+def from_dict(cls, d: dict, path: str = "", base=None):
     """Build dataclass ``cls`` from a (possibly partial, nested) dict, checking every value given.
+
+    Args:
+        cls: the config dataclass.
+        d: field values; nested configs as nested dicts.
+        path: key prefix for messages (``"teacher."``).
+        base: the instance whose values the dict overrides (default ``cls()``); a nested dict overrides the parent's
+            default of that section (``AdaptConfig.strong`` keeps its own defaults where the dict is silent).
 
     Raises:
         ValueError: a key that is not a field (with the closest names suggested) or a bad value (see
             :func:`check_value`).
     """
+    obj = copy.deepcopy(base) if base is not None else cls()
     hs = hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
     for k, v in d.items():
         if k not in names:
             close = difflib.get_close_matches(k, names, n=3)
             raise ValueError(f"unknown config key {path + k!r}" + (f"; did you mean {close}?" if close else ""))
-        t = hs[k]
-        if dataclasses.is_dataclass(unwrap(t)[0]):
+        t = unwrap(hs[k])[0]
+        if dataclasses.is_dataclass(t):
             if not isinstance(v, dict):
                 raise ValueError(f"config key {path + k!r} needs a mapping, got {v!r}")
-            kwargs[k] = from_dict(unwrap(t)[0], v, path + k + ".")
+            setattr(obj, k, from_dict(t, v, path + k + ".", base=getattr(obj, k)))
         else:
-            kwargs[k] = check_value(f"config key {path + k!r}", t, v)
-    return cls(**kwargs)
+            setattr(obj, k, check_value(f"config key {path + k!r}", hs[k], v))
+    return obj
 
 
 def to_dict(cfg) -> dict:
@@ -173,7 +194,7 @@ def check_config(cfg, flag_prefix: str = "--") -> None:
         v = getattr(cfg, f.name)
         flag = flag_prefix + f.name.replace("_", "-")
         if dataclasses.is_dataclass(v):
-            check_config(v, flag_prefix + f.name + ".")
+            check_config(v, flag_prefix + f.name.replace("_", "-") + ".")
         else:
             setattr(cfg, f.name, check_value(flag, hs[f.name], v))
     own = getattr(cfg, "check", None)

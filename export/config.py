@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from segadapt.adapt.typed_config import Bounds, PositiveFloat, PositiveInt, Size
+from segadapt.adapt.typed_config import Bounds, PositiveFloat, PositiveInt, Size, check_size
 
 MinSize = Annotated[tuple[int, int], Bounds(8)]
 
@@ -75,6 +75,7 @@ class ExportConfig:
     """use torch's TorchScript exporter instead of the dynamo exporter"""
 
     def check(self) -> None:
+        check_size(self.imgsz, "--imgsz", zero_means="the checkpoint's input size")
         if any(a > b for a, b in zip(self.min_size, self.max_size)):
             raise ValueError(f"--min-size {self.min_size} must not exceed --max-size {self.max_size}")
         if self.dynamic and self.batch > self.max_batch:

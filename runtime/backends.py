@@ -235,36 +235,53 @@ class TrtBackend(Backend):
 
     def _new_state(self) -> _ExecState:
         """Create execution state number ``len(self._states)`` (context, stream, device buffers for its profile's
-        largest shape) and record it. Raises BackendError: TensorRT or CUDA refused."""
+        largest shape) and record it; what was allocated before a failure is freed.
+
+        Raises:
+            BackendError: TensorRT or CUDA refused (out of GPU memory, a profile it does not take).
+        """
         cud, profile = self.cudart, len(self._states)
         context = self.engine.create_execution_context()
         if context is None:
             raise BackendError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
         stream = _check(cud.cudaStreamCreate())
-        if self.dynamic:
-            if profile > 0 and not context.set_optimization_profile_async(profile, int(stream)):
-                raise BackendError(f"{self.path}: TensorRT refused optimisation profile {profile}")
-            max_shape = tuple(self.engine.get_tensor_profile_shape(self.input_name, profile)[2])
-        else:
-            max_shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        context.set_input_shape(self.input_name, max_shape)
-        max_out = tuple(context.get_tensor_shape(self.output_name))
-        d_in = _check(cud.cudaMalloc(int(np.prod(max_shape)) * self.in_dtype.itemsize))
-        d_out = _check(cud.cudaMalloc(int(np.prod(max_out)) * self.out_dtype.itemsize))
-        state = _ExecState(context, stream, d_in, d_out, max_shape, profile)
+        allocated = []
+        try:
+            if self.dynamic:
+                if profile > 0 and not context.set_optimization_profile_async(profile, int(stream)):
+                    raise BackendError(f"{self.path}: TensorRT refused optimisation profile {profile}")
+                max_shape = tuple(self.engine.get_tensor_profile_shape(self.input_name, profile)[2])
+            else:
+                max_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+            context.set_input_shape(self.input_name, max_shape)
+            max_out = tuple(context.get_tensor_shape(self.output_name))
+            allocated.append(_check(cud.cudaMalloc(int(np.prod(max_shape)) * self.in_dtype.itemsize)))
+            allocated.append(_check(cud.cudaMalloc(int(np.prod(max_out)) * self.out_dtype.itemsize)))
+        except BaseException:
+            for ptr in allocated:
+                cud.cudaFree(ptr)
+            cud.cudaStreamDestroy(stream)
+            raise
+        state = _ExecState(context, stream, allocated[0], allocated[1], max_shape, profile)
         self._states.append(state)
         return state
 
     def _acquire(self) -> _ExecState:
         """A free execution state: an idle one, a new one while fewer than ``max_contexts`` exist, else the next one
-        another request puts back (blocks)."""
+        another request puts back (blocks). If a new one cannot be made (GPU memory), the pool stops growing and the
+        request waits for an existing one instead of failing."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
             pass
         with self._lock:
             if len(self._states) < self.max_contexts:
-                return self._new_state()
+                try:
+                    return self._new_state()
+                except BackendError:
+                    if not self._states:
+                        raise
+                    self.max_contexts = len(self._states)
         return self._idle.get()
 
     @property

@@ -30,7 +30,8 @@ class ClassInfo:
         if len(self.palette) != len(self.names):
             raise ValueError(f"palette has {len(self.palette)} colours for {len(self.names)} classes")
         if 0 <= self.ignore_index < len(self.names):
-            raise ValueError(f"ignore_index {self.ignore_index} collides with class id of {self.names[self.ignore_index]!r}")
+            raise ValueError(f"ignore_index {self.ignore_index} collides with class id of "
+                             f"{self.names[self.ignore_index]!r}")
 
     @property
     def num_classes(self) -> int:
@@ -50,7 +51,8 @@ class ClassInfo:
         )
 
     def to_dict(self) -> dict:
-        return {"classes": list(self.names), "palette": [list(c) for c in self.palette], "ignore_index": self.ignore_index}
+        return {"classes": list(self.names), "palette": [list(c) for c in self.palette],
+                "ignore_index": self.ignore_index}
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassInfo":

@@ -11,6 +11,8 @@ from typing import List
 
 #: Image file suffixes the runtime reads (OpenCV decodes them all).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: Video file suffixes ``segadapt predict`` treats as video (decoded by OpenCV's FFmpeg backend).
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def read_json_object(path: str | Path, what: str) -> dict:

@@ -225,117 +225,143 @@ def segment_video(predictor: Predictor, source: Union[str, int, Path], out_path:
     (KeyboardInterrupt) keeps the video of the frames done, closed properly.
     """
     cap = open_capture(source)
-    src_fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    if max_frames:
-        total = min(total, max_frames) if total else max_frames
-    in_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
-    out_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
-    errors: list = []
-    stop = threading.Event()
-    if class_map_dir is not None:
-        Path(class_map_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        writer = VideoWriter(out_path, cap.get(cv2.CAP_PROP_FPS) or 25.0, codec, preset=preset)
+        if class_map_dir is not None:
+            Path(class_map_dir).mkdir(parents=True, exist_ok=True)
+    except BaseException:  # e.g. the output folder cannot be made: the capture (a camera) must not stay open
+        cap.release()
+        raise
+    return _VideoJob(predictor, source, cap, writer, alpha, batch_size, class_map_dir, max_frames, queue_size,
+                     progress).run()
 
-    def reader() -> None:
+
+class _VideoJob:
+    """One run of :func:`segment_video`: a reader thread (decode + preprocess), the calling thread (inference) and a
+    writer thread (overlay + encode + class maps), joined by bounded queues. Any stage that fails sets ``stop``;
+    every blocked queue operation gives up within ``_POLL_S`` once the other side has stopped, so a dead stage ends
+    the run with its error instead of a hang."""
+
+    def __init__(self, predictor: Predictor, source, cap: cv2.VideoCapture, writer: VideoWriter, alpha: float,
+                 batch_size: int, class_map_dir, max_frames: Optional[int], queue_size: int,
+                 progress: Optional[Callable[[int, int], None]]):
+        self.predictor, self.source, self.cap, self.writer = predictor, source, cap, writer
+        self.alpha, self.class_map_dir, self.max_frames, self.progress = alpha, class_map_dir, max_frames, progress
+        self.batch_size = max(1, min(batch_size, predictor.max_batch))
+        self.src_fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.total = (min(total, max_frames) if total else max_frames) if max_frames else total
+        self.in_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
+        self.out_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
+        self.errors: list = []
+        self.stop = threading.Event()
+        self.stage = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
+        self.done = 0
+        self.rt = threading.Thread(target=self.read, daemon=True)
+        self.wt = threading.Thread(target=self.write, daemon=True)
+
+    def read(self) -> None:
+        """Reader thread: decode, convert to RGB, preprocess, queue; ends the queue with ``_END``."""
         n = 0
         try:
-            while not stop.is_set() and (not max_frames or n < max_frames):
-                ok, bgr = cap.read()
+            while not self.stop.is_set() and (not self.max_frames or n < self.max_frames):
+                ok, bgr = self.cap.read()
                 if not ok:
                     break
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 t = time.perf_counter()
-                x, boxes = predictor.preprocess([rgb])
-                if not _put(in_q, (rgb, x, boxes[0], (time.perf_counter() - t) * 1e3), stop.is_set):
+                x, boxes = self.predictor.preprocess([rgb])
+                if not _put(self.in_q, (rgb, x, boxes[0], (time.perf_counter() - t) * 1e3), self.stop.is_set):
                     break
                 n += 1
-        except Exception as e:  # surfaced to the caller below
-            name = f"camera {source}" if str(source).isdigit() else str(source)
-            errors.append(_failure(e, f"{name}: reading the video failed at frame {n}"))
+        except Exception as e:  # surfaced to the caller by run()
+            name = f"camera {self.source}" if str(self.source).isdigit() else str(self.source)
+            self.errors.append(_failure(e, f"{name}: reading the video failed at frame {n}"))
         finally:
-            cap.release()
-            _put(in_q, _END, stop.is_set)
+            self.cap.release()
+            _put(self.in_q, _END, self.stop.is_set)
 
-    writer = VideoWriter(out_path, src_fps, codec, preset=preset)
-
-    def write_loop() -> None:
-        idx = 0
+    def write(self) -> None:
+        """Writer thread: overlay and encode each (index, frame, class map) until ``_END``; close the file."""
+        idx, out_path = 0, self.writer.path
         try:
             while True:
-                item = out_q.get()  # the calling thread always ends the queue with _END while this thread runs
+                item = self.out_q.get()  # run() always ends the queue with _END while this thread runs
                 if item is _END:
                     break
                 idx, frame, cm = item
-                writer.write(predictor.overlay(frame, cm, alpha))
-                if class_map_dir is not None:
-                    f = Path(class_map_dir) / f"{idx:06d}.png"
+                self.writer.write(self.predictor.overlay(frame, cm, self.alpha))
+                if self.class_map_dir is not None:
+                    f = Path(self.class_map_dir) / f"{idx:06d}.png"
                     if not cv2.imwrite(str(f), cm):
                         raise OSError(f"{f}: cannot write the class map")
                 idx += 1
-        except Exception as e:  # surfaced to the caller below
-            errors.append(_failure(e, f"{out_path}: writing the video failed at frame {idx}"))
-            stop.set()
+        except Exception as e:  # surfaced to the caller by run()
+            self.errors.append(_failure(e, f"{out_path}: writing the video failed at frame {idx}"))
+            self.stop.set()
         finally:
             try:
-                writer.close()
+                self.writer.close()
             except Exception as e:  # flushing the encoder can fail too (full disk)
-                if not errors:
-                    errors.append(_failure(e, f"{out_path}: writing the video failed at the end ({idx} frames)"))
-                stop.set()
+                if not self.errors:
+                    self.errors.append(_failure(e, f"{out_path}: writing the video failed at the end ({idx} frames)"))
+                self.stop.set()
 
-    t0 = time.perf_counter()
-    rt = threading.Thread(target=reader, daemon=True)
-    wt = threading.Thread(target=write_loop, daemon=True)
-    rt.start()
-    wt.start()
-    stage = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-    done = 0
-    bs = max(1, min(batch_size, predictor.max_batch))
-    ended = False
-    failed = True  # an exception in this thread (not an interrupt) also removes the partial video
+    def stopped(self) -> bool:
+        """The writer failed (it sets ``stop``) or is gone: nothing will take frames any more."""
+        return self.stop.is_set() or not self.wt.is_alive()
 
-    def stopped() -> bool:  # the writer failed (it sets stop) or is gone: nothing will take frames any more
-        return stop.is_set() or not wt.is_alive()
-
-    try:
-        while not ended and not stopped():
+    def infer_all(self) -> None:
+        """Calling thread: batch preprocessed frames through the backend and hand the class maps to the writer."""
+        ended = False
+        while not ended and not self.stopped():
             batch = []
-            while len(batch) < bs:
-                item = _get(in_q, lambda: stopped() or not rt.is_alive())
+            while len(batch) < self.batch_size:
+                item = _get(self.in_q, lambda: self.stopped() or not self.rt.is_alive())
                 if item is _END:
                     ended = True
                     break
                 batch.append(item)
-            if not batch or stopped():
+            if not batch or self.stopped():
                 break
             x = batch[0][1] if len(batch) == 1 else np.concatenate([b[1] for b in batch])
-            preds = predictor.infer_prepared(x, [b[2] for b in batch], [b[0].shape[:2] for b in batch],
-                                             sum(b[3] for b in batch) / len(batch))
+            preds = self.predictor.infer_prepared(x, [b[2] for b in batch], [b[0].shape[:2] for b in batch],
+                                                  sum(b[3] for b in batch) / len(batch))
             for (frame, *_), pred in zip(batch, preds):
-                if not _put(out_q, (done, frame, pred.class_map), stopped):
+                if not _put(self.out_q, (self.done, frame, pred.class_map), self.stopped):
                     break
-                for k in stage:
-                    stage[k] += pred.timings.get(k, 0.0)
-                done += 1
-            if progress:
-                progress(done, total)
-        failed = False
-    except KeyboardInterrupt:
-        failed = False
-        raise
-    finally:
-        stop.set()
-        rt.join()  # its queue puts give up within _POLL_S once stop is set
-        _put(out_q, _END, lambda: not wt.is_alive())
-        wt.join()
-        if failed or errors:
-            Path(out_path).unlink(missing_ok=True)
-    if errors:
-        raise errors[0]
-    if done == 0:
-        Path(out_path).unlink(missing_ok=True)
-        raise ValueError(f"{source}: no decodable frame")
-    secs = time.perf_counter() - t0
-    return VideoReport(frames=done, seconds=secs, fps=done / secs if secs > 0 else 0.0, source_fps=src_fps,
-                       codec=writer.codec, output=str(out_path),
-                       stage_ms={k: v / done for k, v in stage.items()})
+                for k in self.stage:
+                    self.stage[k] += pred.timings.get(k, 0.0)
+                self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total)
+
+    def run(self) -> VideoReport:
+        """Start both threads, infer, join everything, remove a partial video after a failure; the report."""
+        out_path = self.writer.path
+        t0 = time.perf_counter()
+        self.rt.start()
+        self.wt.start()
+        failed = True  # an exception in this thread (not an interrupt) also removes the partial video
+        try:
+            self.infer_all()
+            failed = False
+        except KeyboardInterrupt:
+            failed = False
+            raise
+        finally:
+            self.stop.set()
+            self.rt.join()  # its queue puts give up within _POLL_S once stop is set
+            _put(self.out_q, _END, lambda: not self.wt.is_alive())
+            self.wt.join()
+            if failed or self.errors:
+                out_path.unlink(missing_ok=True)
+        if self.errors:
+            raise self.errors[0]
+        if self.done == 0:
+            out_path.unlink(missing_ok=True)
+            raise ValueError(f"{self.source}: no decodable frame")
+        secs = time.perf_counter() - t0
+        return VideoReport(frames=self.done, seconds=secs, fps=self.done / secs if secs > 0 else 0.0,
+                           source_fps=self.src_fps, codec=self.writer.codec, output=str(out_path),
+                           stage_ms={k: v / self.done for k, v in self.stage.items()})

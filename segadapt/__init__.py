@@ -10,7 +10,10 @@ as sub-packages (``pyproject.toml`` maps them):
 
 Orchestration sits above them, in this folder: the command line (``segadapt.cli``, ``python -m segadapt``) and the
 main job (``segadapt.pipeline``). Dependencies point one way: ``export -> adapt``, ``export -> runtime``,
-``demo -> runtime``, and this floor -> all four; ``adapt`` imports neither ``export`` nor ``runtime``.
+``demo -> runtime``, this floor -> all four, and ``adapt -> runtime``'s two torch-free leaf modules only (the label
+set in ``runtime/classes.py``, atomic writes in ``runtime/files.py``); ``adapt`` never imports ``export``, the
+predictor or this floor, and ``runtime``/``demo`` never import torch, ``adapt`` or ``export``
+(``tests/test_layout.py`` checks it).
 """
 
 __version__ = "0.1.0"

@@ -100,10 +100,11 @@ def _cmd_pipeline(ns: argparse.Namespace) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace) -> int:
-    from segadapt.cli_args import config_from_cli
     from segadapt.export.config import ExportConfig
 
-    cfg = config_from_cli(ExportConfig, ns, None)
+    cfg = _resolved_config(ExportConfig, ns)
+    if cfg is None:
+        return 0
     _require_paths(("--checkpoint", cfg.checkpoint, "the checkpoint to export"))
     for flag, folder in (("--calib", cfg.calib if cfg.int8 else ""), ("--parity-data", cfg.parity_data)):
         if folder:
@@ -141,45 +142,66 @@ def _cmd_export(ns: argparse.Namespace) -> int:
 
 
 def _cmd_predict(ns: argparse.Namespace) -> int:
+    """``segadapt predict``: images, a folder, a video file or a camera; torch-free (only segadapt.runtime)."""
     from pathlib import Path
 
-    import cv2
-
+    from segadapt.console import log
+    from segadapt.runtime.files import VIDEO_SUFFIXES, list_images
     from segadapt.runtime.predictor import Predictor
-    from segadapt.runtime.video import segment_video
 
-    providers = ns.providers.split(",") if ns.providers else None
     src = ns.source
-    video_suffixes = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-    is_video = src.isdigit() or Path(src).suffix.lower() in video_suffixes
+    is_video = src.isdigit() or Path(src).suffix.lower() in VIDEO_SUFFIXES
+    if not src.isdigit() and not Path(src).exists():  # before the model loads
+        raise FileNotFoundError(f"{src}: no such image, folder, video or camera index (--source)")
+    files = [] if is_video else list_images(src)
     # video: decoding and encoding share the CPU, so ONNX Runtime's idle threads should not spin
-    pred = Predictor(ns.model, providers=providers, threads=ns.threads, letterbox=ns.letterbox,
-                     size=tuple(ns.size) if ns.size else None, spin=not is_video)
+    pred = Predictor(ns.model, providers=ns.providers.split(",") if ns.providers else None, threads=ns.threads,
+                     letterbox=ns.letterbox, size=tuple(ns.size) if ns.size else None, spin=not is_video)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}")
+    log(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}")
     if is_video:
-        from tqdm import tqdm
+        print(json.dumps(_predict_video(pred, src, out, ns), indent=1))
+    else:
+        ms = _predict_images(pred, files, out, ns)
+        print(f"{len(files)} image(s) -> {out}; mean {ms:.1f} ms per image")
+    return 0
 
-        bar = tqdm(desc="video", unit="frame")
 
-        def progress(done, total):
-            bar.total = total or None
-            bar.n = done
-            bar.refresh()
+def _predict_video(pred, src: str, out, ns: argparse.Namespace) -> dict:
+    """Segment a video file or camera into ``<out>/<name>_overlay.mp4``; returns the video report as a dict."""
+    from pathlib import Path
 
-        name = f"camera{src}" if src.isdigit() else Path(src).stem
+    from tqdm import tqdm
+
+    from segadapt.runtime.video import segment_video
+
+    bar = tqdm(desc="video", unit="frame")
+
+    def progress(done, total):
+        bar.total = total or None
+        bar.n = done
+        bar.refresh()
+
+    name = f"camera{src}" if src.isdigit() else Path(src).stem
+    try:
         rep = segment_video(pred, src, out / f"{name}_overlay.mp4", alpha=ns.alpha, batch_size=ns.batch,
                             class_map_dir=out / f"{name}_class_maps" if ns.save_class_maps else None,
                             max_frames=ns.max_frames or None, progress=progress)
+    finally:
         bar.close()
-        print(json.dumps(rep.to_dict(), indent=1))
-        return 0
-    from segadapt.runtime.files import list_images  # torch-free: predict never imports segadapt.adapt
+    return rep.to_dict()
 
-    if not Path(src).exists():
-        raise FileNotFoundError(f"{src}: no such image, folder, video or camera index")
-    files = list_images(src)
+
+def _predict_images(pred, files, out, ns: argparse.Namespace) -> float:
+    """Segment image files into ``<out>/<stem>_overlay.png`` (+ class maps); returns the mean ms per image.
+
+    Raises:
+        ValueError: a file that is not a readable image (named).
+        OSError: an output file that cannot be written (named).
+    """
+    import cv2
+
     times = []
     for f in files:
         bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
@@ -188,12 +210,14 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         r = pred.predict(rgb)
         times.append(sum(r.timings.values()))
-        cv2.imwrite(str(out / f"{f.stem}_overlay.png"), cv2.cvtColor(pred.overlay(rgb, r.class_map, ns.alpha),
-                                                                   cv2.COLOR_RGB2BGR))
+        outputs = [(out / f"{f.stem}_overlay.png", cv2.cvtColor(pred.overlay(rgb, r.class_map, ns.alpha),
+                                                                  cv2.COLOR_RGB2BGR))]
         if ns.save_class_maps:
-            cv2.imwrite(str(out / f"{f.stem}_class_map.png"), r.class_map)
-    print(f"{len(files)} image(s) -> {out}; mean {sum(times) / len(times):.1f} ms per image")
-    return 0
+            outputs.append((out / f"{f.stem}_class_map.png", r.class_map))
+        for path, img in outputs:
+            if not cv2.imwrite(str(path), img):
+                raise OSError(f"{path}: cannot write the output image")
+    return sum(times) / len(times)
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
@@ -275,15 +299,15 @@ def _fill_evaluate(e: argparse.ArgumentParser) -> None:
 
 
 def _fill_export(x: argparse.ArgumentParser) -> None:
-    from segadapt.cli_args import add_dataclass_arguments
     from segadapt.export.config import ExportConfig
 
-    add_dataclass_arguments(x, ExportConfig)
+    _config_options(x, ExportConfig)
     x.set_defaults(_run=_cmd_export)
 
 
 def _fill_predict(pr: argparse.ArgumentParser) -> None:
-    pr.add_argument("--model", required=True, help=".onnx or .engine file (its .json metadata beside it)")
+    pr.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it) or .engine file "
+                    "(x.engine.json beside it)")
     pr.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu (default: all "
@@ -315,7 +339,7 @@ def _fill_bench(b: argparse.ArgumentParser) -> None:
 
 
 def _fill_demo(dm: argparse.ArgumentParser) -> None:
-    dm.add_argument("--model", required=True, help=".onnx or .engine file")
+    dm.add_argument("--model", required=True, help=".onnx or .engine file (with its metadata, as for predict)")
     dm.add_argument("--reference", default=None, help="second model shown side by side (e.g. source-only)")
     dm.add_argument("--examples", default=None, help="folder of example frames")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
@@ -331,6 +355,7 @@ def _fill_pipeline(pl: argparse.ArgumentParser) -> None:
     pl.set_defaults(_run=_cmd_pipeline)
 
 
+# plain options outside the configs; deliberately not segadapt.adapt.typed_config, which `predict` must not import
 def _typed(base, ok, what):
     def parse(s: str):
         try:
@@ -363,15 +388,22 @@ COMMANDS = {
 }
 
 
+def _output_options(parser: argparse.ArgumentParser, default) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="only warnings, errors and the result")
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug messages, library warnings and stack traces")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``segadapt`` parser. ``command``: fill in only that subcommand's arguments (None = all of them)."""
     p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
                                 "semantic segmentation.")
+    _output_options(p, default=False)  # before the command (segadapt -q predict ...) or after it
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     output = argparse.ArgumentParser(add_help=False)
-    g = output.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the result")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug messages, library warnings and stack traces")
+    _output_options(output, default=argparse.SUPPRESS)  # a subcommand does not reset what was given before it
     for name, (text, fill) in COMMANDS.items():
         sp = sub.add_parser(name, help=text, description=text, parents=[output])
         if command is None or command == name:

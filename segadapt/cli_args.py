@@ -34,8 +34,10 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def _checked(base: type, t):
-    """An argparse ``type`` function: parse with ``base``, then check the field's bounds (argparse names the flag)."""
+def checked_type(base: type, t):
+    """An argparse ``type`` function: parse with ``base``, then check type ``t``'s bounds (argparse names the flag).
+
+    ``checked_type(int, PositiveInt)`` also serves plain argparse options outside the configs."""
     def parse(s: str):
         try:
             v = base(s)
@@ -49,13 +51,7 @@ def _checked(base: type, t):
     return parse
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        d = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        d = f.default_factory()
-    else:
-        return ""
+def _default_text(d) -> str:
     if isinstance(d, tuple):
         d = " ".join(map(str, d))
     elif isinstance(d, bool):
@@ -63,38 +59,42 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default: {d})" if d != "" else " (default: empty)"
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Tuple[str, ...] = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Tuple[str, ...] = (),
+                            defaults=None) -> None:
     """Add one flag per field of dataclass ``cls`` (recursively for nested dataclasses, as ``--section.field``).
 
     Defaults are left as None in argparse so that only flags the user gave override the config (and a ``--config``
-    file); the help line shows the field's documentation and its real default.
+    file); the help line shows the field's documentation and its real default, taken from ``defaults`` (an
+    instance; default ``cls()``), so a nested section shows its parent's defaults (``AdaptConfig.strong``).
 
     Raises:
         TypeError: a field type this layer cannot parse.
     """
     hs = hints(cls)
     docs = field_docs(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         base, bounds = unwrap(hs[f.name])
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(base):
-            add_dataclass_arguments(parser, base, prefix=name + ".")
+            add_dataclass_arguments(parser, base, prefix=name + ".", defaults=getattr(defaults, f.name))
             continue
         flag = "--" + name.replace("_", "-")
-        kw: dict = {"dest": name, "default": None, "help": docs.get(f.name, "") + _default_text(f)}
+        kw: dict = {"dest": name, "default": None,
+                    "help": docs.get(f.name, "") + _default_text(getattr(defaults, f.name))}
         opts = choices(base)
         if opts is not None:
             kw.update(type=type(opts[0]), choices=opts)
         elif typing.get_origin(base) in (tuple, typing.Tuple):
             args = typing.get_args(base)
             elem = typing.Annotated[args[0], bounds] if bounds else args[0]
-            kw.update(nargs=len(args), type=_checked(args[0], elem), metavar=args[0].__name__.upper())
+            kw.update(nargs=len(args), type=checked_type(args[0], elem), metavar=args[0].__name__.upper())
         elif base is bool:
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif base in (int, float, str):
-            kw.update(type=_checked(base, hs[f.name]) if base is not str else str)
+            kw.update(type=checked_type(base, hs[f.name]) if base is not str else str)
         else:
             raise TypeError(f"unsupported config field type {base} for {name}")
         parser.add_argument(flag, **kw)

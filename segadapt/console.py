@@ -1,8 +1,8 @@
 """What the command line prints: log levels (``--quiet``/``--verbose``), library warnings and progress bars.
 
 - Messages go through :mod:`logging` (logger ``segadapt``) to stderr; results (tables, JSON) go to stdout.
-- Warnings that a user cannot act on (deprecations inside torch's exporter, onnxscript, transformers...) are hidden
-  unless ``--verbose``; our own warnings always show.
+- Warnings that a user cannot act on are hidden unless ``--verbose``: every warning raised inside the libraries in
+  :data:`NOISY_MODULES` and every DeprecationWarning/FutureWarning; other warnings (segadapt's own) show.
 - tqdm progress bars redraw in place on a terminal (at most every 2 s). Where stderr is a file or a pipe (a log), a
   bar becomes one line every ``log_interval`` seconds instead of thousands of carriage-return updates; ``--quiet``
   hides them. This works through tqdm's own ``TQDM_*`` environment defaults, so the training loops need no flags.
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -23,16 +24,23 @@ NOISY_MODULES = ("torch", "onnxscript", "onnx_ir", "transformers", "huggingface_
 
 
 class _LineStream:
-    """A text stream wrapper that turns carriage-return redraws (tqdm on a non-terminal) into whole lines; lines of
-    only spaces (tqdm clearing its bar) are dropped."""
+    """A text stream wrapper that turns carriage-return redraws (tqdm on a non-terminal) into whole lines.
+
+    Text after a ``\r`` replaces the line being built (as a terminal shows it): each finished redraw becomes a line,
+    and a redraw of only spaces (tqdm clearing its bar) is dropped. Text ending in ``\n`` passes as it is, empty
+    lines included; a partial line is written on ``close`` or at exit."""
 
     def __init__(self, stream):
         self._s = stream
         self._line = ""
+        atexit.register(self.close)
 
     def write(self, text: str) -> int:
         for ch in text:
-            if ch in "\r\n":
+            if ch == "\n":
+                self._s.write(self._line + "\n")
+                self._line = ""
+            elif ch == "\r":
                 if self._line.strip():
                     self._s.write(self._line.rstrip() + "\n")
                 self._line = ""
@@ -40,8 +48,22 @@ class _LineStream:
                 self._line += ch
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:  # a partial line waits for its end: a bar's redraw must not split it
         self._s.flush()
+
+    def close(self) -> None:
+        """Write a pending partial line (called at exit); the wrapped stream stays open."""
+        if self._line.strip():
+            self._s.write(self._line + "\n")
+        self._line = ""
+        try:
+            self._s.flush()
+        except (OSError, ValueError):  # the stream was closed already at interpreter exit
+            pass
 
     def isatty(self) -> bool:
         return False

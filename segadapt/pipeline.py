@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Tuple
 
-from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, default_camvid_dir, default_data_root,
-                                   to_dict)
-from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size
+from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, check_device, default_camvid_dir,
+                                   default_data_root, to_dict)
+from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size, check_size
+from segadapt.runtime.files import IMAGE_SUFFIXES, list_images, write_atomic
 
 
 @dataclass
@@ -64,6 +65,10 @@ class PipelineConfig:
     seed: NonNegInt = 0
     """random seed of every step"""
 
+    def check(self) -> None:
+        check_size(self.size, "--size", zero_means="the preset's")
+        check_device(self.device)
+
 
 PIPELINE_PRESETS = {
     "quick": {"size": (120, 160), "source_steps": 1500, "source_minutes": 7.0, "batch_size": 8,
@@ -89,12 +94,9 @@ def _resolved(cfg: PipelineConfig) -> dict:
     return p
 
 
-_IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
-
-
 def _has_images(d: Path) -> bool:
     d = d / "images" if (d / "images").is_dir() else d
-    return d.is_dir() and any(f.suffix.lower() in _IMAGES for f in d.iterdir())
+    return d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
 
 
 def default_video() -> Path:
@@ -125,14 +127,15 @@ def check_inputs(cfg: PipelineConfig, state: dict) -> List[str]:
                         missing.append(f"{data / split / sub} (images)")
             if not (data / "classes.json").is_file():
                 missing.append(f"{data / 'classes.json'}")
-    if not {"adapt", "export"} <= set(done) and not _has_images(data / cfg.target_split):
+    no_clip = "video" not in done and not cfg.video and not default_video().is_file()
+    needs_target = not {"adapt", "export"} <= set(done) or no_clip  # adaptation, parity frames, or the clip
+    if needs_target and not _has_images(data / cfg.target_split):
         missing.append(f"{data / cfg.target_split}/images (the target frames, --target-split)")
-    if "video" not in done:
-        if cfg.video and not Path(cfg.video).is_file():
-            missing.append(f"--video {cfg.video}")
-        elif not cfg.video and not default_video().is_file():
-            notes.append(f"no clip at {default_video()}: the video step segments the {cfg.target_split} frames as "
-                         f"a clip instead (--video sets one)")
+    if "video" not in done and cfg.video and not Path(cfg.video).is_file():
+        missing.append(f"--video {cfg.video}")
+    if no_clip:
+        notes.append(f"no clip at {default_video()}: the video step segments the {cfg.target_split} frames as a clip "
+                     f"instead (--video sets one)")
     if missing:
         raise FileNotFoundError("pipeline inputs missing, nothing was run: " + "; ".join(missing))
     return notes
@@ -140,17 +143,18 @@ def check_inputs(cfg: PipelineConfig, state: dict) -> List[str]:
 
 def frames_to_clip(folder: Path, out_path: Path, fps: float = 5.0, max_frames: int = 0) -> Path:
     """Write the images of a split folder (``<folder>/images`` or ``<folder>``), sorted by name, as an H.264 clip at
-    the first frame's size (the runtime's :class:`~segadapt.runtime.video.VideoWriter`).
+    the first frame's size (the runtime's :class:`~segadapt.runtime.video.VideoWriter`), ``fps`` frames per second,
+    at most ``max_frames`` (0 = all).
 
     Raises:
-        ValueError: no readable image.
+        FileNotFoundError: no such folder.
+        ValueError: no image files, or one that cannot be read (named).
     """
     import cv2
 
     from segadapt.runtime.video import VideoWriter
 
-    d = folder / "images" if (folder / "images").is_dir() else folder
-    files = sorted(f for f in d.iterdir() if f.suffix.lower() in _IMAGES)[: max_frames or None]
+    files = list_images(folder)[: max_frames or None]
     size = None
     with VideoWriter(out_path, fps) as w:
         for f in files:
@@ -159,8 +163,6 @@ def frames_to_clip(folder: Path, out_path: Path, fps: float = 5.0, max_frames: i
                 raise ValueError(f"{f}: cannot read as an image")
             size = size or (bgr.shape[1], bgr.shape[0])
             w.write(cv2.cvtColor(cv2.resize(bgr, size), cv2.COLOR_BGR2RGB))
-    if size is None:
-        raise ValueError(f"{d}: no image files to make a clip of")
     return out_path
 
 
@@ -168,140 +170,159 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     """Run (or resume) the pipeline; returns the report dict.
 
     Raises:
+        FileNotFoundError: inputs missing (all listed, checked before step 1; nothing was run).
         StepFailed: a step raised; earlier steps' outputs are kept and ``state.json`` says which step failed.
     """
-    out = Path(cfg.out)
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"done": {}}
-    p = _resolved(cfg)
-    for note in check_inputs(cfg, state):
-        log(note)
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(cfg.data)
-    target = data / cfg.target_split
-    video = Path(cfg.video) if cfg.video else default_video()
-    device = cfg.device
+    return _PipelineRun(cfg, log).run()
 
-    def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_path)
 
-    def done(name: str) -> dict:
-        return state["done"][name]
+class _PipelineRun:
+    """One (resumed) run of the pipeline: its config, resolved preset, run directory and ``state.json``; one method
+    per step, each returning what the state records for it."""
 
-    def step_train_source() -> dict:
+    def __init__(self, cfg: PipelineConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.state_path = self.out / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": {}}
+        self.p = _resolved(cfg)
+        self.data = Path(cfg.data)
+        self.target = self.data / cfg.target_split
+        self.video = Path(cfg.video) if cfg.video else default_video()
+
+    def done(self, name: str) -> dict:
+        return self.state["done"][name]
+
+    def save_state(self) -> None:
+        write_atomic(self.state_path, json.dumps(self.state, indent=1).encode())
+
+    def run(self) -> dict:
+        for note in check_inputs(self.cfg, self.state):
+            self.log(note)
+        self.out.mkdir(parents=True, exist_ok=True)
+        steps: List[Tuple[str, Callable[[], dict]]] = [
+            ("train_source", self.step_train_source), ("adapt", self.step_adapt), ("evaluate", self.step_evaluate),
+            ("export", self.step_export), ("video", self.step_video), ("report", self.step_report)]
+        for name, fn in steps:
+            if name in self.state["done"] and name != "report":
+                self.log(f"[{name}] done earlier, skipping")
+                continue
+            self.log(f"[{name}] running")
+            t0 = time.time()
+            try:
+                result = fn()
+            except Exception as e:
+                self.state["failed"] = {"step": name, "error": f"{type(e).__name__}: {e}"}
+                self.save_state()
+                raise StepFailed(f"pipeline step '{name}' failed: {type(e).__name__}: {e} "
+                                 f"(outputs of earlier steps are kept in {self.out}; re-run to resume)") from e
+            result["seconds"] = time.time() - t0
+            self.state["done"][name] = result
+            self.state.pop("failed", None)
+            self.save_state()
+        return json.loads((self.out / "report.json").read_text())
+
+    def step_train_source(self) -> dict:
+        cfg, p = self.cfg, self.p
         if cfg.source_checkpoint:
             return {"checkpoint": cfg.source_checkpoint, "reused": True}
         from segadapt.adapt.train_source import train_source
 
         steps = p["source_steps"]
-        scfg = SourceTrainConfig(data=str(data), out=str(out / "source"), size=p["size"], steps=steps,
-                                 max_minutes=p["source_minutes"], batch_size=p["batch_size"], device=device,
+        scfg = SourceTrainConfig(data=str(self.data), out=str(self.out / "source"), size=p["size"], steps=steps,
+                                 max_minutes=p["source_minutes"], batch_size=p["batch_size"], device=cfg.device,
                                  seed=cfg.seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),
                                  resume=True, warmup_steps=min(200, steps // 10), model=ModelConfig(arch=cfg.arch))
-        s = train_source(scfg, log=log)
-        return {"checkpoint": str(out / "source" / "best"), "summary": s}
+        s = train_source(scfg, log=self.log)
+        return {"checkpoint": str(self.out / "source" / "best"), "summary": s}
 
-    def step_adapt() -> dict:
+    def step_adapt(self) -> dict:
         from segadapt.adapt.self_training import adapt
 
-        acfg = AdaptConfig(checkpoint=done("train_source")["checkpoint"], target=str(target), out=str(out / "adapt"),
-                           size=p["size"], steps=p["adapt_steps"], max_minutes=p["adapt_minutes"],
-                           batch_size=4, device=device, seed=cfg.seed, resume=True, debug_every=50,
-                           save_every=max(25, p["adapt_steps"] // 4))
-        s = adapt(acfg, log=log)
-        return {"checkpoint": str(out / "adapt" / "adapted"), "summary": s}
+        p = self.p
+        acfg = AdaptConfig(checkpoint=self.done("train_source")["checkpoint"], target=str(self.target),
+                           out=str(self.out / "adapt"), size=p["size"], steps=p["adapt_steps"],
+                           max_minutes=p["adapt_minutes"], batch_size=4, device=self.cfg.device, seed=self.cfg.seed,
+                           resume=True, debug_every=50, save_every=max(25, p["adapt_steps"] // 4))
+        s = adapt(acfg, log=self.log)
+        return {"checkpoint": str(self.out / "adapt" / "adapted"), "summary": s}
 
-    def step_evaluate() -> dict:
+    def step_evaluate(self) -> dict:
         from segadapt.adapt.evaluate import evaluate_checkpoint
 
         res: Dict[str, dict] = {}
-        dev = "cpu" if device == "auto" else device
-        for model, ck in (("source_only", done("train_source")["checkpoint"]), ("adapted", done("adapt")["checkpoint"])):
-            for split in ("source_val", cfg.target_split):
-                if not (data / split / "labels").is_dir():
-                    log(f"skip {split}: no labels in {data / split}")
+        dev = "cpu" if self.cfg.device == "auto" else self.cfg.device
+        models = (("source_only", self.done("train_source")["checkpoint"]),
+                  ("adapted", self.done("adapt")["checkpoint"]))
+        for model, ck in models:
+            for split in ("source_val", self.cfg.target_split):
+                if not (self.data / split / "labels").is_dir():
+                    self.log(f"skip {split}: no labels in {self.data / split}")
                     continue
-                m = evaluate_checkpoint(ck, data / split, device=dev, progress=False,
-                                        json_out=str(out / "metrics" / f"{model}_{split}.json"))
+                m = evaluate_checkpoint(ck, self.data / split, device=dev, progress=False,
+                                        json_out=str(self.out / "metrics" / f"{model}_{split}.json"))
                 res[f"{model}/{split}"] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "iou": m["iou"],
                                            "classes": m["classes"]}
-                log(f"{model} on {split}: mIoU {m['miou']:.2f}")
+                self.log(f"{model} on {split}: mIoU {m['miou']:.2f}")
         return {"metrics": res}
 
-    def step_export() -> dict:
+    def step_export(self) -> dict:
         from segadapt.export.config import ExportConfig
         from segadapt.export.onnx_export import export_onnx
 
-        files = {}
-        parity = {}
-        for name, ck, half in (("adapted", done("adapt")["checkpoint"], True),
-                               ("source", done("train_source")["checkpoint"], False)):
-            r = export_onnx(ExportConfig(checkpoint=ck, out=str(out / "export"), name=name, half=half,
-                                         parity_data=str(target)), log=log)
+        files, parity = {}, {}
+        for name, ck, half in (("adapted", self.done("adapt")["checkpoint"], True),
+                               ("source", self.done("train_source")["checkpoint"], False)):
+            r = export_onnx(ExportConfig(checkpoint=ck, out=str(self.out / "export"), name=name, half=half,
+                                         parity_data=str(self.target)), log=self.log)
             for prec, f in r.files.items():
                 files[f"{name}.{prec}"] = str(f)
                 parity[f"{name}.{prec}"] = r.parity[prec]
         return {"files": files, "parity": parity}
 
-    def step_video() -> dict:
+    def step_video(self) -> dict:
         from segadapt.runtime.predictor import Predictor
         from segadapt.runtime.video import segment_video
 
-        clip = video
+        cfg, out = self.cfg, self.out
+        clip = self.video
         if not clip.is_file():  # check_inputs said so: the target frames become the clip
-            clip = frames_to_clip(target, out / "video" / f"{cfg.target_split}_frames.mp4",
+            clip = frames_to_clip(self.target, out / "video" / f"{cfg.target_split}_frames.mp4",
                                   max_frames=cfg.video_max_frames)
-        pred = Predictor(done("export")["files"]["adapted.fp32"], providers=["cpu"], spin=False)
+        pred = Predictor(self.done("export")["files"]["adapted.fp32"], providers=["cpu"], spin=False)
         rep = segment_video(pred, clip, out / "video" / f"{clip.stem}_adapted.mp4",
                             max_frames=cfg.video_max_frames or None)
-        log(f"video: {rep.frames} frames at {rep.fps:.1f} frames/s -> {rep.output}")
-        # one overlay frame for the README / report
-        import cv2
-
-        cap = cv2.VideoCapture(str(clip))
-        cap.set(cv2.CAP_PROP_POS_FRAMES, min(100, max(0, rep.frames - 1)))
-        ok, bgr = cap.read()
-        cap.release()
-        frame_png = ""
-        if ok:
-            rgb = bgr[:, :, ::-1].copy()
-            ov = pred.overlay(rgb, pred.predict(rgb).class_map, 0.5)
-            frame_png = str(out / "video" / "overlay_frame.png")
-            cv2.imwrite(frame_png, ov[:, :, ::-1])
+        self.log(f"video: {rep.frames} frames at {rep.fps:.1f} frames/s -> {rep.output}")
+        frame_png = _overlay_frame(pred, clip, min(100, max(0, rep.frames - 1)), out / "video" / "overlay_frame.png")
         return {"video": rep.output, "source": str(clip), "report": rep.to_dict(), "overlay_frame": frame_png}
 
-    def step_report() -> dict:
-        rep = build_report(cfg, p, state)
-        (out / "report.json").write_text(json.dumps(rep, indent=1))
-        (out / "report.md").write_text(report_markdown(rep))
-        return {"report": str(out / "report.json")}
+    def step_report(self) -> dict:
+        rep = build_report(self.cfg, self.p, self.state)
+        write_atomic(self.out / "report.json", json.dumps(rep, indent=1).encode())
+        write_atomic(self.out / "report.md", report_markdown(rep).encode())
+        return {"report": str(self.out / "report.json")}
 
-    steps: List[Tuple[str, Callable[[], dict]]] = [
-        ("train_source", step_train_source), ("adapt", step_adapt), ("evaluate", step_evaluate),
-        ("export", step_export), ("video", step_video), ("report", step_report)]
-    for name, fn in steps:
-        if name in state["done"] and name != "report":
-            log(f"[{name}] done earlier, skipping")
-            continue
-        log(f"[{name}] running")
-        t0 = time.time()
-        try:
-            result = fn()
-        except Exception as e:
-            state["failed"] = {"step": name, "error": f"{type(e).__name__}: {e}"}
-            save_state()
-            raise StepFailed(f"pipeline step '{name}' failed: {type(e).__name__}: {e} "
-                             f"(outputs of earlier steps are kept in {out}; re-run to resume)") from e
-        result["seconds"] = time.time() - t0
-        state["done"][name] = result
-        state.pop("failed", None)
-        save_state()
-    return json.loads((out / "report.json").read_text())
+
+def _overlay_frame(pred, clip: Path, index: int, png: Path) -> str:
+    """Frame ``index`` of ``clip`` with the predictor's overlay, written to ``png`` (for the README and report);
+    returns its path, or "" when the frame cannot be read."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+    ok, bgr = cap.read()
+    cap.release()
+    if not ok:
+        return ""
+    rgb = bgr[:, :, ::-1].copy()
+    ov = pred.overlay(rgb, pred.predict(rgb).class_map, 0.5)
+    cv2.imwrite(str(png), ov[:, :, ::-1])
+    return str(png)
 
 
 def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
+    """The report dict (``report.json``): config, resolved preset, mIoU per model and split (0-100), the target gain,
+    export parity, the video report, seconds per step and the files written."""
     d = state["done"]
     metrics = d.get("evaluate", {}).get("metrics", {})
     tgt = cfg.target_split
@@ -327,6 +348,8 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
 
 
 def report_markdown(rep: dict) -> str:
+    """``report.md`` from :func:`build_report`'s dict: mIoU table, gain, per-class IoU, parity, video, timings,
+    files."""
     lines = ["# segadapt pipeline report", "", f"Preset `{rep['config']['preset']}`, data `{rep['config']['data']}`.",
              "", "| model | split | mIoU | pixel acc |", "|---|---|---|---|"]
     for key, v in rep["metrics"].items():
@@ -342,8 +365,8 @@ def report_markdown(rep: dict) -> str:
             vals = [rep["metrics"][k]["iou"][i] for k in keys]
             lines.append(f"| {n} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
     if rep.get("export_parity"):
-        lines += ["", "Export parity vs PyTorch on real target frames", "", "| graph | same class | max abs logit diff |",
-                  "|---|---|---|"]
+        lines += ["", "Export parity vs PyTorch on real target frames", "",
+                  "| graph | same class | max abs logit diff |", "|---|---|---|"]
         for k, v in rep["export_parity"].items():
             d = v.get("max_abs_logit_diff")
             lines.append(f"| {k} | {v['class_agreement'] * 100:.3f} % | {'' if d is None else f'{d:.2e}'} |")

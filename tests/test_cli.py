@@ -251,3 +251,44 @@ def test_python_dash_m_segadapt_works():
     out = subprocess.run([sys.executable, "-m", "segadapt", "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)
     assert out.returncode == 0 and "pipeline" in out.stdout and "predict" in out.stdout
+
+
+def test_output_options_before_or_after_the_command(tmp_path, capsys):
+    from segadapt.cli import build_parser
+
+    for argv in (["-q", "predict"], ["predict", "-q"]):
+        ns = build_parser("predict").parse_args(argv + ["--model", "m.onnx", "--source", "s", "--out", "o"])
+        assert ns.quiet is True and ns.verbose is False
+    ns = build_parser("predict").parse_args(["predict", "--model", "m.onnx", "--source", "s", "--out", "o"])
+    assert ns.quiet is False
+    # the source is checked before the model loads (the model does not exist either)
+    rc = main(["-q", "predict", "--model", str(tmp_path / "m.onnx"), "--source", str(tmp_path / "nope.png"),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.png" in err and "--source" in err
+
+
+def test_nested_sections_keep_their_own_defaults(capsys):
+    """AdaptConfig.strong is a PhotometricConfig with other defaults than the class's: help and config files
+    must show and keep them."""
+    from segadapt.adapt.config import AdaptConfig, from_dict
+
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--strong.brightness STRONG.BRIGHTNESS brightness factor drawn from [1 - s, 1 + s] (default: 0.2)" in out
+    assert "--strong.gamma STRONG.GAMMA gamma exponent drawn from [1 - g, 1 + g] (default: 0.0)" in out
+    cfg = from_dict(AdaptConfig, {"strong": {"blur_p": 0.1}})
+    assert (cfg.strong.blur_p, cfg.strong.brightness, cfg.strong.gamma) == (0.1, 0.2, 0.0)
+
+
+def test_config_file_types_are_exact(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"output_stride": 16.0}}))
+    rc = main(["train-source", "--config", str(tmp_path / "c.json"), "--print-config"])
+    assert rc == 2 and "output_stride" in capsys.readouterr().err
+    rc = main(["adapt", "--print-config", "--size", "0", "240"])
+    assert rc == 2 and "--size" in capsys.readouterr().err
+    rc = main(["adapt", "--print-config", "--device", "gpu"])
+    assert rc == 2 and "--device" in capsys.readouterr().err
+    rc = main(["export", "--print-config", "--min-size", "500", "64", "--max-size", "400", "400"])
+    assert rc == 2 and "--min-size" in capsys.readouterr().err

@@ -675,11 +675,13 @@ def _run_threads(backend, n_threads: int, calls: int):
         except Exception as e:  # reported below
             errors.append(f"thread {t}: {type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(n_threads)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(30)
+    hung = [th.name for th in threads if th.is_alive()]
+    assert hung == [], f"requests still waiting after 30 s (the context pool deadlocked): {hung}"
     return errors
 
 

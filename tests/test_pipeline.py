@@ -110,3 +110,20 @@ def test_pipeline_preset_choices_checked_before_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["pipeline", "--preset", "quik", "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and "quick" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_resumed_pipeline_without_clip_needs_the_target_frames(tmp_path, monkeypatch):
+    """adapt and export done, no clip: the video step will read the target frames, so they are checked up front."""
+    from segadapt.pipeline import check_inputs
+
+    monkeypatch.setenv("SEGADAPT_DATA", str(tmp_path / "no-data-root"))
+    cfg = PipelineConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    done = {"done": {k: {} for k in ("train_source", "adapt", "evaluate", "export")}}
+    with pytest.raises(FileNotFoundError, match="target_adapt"):
+        check_inputs(cfg, done)
+    (tmp_path / "data" / "target_adapt" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "target_adapt" / "images" / "f.png").write_bytes(b"")
+    notes = check_inputs(cfg, done)
+    assert len(notes) == 1 and "no clip" in notes[0]
+    done["done"]["video"] = {}
+    assert check_inputs(PipelineConfig(data=str(tmp_path / "empty"), out=str(tmp_path / "run")), done) == []
