@@ -20,13 +20,13 @@ mismatch. Without TensorRT or a GPU, :func:`build_engine` raises :class:`TensorR
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from segadapt.runtime.files import write_atomic
 from segadapt.runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.predictor import load_metadata
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -80,24 +80,6 @@ def network_mode(trt, precision: str, fp16_flag: bool) -> Tuple[int, List[str], 
     return flags, builder_flags, "fp16" if precision == "fp32" and "FP16" in builder_flags else precision
 
 
-def onnx_metadata(onnx_path: Path) -> ModelMetadata:
-    """Metadata of one of our ONNX files: its sidecar ``<name>.json``, else the copy embedded in the graph.
-
-    Raises:
-        FileNotFoundError: neither exists. ValueError: invalid metadata.
-    """
-    side = metadata_path(onnx_path)
-    if side.is_file():
-        return ModelMetadata.load(side)
-    import onnx
-
-    m = onnx.load(str(onnx_path), load_external_data=False)
-    for prop in m.metadata_props:
-        if prop.key == "segadapt":
-            return ModelMetadata.from_dict(json.loads(prop.value), str(onnx_path))
-    raise FileNotFoundError(f"{onnx_path}: no metadata ({side.name} beside it or embedded in the graph)")
-
-
 def check_int8_form(onnx_path: Path, meta: ModelMetadata) -> None:
     """Refuse an INT8 graph TensorRT's ONNX parser would reject, with the fix.
 
@@ -148,7 +130,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gb: f
     import tensorrt as trt
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    meta = onnx_metadata(onnx_path)
+    meta = load_metadata(onnx_path)  # the sidecar, else the copy embedded in the graph
     check_int8_form(onnx_path, meta)
     creation, builder_flags, precision = network_mode(trt, meta.precision, fp16_flag)
     logger = trt.Logger(trt.Logger.WARNING)

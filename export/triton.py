@@ -19,6 +19,7 @@ from typing import List
 
 from segadapt.runtime.files import write_atomic
 from segadapt.runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.predictor import load_metadata
 
 _TRITON_DTYPES = {"uint8": "TYPE_UINT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float32": "TYPE_FP32",
                   "float16": "TYPE_FP16"}
@@ -85,16 +86,12 @@ def write_triton_repository(model_path: str | Path, repo: str | Path, name: str 
         the model directory ``<repo>/<name>``.
 
     Raises:
-        FileNotFoundError: the model or its metadata is missing (an ``.onnx`` file without a sidecar uses the copy
-            embedded in the graph).
+        FileNotFoundError: the model is missing.
+        BackendError: no metadata (a sidecar, or for an ``.onnx`` file the copy embedded in the graph) or an
+            invalid one.
     """
     model_path = Path(model_path)
-    if model_path.suffix == ".onnx":
-        from segadapt.export.tensorrt_build import onnx_metadata
-
-        meta = onnx_metadata(model_path)
-    else:
-        meta = ModelMetadata.load(metadata_path(model_path))
+    meta = load_metadata(model_path)  # the sidecar, or for an .onnx file the copy embedded in the graph
     platform = "onnxruntime_onnx" if model_path.suffix == ".onnx" else "tensorrt_plan"
     mdir = Path(repo) / name
     (mdir / "1").mkdir(parents=True, exist_ok=True)

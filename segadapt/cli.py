@@ -76,6 +76,8 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     from segadapt.adapt.evaluate import evaluate_checkpoint
     from segadapt.adapt.metrics import format_table
 
+    _require_paths(("--checkpoint", ns.checkpoint, "the checkpoint to evaluate"),
+                   ("--data", ns.data, "the labelled split"))
     m = evaluate_checkpoint(ns.checkpoint, ns.data, size=ns.size, device=ns.device, batch_size=ns.batch_size,
                             overlay_dir=ns.overlays, json_out=ns.json)
     print(format_table(m, m["classes"], title=f"{ns.checkpoint} on {ns.data} ({m['num_images']} frames)"))

@@ -84,6 +84,20 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+_OURS: dict = {}  # environment values this module set (a value the user set stays as it is)
+
+
+def _set_env(key: str, value) -> None:
+    """Set (or with None remove) an environment default, unless the user set that variable."""
+    if key in os.environ and os.environ[key] != _OURS.get(key):
+        return
+    if value is None:
+        os.environ.pop(key, None)
+        _OURS.pop(key, None)
+    else:
+        os.environ[key] = _OURS[key] = value
+
+
 def setup_console(quiet: bool = False, verbose: bool = False, log_interval: float = 30.0) -> None:
     """Configure logging, warning filters and progress bars for one command-line run.
 
@@ -109,10 +123,11 @@ def setup_console(quiet: bool = False, verbose: bool = False, log_interval: floa
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # torch configures its own loggers when imported (after this): "Skipping torchvision::nms" and the like from
         # the ONNX exporter are silenced through torch's own switch; a TORCH_LOGS the user set wins
-        os.environ.setdefault("TORCH_LOGS", "-onnx")
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
-    os.environ.setdefault("TQDM_MININTERVAL", "2" if tty else str(log_interval))
+        _set_env("TORCH_LOGS", "-onnx")
+    _set_env("TQDM_DISABLE", "1" if quiet else None)
+    _set_env("TQDM_MININTERVAL", "2" if tty else str(log_interval))
+    # tqdm's monitor thread forces a redraw every maxinterval (10 s by default) otherwise
+    _set_env("TQDM_MAXINTERVAL", None if tty else str(log_interval))
 
 
 def log(msg: str) -> None:

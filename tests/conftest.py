@@ -14,6 +14,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Commands run in-process (``segadapt.cli.main``) set environment defaults for tqdm and torch's logging
+    (segadapt.console); each test starts from the same environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def data_root() -> Path:
     env = os.environ.get("SEGADAPT_DATA")
     return Path(env) if env else ROOT.parent / "shared" / "data"

@@ -1,6 +1,7 @@
 import functools
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -225,15 +226,22 @@ def test_predict_builds_no_adapt_parser():
 
 
 def test_progress_in_a_log_file_is_a_line_per_interval_not_carriage_returns(tmp_path):
-    code = ("import time, sys\nfrom segadapt.console import setup_console\nsetup_console(log_interval=0.2)\n"
-            "from tqdm import tqdm\n"
-            "for _ in tqdm(range(300), desc='work'):\n    time.sleep(0.005)\n")
+    code = ("import os, time, sys\nfrom segadapt.console import setup_console\nsetup_console(log_interval=0.5)\n"
+            "from tqdm import tqdm\nt = time.time()\n"
+            "for _ in tqdm(range(300), desc='work'):\n    time.sleep(0.005)\n"
+            "print(os.environ['TQDM_MININTERVAL'], os.environ['TQDM_MAXINTERVAL'], time.time() - t)\n")
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "-c", code], stderr=f, cwd=ROOT, timeout=60, check=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}  # no value a user set
+        out = subprocess.run([sys.executable, "-c", code], stderr=f, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             timeout=60, check=True, env=env)
+    mini, maxi, seconds = out.stdout.split()
+    # tqdm's monitor thread would redraw every 10 s (its maxinterval) whatever the minimum interval
+    assert (mini, maxi) == ("0.5", "0.5")
     text = log.read_text()
     lines = [x for x in text.splitlines() if x.strip()]
-    assert "\r" not in text and 2 <= len(lines) <= 20, lines  # ~1.5 s of work at one line per 0.2 s
+    # one line at the start, at most one per 0.5 s of work, the final one: not one per iteration
+    assert "\r" not in text and 2 <= len(lines) <= float(seconds) / 0.5 + 3, (seconds, lines)
     assert "300/300" in lines[-1]
 
 
