@@ -398,12 +398,19 @@ def _output_options(parser: argparse.ArgumentParser, default) -> None:
                    help="debug messages, library warnings and stack traces")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: segadapt adapt: argument --keep: invalid choice ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``segadapt`` parser. ``command``: fill in only that subcommand's arguments (None = all of them)."""
-    p = argparse.ArgumentParser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
-                                "semantic segmentation.")
+    p = _Parser(prog="segadapt", description="Source-free adaptation, export and fast runtime for "
+                "semantic segmentation.")
     _output_options(p, default=False)  # before the command (segadapt -q predict ...) or after it
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     output = argparse.ArgumentParser(add_help=False)
     _output_options(output, default=argparse.SUPPRESS)  # a subcommand does not reset what was given before it
     for name, (text, fill) in COMMANDS.items():

@@ -184,6 +184,7 @@ def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, 
         main(args + ["--checkpoint", "x", "--target", "y"] if args[0] == "adapt" else args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: segadapt "), err  # one line, no usage dump
     for n in names:
         assert n in err, err
 
