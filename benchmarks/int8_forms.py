@@ -30,6 +30,7 @@ from segadapt.export.config import ExportConfig
 from segadapt.export.frames import load_frames
 from segadapt.export.onnx_export import _ort_session, _reference, _to_input, export_onnx, parity_report
 from segadapt.export.wrapper import ExportWrapper
+from segadapt.runtime.files import list_images
 
 
 def _p50_ms(sess, x: np.ndarray, iters: int) -> float:
@@ -47,14 +48,10 @@ def _p50_ms(sess, x: np.ndarray, iters: int) -> float:
 def held_out(calib: str, frames: str, work: Path) -> str:
     """A folder of links to the ``calib`` images whose names are not among the ``frames`` images (no calibration on
     the frames that are scored)."""
-    def images(d: str):
-        p = Path(d) / "images" if (Path(d) / "images").is_dir() else Path(d)
-        return sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-
-    scored = {f.name for f in images(frames)}
+    scored = {f.name for f in list_images(frames)}
     out = work / "calib_held_out"
     out.mkdir(parents=True, exist_ok=True)
-    for f in images(calib):
+    for f in list_images(calib):
         if f.name not in scored and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
     return str(out)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Literal, Tuple
 from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, check_device, default_camvid_dir,
                                    default_data_root, to_dict)
 from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size, check_size
-from segadapt.runtime.files import IMAGE_SUFFIXES, list_images, write_atomic
+from segadapt.runtime.files import list_images, write_atomic
 
 
 @dataclass
@@ -95,8 +95,11 @@ def _resolved(cfg: PipelineConfig) -> dict:
 
 
 def _has_images(d: Path) -> bool:
-    d = d / "images" if (d / "images").is_dir() else d
-    return d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+    """Whether ``d`` (or ``d/images``) holds image files (:func:`~segadapt.runtime.files.list_images`'s rule)."""
+    try:
+        return d.is_dir() and bool(list_images(d))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def default_video() -> Path:

@@ -301,3 +301,27 @@ def test_config_file_types_are_exact(tmp_path, capsys):
     assert rc == 2 and "--device" in capsys.readouterr().err
     rc = main(["export", "--print-config", "--min-size", "500", "64", "--max-size", "400", "400"])
     assert rc == 2 and "--min-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, names", [
+    (["predict", "--model", "m.onnx", "--source", "s.png", "--out", "o", "--alpha", "2"], ["--alpha", "[0, 1]"]),
+    (["predict", "--model", "m.onnx", "--source", "s.png", "--out", "o", "--threads", "-1"], ["--threads", ">= 0"]),
+    (["predict", "--model", "m.onnx", "--source", "s.png", "--out", "o", "--batch", "0"], ["--batch", ">= 1"]),
+    (["evaluate", "--checkpoint", "c", "--data", "d", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    (["bench", "--checkpoint", "c", "--iters", "0"], ["--iters", ">= 1"]),
+    (["export", "--checkpoint", "c", "--int8-backend", "tensorrt10"], ["--int8-backend", "onnxruntime"]),
+])
+def test_plain_options_are_checked_too(args, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    for n in names:
+        assert n in err, err
+
+
+def test_bench_precisions_checked_before_any_export(tmp_path, capsys):
+    rc = main(["bench", "--checkpoint", str(tmp_path), "--precisions", "fp32,fp64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fp64" in err and "--precisions" in err
+    assert list(tmp_path.iterdir()) == []  # nothing exported
