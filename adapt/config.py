@@ -160,8 +160,9 @@ class SourceTrainConfig:
     """DataLoader worker processes"""
     seed: NonNegInt = 0
     """random seed"""
-    resume: bool = False
-    """continue from <out>/last if it exists"""
+    resume: Literal[False, True, "auto"] = False
+    """continue from <out>/last (or last.prev after a kill while saving) with the exact state of the run; an error
+    when there is nothing to resume; auto: resume when possible, else start fresh"""
 
     def check(self) -> None:
         _check_range(self.scale, "--scale")
@@ -288,7 +289,10 @@ class AdaptConfig:
     out: str = "runs/adapt"
     """run directory (adapted/, last/, logs, debug grids)"""
     size: Size = (0, 0)
-    """H W frames are resized to; 0 0 = the checkpoint's input size"""
+    """H W frames are resized to; 0 0 = the checkpoint's input size (or --keep-aspect)"""
+    keep_aspect: NonNegInt = 0
+    """short side in pixels; the long side follows the target frames' median aspect, rounded to the model's
+    stride (e.g. 120 -> 120x400 on KITTI); 0 = off; excludes --size"""
     crop: Size = (0, 0)
     """H W of the random crop; 0 0 = --size"""
     scale: Scale = (0.75, 1.25)
@@ -337,11 +341,14 @@ class AdaptConfig:
     """DataLoader worker processes"""
     seed: NonNegInt = 0
     """random seed"""
-    resume: bool = False
-    """continue from <out>/last if it exists"""
+    resume: Literal[False, True, "auto"] = False
+    """continue from <out>/last (or last.prev after a kill while saving) with the exact state of the run; an error
+    when there is nothing to resume; auto: resume when possible, else start fresh"""
 
     def check(self) -> None:
         _check_range(self.scale, "--scale")
         check_size(self.size, "--size", zero_means="the checkpoint's input size")
+        if self.keep_aspect and all(self.size):
+            raise ValueError("--size and --keep-aspect exclude each other; give one")
         check_size(self.crop, "--crop", zero_means="--size")
         check_device(self.device)

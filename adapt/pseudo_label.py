@@ -62,8 +62,9 @@ class ThresholdTracker:
             self.value = th
         else:
             seen = (probs.argmax(1).reshape(-1).bincount(minlength=self.num_classes) > 0)
-            upd = self.momentum * self.value + (1 - self.momentum) * th
-            self.value = torch.where(seen, upd, self.value)
+            value = self.value.to(th.device)  # restored from a checkpoint on the CPU
+            upd = self.momentum * value + (1 - self.momentum) * th
+            self.value = torch.where(seen, upd, value)
         return self.value
 
     def state_dict(self) -> dict:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segadapt.adapt.adabn import adapt_batchnorm, freeze_batchnorm
+from segadapt.adapt.aspect import resolve_size
 from segadapt.adapt.augment import class_mix_masks, mix, normalize, normalize_float, photometric
 from segadapt.adapt.config import AdaptConfig, to_dict
 from segadapt.adapt.data.datasets import ImageFolder, VideoFrames, collate, is_video
@@ -42,14 +43,17 @@ from segadapt.adapt.data.depth import make_depth_provider
 from segadapt.adapt.data.transforms import train_transform
 from segadapt.adapt.debug import save_debug_grid
 from segadapt.adapt.models.aux_stream import make_auxiliary_stream
+from segadapt.adapt.data.sampling import data_state, resumable_loader
 from segadapt.adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpoint, load_checkpoint,
-                                     load_segmenter, save_checkpoint)
+                                     load_segmenter, load_training_state, save_checkpoint)
 from segadapt.adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
 from segadapt.adapt.models.segmenter import upsample_logits
 from segadapt.adapt.pseudo_label import (ClassFrequencyWeights, ThresholdTracker, coverage_per_class, fuse_dual_head,
                                 pseudo_label)
+from segadapt.adapt.resume import resume_from
 from segadapt.adapt.teacher import EMATeacher
-from segadapt.adapt.train_utils import autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state
+from segadapt.adapt.train_utils import autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state
+from segadapt.runtime.files import write_atomic
 
 
 def target_dataset(cfg: AdaptConfig, size, transform, depth_provider):
@@ -81,13 +85,15 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
+    resume_dir = resume_from(out, cfg.resume, log)  # before any model loads: --resume with nothing is an error
     out.mkdir(parents=True, exist_ok=True)
     src_model, meta = load_segmenter(cfg.checkpoint, map_location=device)
     if src_model.in_channels != 3:
         raise ValueError(f"{cfg.checkpoint}: expected an RGB model")
     classes = meta.classes
     K, ignore = classes.num_classes, classes.ignore_index
-    size = tuple(cfg.size) if all(cfg.size) else tuple(meta.input_size)
+    size = resolve_size(cfg.size, cfg.keep_aspect, cfg.target, meta.input_size, src_model.arch,
+                        src_model.output_stride)
     crop = tuple(cfg.crop) if all(cfg.crop) else size
     depth_provider = make_depth_provider(cfg.depth.provider, cfg.depth.directory, cfg.depth.right_dir,
                                          cfg.depth.model_dir, cfg.depth.focal_px, cfg.depth.baseline_m,
@@ -95,7 +101,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     use_depth = depth_provider is not None
     transform = train_transform(crop, size, tuple(cfg.scale), ignore)
     ds = target_dataset(cfg, size, transform, depth_provider)
-    log(f"target: {len(ds)} frames from {cfg.target}; depth: {cfg.depth.provider}; device: {device}")
+    log(f"target: {len(ds)} frames from {cfg.target} at {size[0]}x{size[1]}; depth: {cfg.depth.provider}; "
+        f"device: {device}")
     info = {"command": "adapt", "config": to_dict(cfg), "source_checkpoint": str(cfg.checkpoint),
             "source_checkpoint_sha256": checkpoint_hash(cfg.checkpoint) if is_checkpoint(cfg.checkpoint) else ""}
     out_meta = CheckpointMeta(classes=classes, mean=meta.mean, std=meta.std, input_size=size, info=info)
@@ -105,10 +112,10 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
 
     # ---- 1. AdaBN (deterministic, no augmentation: resized frames in order)
     resume_state = None
-    if cfg.resume and (out / "last" / "training_state.pt").is_file():
-        resume_state = torch.load(out / "last" / "training_state.pt", map_location="cpu", weights_only=True)
-        student, _ = load_checkpoint(out / "last", map_location=device)
-        log(f"resuming from {out / 'last'} at step {resume_state['step']}")
+    if resume_dir is not None:
+        resume_state = load_training_state(resume_dir)
+        student, _ = load_checkpoint(resume_dir, map_location=device)
+        log(f"resuming from {resume_dir} at step {resume_state['step']}")
     else:
         student = src_model
         if cfg.adabn:
@@ -120,8 +127,8 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
     if not cfg.self_training:
         save_checkpoint(out / "adapted", student, out_meta)
-        summary = {"steps": 0, "adabn": cfg.adabn, "adapted": str(out / "adapted")}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary = {"steps": 0, "adabn": cfg.adabn, "adapted": str(out / "adapted"), "size": list(size)}
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
     # ---- 2. models: student, EMA teacher, optional RGB-D stream and rectifier
@@ -174,8 +181,9 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         g.setdefault("initial_lr", g["lr"])
 
     def save(step: int, elapsed: float) -> None:
+        # everything the next step depends on: exact resume (issue #18)
         ts = {"teacher": teacher.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-              "elapsed": elapsed, "rng": rng_state(), "tracker": tracker.state_dict(),
+              "elapsed": elapsed, "rng": rng_state(), "data": data_state(loader, step), "tracker": tracker.state_dict(),
               "tracker_aux": tracker_aux.state_dict()}
         if aux is not None:
             ts["aux"], ts["aux_teacher"] = aux.state_dict(), aux_teacher.model.state_dict()
@@ -189,9 +197,13 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         save_checkpoint(out / "last", student, out_meta, ts)
         save_checkpoint(out / "adapted", teacher.model if cfg.keep == "teacher" else student, out_meta)
 
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) >= cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=collate, persistent_workers=cfg.num_workers > 0)
-    batches = infinite(loader)
+    # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
+    consumed = int(resume_state.get("data", {}).get("consumed", start)) if resume_state is not None else 0
+    loader = resumable_loader(ds, cfg.batch_size, cfg.seed, start=consumed, num_workers=cfg.num_workers,
+                              collate_fn=collate)
+    batches = iter(loader)
+    if resume_state is not None:
+        _truncate_log(out / "coverage.jsonl", start)
     cov_file = open(out / "coverage.jsonl", "a")
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", dynamic_ncols=True)
@@ -324,9 +336,24 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         cov_file.close()
     summary = {"steps": step, "seconds": elapsed_before + time.time() - t0, "adapted": str(out / "adapted"),
                "keep": cfg.keep, "depth": cfg.depth.provider, "rectifier": cfg.rectifier.enabled,
-               "last_losses": last_logs, "device": str(device)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+               "last_losses": last_logs, "device": str(device), "size": list(size)}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` from a JSON-lines log (written by a run that was killed after its
+    last checkpoint; the resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (ValueError, AttributeError):
+            continue  # a line cut by the kill
+    write_atomic(path, "".join(k + "\n" for k in keep).encode())
 
 
 RECTIFIER_PRIORS = ("none", "teacher", "teacher_anchor")

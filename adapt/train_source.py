@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segadapt.adapt.augment import normalize_float, photometric
@@ -25,9 +24,12 @@ from segadapt.adapt.data.transforms import Resize, train_transform
 from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.models.checkpoint import CheckpointMeta, load_checkpoint, load_training_state, save_checkpoint
 from segadapt.adapt.models.segmenter import build_segmenter, upsample_logits
-from segadapt.adapt.train_utils import (autocast, infinite, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
+from segadapt.adapt.data.sampling import data_state, resumable_loader
+from segadapt.adapt.resume import resume_from
+from segadapt.adapt.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
                                warmup_poly)
 from segadapt.runtime.classes import ClassInfo
+from segadapt.runtime.files import write_atomic
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -47,6 +49,7 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
     """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    resume_dir = resume_from(cfg.out, cfg.resume, log)  # before any work: --resume with nothing is an error
     data = Path(cfg.data)
     train_dir, val_dir = data / cfg.train_split, data / cfg.val_split
     classes = ClassInfo.load(find_classes_json(train_dir))
@@ -55,21 +58,17 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
            else Resize(crop))
     train_ds = LabeledImageFolder(train_dir, classes, transform=geo)
     val_ds = LabeledImageFolder(val_dir, classes) if cfg.val_split and val_dir.exists() else None
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) >= cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=collate, persistent_workers=cfg.num_workers > 0)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = CheckpointMeta(classes=classes, input_size=tuple(cfg.size),
                           info={"command": "train-source", "config": to_dict(cfg)})
 
-    start_step, best, best_step, elapsed_before, history = 0, -1.0, -1, 0.0, []
-    state = load_training_state(out / "last") if cfg.resume and (out / "last").exists() else None
+    start_step, best, best_step, elapsed_before, history, run_loss = 0, -1.0, -1, 0.0, [], None
+    state = load_training_state(resume_dir) if resume_dir is not None else None
     if state is not None:
-        model, _ = load_checkpoint(out / "last", map_location=device)
-        log(f"resuming from {out / 'last'} at step {state['step']}")
+        model, _ = load_checkpoint(resume_dir, map_location=device)
+        log(f"resuming from {resume_dir} at step {state['step']}")
     else:
-        if cfg.resume:
-            log(f"--resume: no {out / 'last'} with a training state; starting from scratch")
         mc = cfg.model
         if mc.pretrained:
             from segadapt.adapt.models.checkpoint import is_checkpoint
@@ -89,11 +88,18 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         start_step, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
         elapsed_before = float(state.get("elapsed", 0.0))
         history = json.loads(state.get("history", "[]"))
+        run_loss = state.get("run_loss")
         set_rng_state(state["rng"])
+    # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
+    consumed = int(state.get("data", {}).get("consumed", start_step)) if state is not None else 0
+    loader = resumable_loader(train_ds, cfg.batch_size, cfg.seed, start=consumed, num_workers=cfg.num_workers,
+                              collate_fn=collate)
 
     def save_last(step: int, elapsed: float) -> None:
+        # everything the next step depends on: exact resume (issue #18)
         ts = {"optimizer": opt.state_dict(), "step": step, "best": best, "best_step": best_step,
-              "elapsed": elapsed, "rng": rng_state(), "history": json.dumps(history)}
+              "elapsed": elapsed, "rng": rng_state(), "data": data_state(loader, step), "history": json.dumps(history),
+              "run_loss": run_loss}
         meta.info.update(step=step)
         save_checkpoint(out / "last", model, meta, ts)
 
@@ -111,10 +117,9 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         return m["miou"]
 
     t0 = time.time()
-    batches = infinite(loader)
+    batches = iter(loader)
     step = start_step
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train-source", unit="step", dynamic_ncols=True)
-    run_loss = None
     stopped_early = False
     while step < cfg.steps:
         batch = next(batches)
@@ -158,5 +163,5 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         save_last(step, elapsed_before)
     summary = {"best_val_miou": best, "best_step": best_step, "steps": step, "stopped_early": stopped_early,
                "seconds": elapsed_before + time.time() - t0, "out": str(out), "device": str(device)}
-    (out / "history.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    write_atomic(out / "history.json", json.dumps({"summary": summary, "history": history}, indent=1).encode())
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 
 import numpy as np
@@ -24,11 +25,21 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators with ``seed``."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python's, NumPy's and torch's generators with ``seed``; with ``deterministic``, also make torch pick
+    deterministic kernels (``torch.use_deterministic_algorithms(warn_only=True)``: an op without one warns instead
+    of failing; on CUDA, cuBLAS gets the fixed workspace it needs and cuDNN autotuning is off).
+
+    Two runs with the same seed, data and thread count then give bit-identical weights on CPU (tested on the
+    pipeline, issue #20); across thread counts or CPU instruction sets the float sums may still differ.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6,
@@ -57,14 +68,27 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def rng_state() -> dict:
-    """torch and Python RNG states as tensors/primitives (loadable with ``torch.load(weights_only=True)``)."""
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+    """Python, NumPy, torch CPU and (when initialised) CUDA RNG states as tensors/primitives (loadable with
+    ``torch.load(weights_only=True)``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+          "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss),
+          "numpy_gauss": float(gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = list(torch.cuda.get_rng_state_all())
+    return st
 
 
 def set_rng_state(st: dict) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved (states saved before NumPy/CUDA were recorded restore torch and
+    Python only; CUDA states are restored when CUDA is available)."""
     torch.set_rng_state(st["torch"])
     random.setstate((3, tuple(int(v) for v in st["python"]), st["python_gauss"]))
+    if "numpy" in st:
+        np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(st["numpy_pos"]),
+                             int(st["numpy_has_gauss"]), float(st["numpy_gauss"])))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def infinite(loader):

@@ -37,6 +37,9 @@ class Bounds:
     hi_open: bool = False
 
     def ok(self, v: float) -> bool:
+        """Whether ``v`` lies in the range; NaN never does (every comparison with it is false)."""
+        if v != v:
+            return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
         return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))

@@ -15,6 +15,10 @@ predicts pseudo-label correctness (AUROC against the real labels) next to the te
 CamVid day -> dusk (run 3 in docs/benchmarks.md; the source model from benchmarks/source_only.py, 4000 steps):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --steps 150 --seeds 0 1 2 \
         --work runs/bench3/adapt_camvid --json runs/bench3/adaptation_camvid.json
+CamVid -> KITTI (kitti-semantics/target_adapt: 100 frames, 3.3:1; the same source model, at its short side 180):
+    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best \
+        --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 180 --steps 150 --seeds 0 1 2 \
+        --rows self_training full --work runs/bench3/adapt_kitti --json runs/bench3/adaptation_kitti.json
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segadapt.adapt.aspect import resolve_size
 from segadapt.adapt.augment import normalize
 from segadapt.adapt.config import AdaptConfig, DepthConfig, PseudoLabelConfig, RectifierConfig, default_camvid_dir
 from segadapt.adapt.data.datasets import LabeledImageFolder
@@ -104,7 +109,11 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--target", default=str(Path(default_camvid_dir()) / "target_adapt"))
     ap.add_argument("--labels", default="", help="label folder for measuring (default: <target>/labels)")
-    ap.add_argument("--size", type=int, nargs=2, default=None)
+    ap.add_argument("--size", type=int, nargs=2, default=None, help="H W of adaptation and evaluation (default: "
+                    "the checkpoint's input size)")
+    ap.add_argument("--keep-aspect", type=int, default=0, metavar="SHORT",
+                    help="instead of --size: short side in pixels, the long side from the target frames' aspect, "
+                    "rounded to the model's stride (KITTI: 120 -> 120 400)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=6e-5)
@@ -123,11 +132,12 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    _, meta = load_segmenter(a.checkpoint)
-    size = tuple(a.size) if a.size else tuple(meta.input_size)
+    model, meta = load_segmenter(a.checkpoint)
     target = Path(a.target)
     labels = Path(a.labels) if a.labels else target / "labels"
     image_dir = target / "images" if (target / "images").is_dir() else target
+    size = resolve_size(a.size or (0, 0), a.keep_aspect, image_dir, meta.input_size, model.arch, model.output_stride)
+    print(f"adaptation and evaluation at {size[0]}x{size[1]} on {image_dir}", flush=True)
     ds_eval = LabeledImageFolder(target, classes=meta.classes, image_dir=image_dir, label_dir=labels)
     work = Path(a.work)
     res: dict = {"rows": {}, "config": vars(a), "size": list(size), "classes": list(meta.classes.names),

@@ -1,9 +1,9 @@
 """The Gradio demo: segment images and video in the browser, source vs adapted side by side.
 
-``create_demo(predictor, reference=None)`` builds the app from runtime Predictors (ONNX Runtime or TensorRT); nothing
-is loaded at import time. The callbacks are plain functions (``segment_image``, ``segment_clip``) so they can be
-tested without a server. Bad input (not an image, an empty or huge video) raises ``gr.Error`` with a readable
-message, never a traceback.
+``create_demo(predictor, reference=None)`` builds the app from runtime Predictors (ONNX Runtime, OpenVINO or
+TensorRT); nothing is loaded at import time. The callbacks are plain functions (``segment_image``,
+``segment_clip``) so they can be tested without a server. Bad input (not an image, an empty or huge video) raises
+``gr.Error`` with a readable message, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from segadapt.runtime.files import IMAGE_SUFFIXES
 from segadapt.runtime.predictor import Predictor
 
 
-class DemoError(ValueError):
-    """Bad input for the demo; shown to the user as a readable message."""
+from segadapt.demo.uploads import DemoError, UploadCaps, check_video_upload, read_image_upload
+
+__all__ = ["DemoError", "UploadCaps", "create_demo", "launch", "legend_html", "segment_clip", "segment_image"]
 
 
 def legend_html(predictor: Predictor, shares: Optional[dict] = None) -> str:
@@ -37,12 +38,13 @@ def legend_html(predictor: Predictor, shares: Optional[dict] = None) -> str:
     return '<div class="segadapt-legend">' + "".join(rows) + "</div>"
 
 
-def segment_image(predictor: Predictor, image: Optional[np.ndarray], alpha: float = 0.5
+def segment_image(predictor: Predictor, image, alpha: float = 0.5, caps: UploadCaps = UploadCaps()
                   ) -> Tuple[np.ndarray, np.ndarray, dict, float]:
     """Segment one image.
 
     Args:
-        image: (H, W, 3) uint8 RGB (grey or RGBA images are converted).
+        image: (H, W, 3) uint8 RGB (grey or RGBA images are converted), or an uploaded image file (checked against
+            ``caps`` and for damage: :func:`~segadapt.demo.uploads.read_image_upload`).
         alpha: overlay opacity in [0, 1].
 
     Returns:
@@ -50,10 +52,12 @@ def segment_image(predictor: Predictor, image: Optional[np.ndarray], alpha: floa
         pre/post-processing).
 
     Raises:
-        DemoError: no image, or not an image array.
+        DemoError: no image, an upload over a cap or damaged, or not an image array.
     """
     if image is None:
         raise DemoError("No image: upload one or pick an example.")
+    if isinstance(image, (str, Path)):
+        image = read_image_upload(image, caps)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         if image.dtype.kind == "f" and image.size and image.max() <= 1.0:
@@ -71,50 +75,38 @@ def segment_image(predictor: Predictor, image: Optional[np.ndarray], alpha: floa
 
 
 def segment_clip(predictor: Predictor, video_path: Optional[str], out_dir: str, alpha: float = 0.5,
-                 max_seconds: float = 20.0, max_mb: float = 200.0, progress=None) -> Tuple[str, str]:
+                 max_seconds: float = 20.0, max_mb: float = 200.0, progress=None,
+                 caps: Optional[UploadCaps] = None) -> Tuple[str, str]:
     """Segment an uploaded clip; returns (overlay video path (H.264 .mp4), status text).
 
-    Clips longer than ``max_seconds`` are cut there (the status says so).
+    Args:
+        max_seconds, max_mb: the duration and size caps (used when ``caps`` is None).
+        caps: every upload cap (duration, size, frames, resolution); a clip over one is refused, naming it.
 
     Raises:
-        DemoError: no file, a file over ``max_mb``, or a file with no decodable frame.
+        DemoError: no file, a file over a cap, an empty, damaged or truncated file (the command line's message).
     """
     from segadapt.runtime.video import segment_video
 
     if not video_path:
         raise DemoError("No video: upload a clip first.")
+    caps = caps or UploadCaps(video_seconds=max_seconds, video_mb=max_mb)
     p = Path(video_path)
-    if not p.is_file():
-        raise DemoError("The uploaded video could not be found on the server; upload it again.")
-    mb = p.stat().st_size / 1e6
-    if mb > max_mb:
-        raise DemoError(f"The video is {mb:.0f} MB; this demo takes clips up to {max_mb:.0f} MB.")
-    cap = cv2.VideoCapture(str(p))
-    ok = cap.isOpened()
-    fps, n = 25.0, 0
-    if ok:
-        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    cap.release()
-    if not ok or n <= 0:
-        raise DemoError("The file has no video frames this demo can decode (empty or not a video).")
-    cap_frames = int(max_seconds * fps)
-    note = ""
-    if n > cap_frames:
-        note = f" The clip is {n / fps:.1f} s long; only the first {max_seconds:.0f} s were segmented."
+    v = check_video_upload(p, caps)
+    n = v.listed or v.present
     out = Path(out_dir) / f"{p.stem}_segmented_{int(time.time() * 1000)}.mp4"
 
     def cb(done, total):
         if progress is not None:
-            progress(done / max(1, min(total or cap_frames, cap_frames)), desc=f"frame {done}")
+            progress(done / max(1, total or n), desc=f"frame {done}")
 
     try:
-        rep = segment_video(predictor, p, out, alpha=alpha, max_frames=cap_frames, progress=cb)
+        rep = segment_video(predictor, p, out, alpha=alpha, max_frames=n, progress=cb)
     except ValueError as e:
         raise DemoError(f"Could not segment this video: {e}") from None
     status = (f"{rep.frames} frames in {rep.seconds:.1f} s: {rep.fps:.1f} frames/s end to end "
               f"(model {rep.stage_ms.get('infer', 0):.1f} ms/frame, {predictor.backend.describe()}), "
-              f"codec {rep.codec}.{note}")
+              f"codec {rep.codec}.")
     return str(out), status
 
 
@@ -132,25 +124,31 @@ def _examples(folder: Optional[str], limit: int = 12) -> List[str]:
 
 
 def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, examples: Optional[str] = None,
-                max_video_seconds: float = 20.0, max_video_mb: float = 200.0, title: str = "segadapt"):
+                max_video_seconds: float = 20.0, max_video_mb: float = 200.0, title: str = "segadapt",
+                caps: Optional[UploadCaps] = None, adapt=None):
     """Build the Gradio Blocks app.
 
     Args:
         predictor: the (adapted) model.
         reference: optional second model (e.g. source-only) shown side by side / with a before-after slider.
         examples: folder of example frames (a split directory or a plain folder).
-        max_video_seconds, max_video_mb: caps on uploaded clips.
+        max_video_seconds, max_video_mb: caps on uploaded clips (used when ``caps`` is None).
+        caps: every upload cap (:class:`~segadapt.demo.uploads.UploadCaps`); an upload over one is refused, naming it.
+        adapt: the Adapt tab's settings (:class:`~segadapt.demo.adapt_tab.AdaptSettings`; None = defaults).
 
     Returns:
-        a ``gr.Blocks``; call ``.launch()``. Endpoints: ``/segment_image`` and ``/segment_video``.
+        a ``gr.Blocks``; call ``.queue(...).launch()``. Endpoints: ``/segment_image`` and ``/segment_video``.
     """
     import gradio as gr
 
     tmp = Path(tempfile.mkdtemp(prefix="segadapt-demo-"))
+    caps = caps or UploadCaps(video_seconds=max_video_seconds, video_mb=max_video_mb)
 
     def run_image(image, alpha):
         try:
-            ov, cm, shares, ms = segment_image(predictor, image, alpha)
+            if isinstance(image, str):  # decoded once, for both models
+                image = read_image_upload(image, caps)
+            ov, cm, shares, ms = segment_image(predictor, image, alpha, caps)
         except DemoError as e:
             raise gr.Error(str(e))
         png = tmp / f"class_map_{int(time.time() * 1000)}.png"
@@ -164,7 +162,7 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
 
     def run_video(video, alpha, progress=gr.Progress()):
         try:
-            return segment_clip(predictor, video, str(tmp), alpha, max_video_seconds, max_video_mb, progress)
+            return segment_clip(predictor, video, str(tmp), alpha, progress=progress, caps=caps)
         except DemoError as e:
             raise gr.Error(str(e))
 
@@ -175,7 +173,8 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    inp = gr.Image(type="numpy", label="Frame", sources=["upload", "clipboard"], height=300)
+                    inp = gr.Image(type="filepath", label="Frame", sources=["upload", "clipboard"], height=300)
+                    _pass_damaged_files(inp)
                     alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                     btn = gr.Button("Segment", variant="primary")
                     ex = _examples(examples)
@@ -195,7 +194,7 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
         with gr.Tab("Video"):
             with gr.Row():
                 with gr.Column():
-                    vin = gr.Video(label=f"Clip (up to {max_video_seconds:.0f} s, {max_video_mb:.0f} MB)",
+                    vin = gr.Video(label=f"Clip (up to {caps.video_seconds:.0f} s, {caps.video_mb:.0f} MB)",
                                    sources=["upload"])
                     valpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                     vbtn = gr.Button("Segment video", variant="primary")
@@ -203,14 +202,48 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
                     vout = gr.Video(label="Overlay video", format="mp4")
                     vinfo = gr.Markdown()
             vbtn.click(run_video, [vin, valpha], [vout, vinfo], api_name="segment_video")
+        with gr.Tab("Adapt"):
+            from segadapt.demo.adapt_tab import AdaptSettings, build_adapt_tab
+
+            build_adapt_tab(predictor, reference, adapt or AdaptSettings())
     return demo
 
 
+def _pass_damaged_files(image_input) -> None:
+    """Let an upload that Gradio's own image reader (Pillow) cannot open reach the callback as its file path, so the
+    user gets the command line's message (``frame.png: empty file (0 bytes)``) instead of Gradio's bare "Error"."""
+    own = image_input.preprocess
+
+    def preprocess(payload):
+        try:
+            return own(payload)
+        except Exception:
+            path = getattr(payload, "path", None)
+            if path is None:
+                raise
+            return str(path)
+    image_input.preprocess = preprocess
+
+
 def launch(model: str, reference: Optional[str] = None, examples: Optional[str] = None, host: str = "127.0.0.1",
-           port: Optional[int] = None, providers=None) -> None:
-    """Load the predictors and serve the demo (blocks until interrupted)."""
+           port: Optional[int] = None, providers=None, backend: str = "auto", precision: str = "auto",
+           concurrency: int = 1, queue_size: int = 32, caps: Optional[UploadCaps] = None, checkpoint: str = "",
+           watch: Optional[float] = 1.0) -> None:
+    """Load the predictors and serve the demo (blocks until interrupted). ``backend``/``precision``: see
+    :class:`~segadapt.runtime.predictor.Predictor` (auto: OpenVINO on a CPU where it is installed).
+
+    ``concurrency``: requests of one kind (image or video) computed at once, the rest wait in Gradio's queue;
+    ``queue_size``: requests waiting at most (beyond that a request is refused with "queue full" instead of
+    holding memory); ``caps``: upload limits (:class:`~segadapt.demo.uploads.UploadCaps`); ``checkpoint``: the served
+    model's source checkpoint for the Adapt tab ("" = the one its metadata names); ``watch``: the served model is
+    swapped when its file is replaced (:mod:`segadapt.runtime.hot_swap`), looked at at most every ``watch`` seconds
+    (None = never)."""
+    from segadapt.demo.adapt_tab import AdaptSettings
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    p = Predictor(model, providers=providers)
-    r = Predictor(reference, providers=providers) if reference else None
-    demo = create_demo(p, r, examples)
-    demo.queue().launch(server_name=host, server_port=port, max_file_size="200mb")
+    p = Predictor(model, providers=providers, backend=backend, precision=precision, watch=watch)
+    r = Predictor(reference, providers=providers, backend=backend, precision=precision) if reference else None
+    caps = caps or UploadCaps()
+    demo = create_demo(p, r, examples, caps=caps, adapt=AdaptSettings(checkpoint=checkpoint))
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size).launch(
+        server_name=host, server_port=port, max_file_size=f"{caps.upload_mb:.0f}mb")

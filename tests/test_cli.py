@@ -1,3 +1,4 @@
+import argparse
 import functools
 import http.server
 import json
@@ -145,8 +146,12 @@ def _flags_and_help(command: str):
     from segadapt.cli import build_parser
 
     p = build_parser(command)
-    sub = next(a for a in p._actions if a.dest == "command").choices[command]
-    return [(a.option_strings[-1], a.help or "") for a in sub._actions if a.option_strings and a.dest != "help"]
+    parsers = [next(a for a in p._actions if a.dest == "command").choices[command]]
+    for a in parsers[0]._actions:  # nested commands (segadapt data camvid|convert)
+        if isinstance(a, argparse._SubParsersAction):
+            parsers += list(a.choices.values())
+    return [(a.option_strings[-1], a.help or "") for sub in parsers for a in sub._actions
+            if a.option_strings and a.dest != "help"]
 
 
 @pytest.mark.parametrize("command", ["data", "train-source", "adapt", "evaluate", "export", "predict", "bench",

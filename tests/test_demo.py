@@ -43,18 +43,53 @@ def test_segment_image_callback(predictor, tiny):
         segment_image(predictor, np.zeros((5,), np.uint8))
 
 
-def test_segment_clip_callback_caps_and_errors(predictor, short_clip, tmp_path):
-    out, status = segment_clip(predictor, str(short_clip), str(tmp_path), max_seconds=1.0)
+def test_segment_clip_callback_caps_and_errors(predictor, short_clip, video_path, tmp_path):
+    from segadapt.demo.uploads import UploadCaps
+
+    out, status = segment_clip(predictor, str(short_clip), str(tmp_path))
     cap = cv2.VideoCapture(out)
-    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 25 and cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 480
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 50 and cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 480
     cap.release()
-    assert "first 1 s" in status and "frames/s" in status
+    assert "50 frames" in status and "frames/s" in status
+    # over a cap: refused, naming the cap (the 2 s clip against 1 s, 10 frames, 0.1 megapixels, 0.001 MB)
+    with pytest.raises(DemoError, match="2.0 s long; this demo takes clips up to 1 s"):
+        segment_clip(predictor, str(short_clip), str(tmp_path), max_seconds=1.0)
+    with pytest.raises(DemoError, match="50 frames; this demo takes clips of up to 10 frames"):
+        segment_clip(predictor, str(short_clip), str(tmp_path), caps=UploadCaps(video_frames=10))
+    with pytest.raises(DemoError, match="480x270; this demo takes frames up to 0.1 megapixels"):
+        segment_clip(predictor, str(short_clip), str(tmp_path), caps=UploadCaps(video_pixels=100_000))
+    with pytest.raises(DemoError, match="clip.mp4 is 0 MB; this demo takes clips up to 0 MB"):
+        segment_clip(predictor, str(short_clip), str(tmp_path), max_mb=0.0001)
+    # damaged: the command line's message, with the file's name
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
-    with pytest.raises(DemoError, match="no video frames"):
+    with pytest.raises(DemoError, match=r"^empty.mp4: empty file \(0 bytes\)$"):
         segment_clip(predictor, str(empty), str(tmp_path))
-    with pytest.raises(DemoError, match="MB"):
-        segment_clip(predictor, str(short_clip), str(tmp_path), max_mb=0.001)
+    cut = tmp_path / "cut.mp4"
+    data = video_path.read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 10])
+    with pytest.raises(DemoError, match="cut.mp4: truncated or damaged: the container lists 221 frames, only 65"):
+        segment_clip(predictor, str(cut), str(tmp_path), max_seconds=60)
+
+
+def test_image_uploads_over_caps_or_damaged(predictor, tiny, tmp_path):
+    from segadapt.demo.uploads import UploadCaps
+
+    _, path = _frame(tiny)
+    ov, cm, _, _ = segment_image(predictor, str(path))
+    assert cm.shape == cv2.imread(str(path)).shape[:2]
+    with pytest.raises(DemoError, match="160x120 pixels; this demo takes images up to 0.0 megapixels"):
+        segment_image(predictor, str(path), caps=UploadCaps(image_pixels=100))
+    with pytest.raises(DemoError, match="this demo takes images up to 0 MB"):
+        segment_image(predictor, str(path), caps=UploadCaps(image_mb=0.0001))
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    with pytest.raises(DemoError, match=r"^zero.png: empty file \(0 bytes\)$"):
+        segment_image(predictor, str(zero))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(DemoError, match="^cut.png: truncated"):
+        segment_image(predictor, str(cut))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +130,13 @@ def test_bad_upload_shows_readable_error(served, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(Exception) as e:
         c.predict(handle_file(str(empty)), 0.5, api_name="/segment_video")
-    assert "no video frames" in str(e.value) and "Traceback" not in str(e.value)
+    assert "empty.mp4: empty file (0 bytes)" in str(e.value) and "Traceback" not in str(e.value)
+    # a damaged image: Gradio's own reader (Pillow) cannot open it; the callback still gives the CLI's message
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all" * 10)
+    with pytest.raises(Exception) as e:
+        c.predict(handle_file(str(junk)), 0.5, api_name="/segment_image")
+    assert "junk.png: not a readable image" in str(e.value), str(e.value)
 
 
 def _chromium() -> str:

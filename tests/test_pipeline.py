@@ -127,3 +127,47 @@ def test_resumed_pipeline_without_clip_needs_the_target_frames(tmp_path, monkeyp
     assert len(notes) == 1 and "no clip" in notes[0]
     done["done"]["video"] = {}
     assert check_inputs(PipelineConfig(data=str(tmp_path / "empty"), out=str(tmp_path / "run")), done) == []
+
+
+def _tensors(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_seeded_pipelines_are_bit_identical(tiny_data, tmp_path, video_path):
+    """Issue #20: two runs with the same seed give the same checkpoints bit for bit and the same report numbers;
+    the report records the steps made, the seed, the size, the commit and the machine."""
+    reps = []
+    for run in ("a", "b"):
+        cfg = PipelineConfig(data=str(tiny_data), out=str(tmp_path / run), size=(60, 80), source_steps=6,
+                             adapt_steps=4, video=str(video_path), device="cpu", seed=3, until="evaluate")
+        reps.append(run_pipeline(cfg, log=lambda m: None))
+    for ck in ("source/best", "source/last", "adapt/adapted"):
+        a, b = _tensors(tmp_path / "a" / ck), _tensors(tmp_path / "b" / ck)
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not (a[k] == b[k]).all()]
+        assert not differ, f"{ck}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    ra, rb = reps
+    assert ra["metrics"] == rb["metrics"]
+    assert ra["steps"] == rb["steps"] == {"source": {"planned": 6, "done": 6, "cut_short": False, "minutes_cap": 0.0},
+                                          "adapt": {"planned": 4, "done": 4, "cut_short": False, "minutes_cap": 0.0}}
+    assert ra["seed"] == 3 and ra["size"] == [60, 80]
+    pv = ra["provenance"]
+    assert pv["machine"]["cores"] >= 1 and pv["machine"]["cpu"] and pv["python"]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["miou"] == {k: round(v["miou"], 4) for k, v in ra["metrics"].items()}
+    assert summary["steps"] == ra["steps"] and set(summary["timings_s"]) == {"train_source", "adapt", "evaluate"}
+    assert "6 of 6 steps" in (tmp_path / "a" / "report.md").read_text()
+    assert not (tmp_path / "a" / "export").exists()  # --until evaluate: no export, no video
+
+
+def test_minutes_cap_is_reported_as_cut_short():
+    from segadapt.pipeline import steps_done
+
+    preset = {"source_steps": 800, "source_minutes": 2.0, "adapt_steps": 150, "adapt_minutes": 0.0}
+    done = {"train_source": {"summary": {"steps": 312}}, "adapt": {"summary": {"steps": 150}}}
+    st = steps_done(preset, done)
+    assert st["source"] == {"planned": 800, "done": 312, "cut_short": True, "minutes_cap": 2.0}
+    assert st["adapt"]["cut_short"] is False
+    assert steps_done(preset, {"train_source": {"reused": True}}) == {"source": {"reused": True}}

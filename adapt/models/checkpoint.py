@@ -7,27 +7,27 @@
                                  normalisation, input size, provenance
     <dir>/training_state.pt      optimizer/scheduler state, step, RNG state, best metric (for --resume); optional
 
-The directory is first written under a temporary sibling name and then renamed into place, so a crash never leaves
-a half-written checkpoint under the final name.
+    <dir>/manifest.json          size and SHA-256 of the files above, written last: the completeness marker
+
+The directory is written as ``<dir>.tmp`` and swapped in (``<dir>`` -> ``<dir>.prev``, ``<dir>.tmp`` -> ``<dir>``,
+``<dir>.prev`` removed; :func:`segadapt.runtime.files.atomic_dir`), so a crash never leaves a half-written checkpoint
+under the final name and a complete one exists at every moment; :func:`resumable_checkpoint` finds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from segadapt.adapt.models.segmenter import Segmenter, _hf_class, arch_of
 from segadapt.runtime.classes import ClassInfo
-from segadapt.runtime.files import read_json_object
+from segadapt.runtime.files import TrackedFile, atomic_dir, is_complete, read_json_object, sibling, write_file
 
 FORMAT = "segadapt-checkpoint"
 FORMAT_VERSION = 1
@@ -53,26 +53,15 @@ class CheckpointMeta:
     info: dict = field(default_factory=dict)
 
 
-def _write_atomic_dir(final: Path, writer) -> None:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        writer(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested dict/list (an estimate of its serialised size)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 64
 
 
 def save_checkpoint(path: str | Path, model: Segmenter, meta: CheckpointMeta,
@@ -103,13 +92,15 @@ def save_checkpoint(path: str | Path, model: Segmenter, meta: CheckpointMeta,
         "info": meta.info,
     }
 
-    def writer(d: Path) -> None:
-        save_file(state, str(d / "model.safetensors"), metadata={"format": FORMAT})
-        (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    weights = save(state, metadata={"format": FORMAT})
+    config = json.dumps(cfg, indent=1).encode()
+    needed = len(weights) + len(config) + (_tensor_bytes(training_state) if training_state is not None else 0)
+    with atomic_dir(path, needed=needed, what="checkpoint") as d:
+        write_file(d / "model.safetensors", weights)
+        write_file(d / "config.json", config)
         if training_state is not None:
-            torch.save(training_state, d / "training_state.pt")
-
-    _write_atomic_dir(Path(path), writer)
+            with TrackedFile(d / "training_state.pt") as f:
+                torch.save(training_state, f)
     return Path(path)
 
 
@@ -180,11 +171,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_training_state(path: str | Path) -> Optional[dict]:
-    """The training state saved beside a checkpoint, or None if there is none."""
+    """The training state saved beside a checkpoint, or None if there is none.
+
+    Raises:
+        ValueError: the file is truncated or not a training state (the message names it).
+    """
     p = Path(path) / "training_state.pt"
     if not p.is_file():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged files
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{p}: corrupt or truncated training state ({why})") from None
+
+
+def resumable_checkpoint(path: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint with a training state at ``path`` (e.g. ``<out>/last``): ``path`` itself,
+    else ``<path>.prev`` (kept when a run was killed inside the checkpoint swap), else None. Completeness is the
+    manifest's sizes and SHA-256 (:func:`segadapt.runtime.files.newest_complete`)."""
+    for d in (Path(path), sibling(path, "prev")):
+        # a folder without a manifest under the final name was written, whole, by an older segadapt
+        if (is_complete(d, verify_hashes=True, legacy_ok=d == Path(path)) and (d / "training_state.pt").is_file()
+                and is_checkpoint(d)):
+            return d
+    return None
 
 
 def load_segmenter(path: str | Path, classes: Optional[ClassInfo] = None,
@@ -229,4 +240,5 @@ def checkpoint_hash(path: str | Path) -> str:
 
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "load_segmenter", "load_training_state",
+           "resumable_checkpoint",
            "read_checkpoint_config", "is_checkpoint", "checkpoint_hash", "arch_of"]

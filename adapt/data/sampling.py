@@ -1,0 +1,141 @@
+"""Seeded, checkpointable data order for the training loops (exact ``--resume``, issue #18).
+
+A training run reads an endless stream of batches. Batch ``k`` of the stream is a pure function of
+``(seed, k)``: epoch ``e = k // B`` (``B`` batches per epoch) draws its permutation from a generator seeded with
+``(seed, e)``, and batch ``k`` is slice ``k % B`` of it. Each sample's random augmentation is drawn from Python's,
+NumPy's and torch's generators seeded with ``(seed, epoch, index)`` inside the worker that loads it
+(:class:`SeededSamples`), so neither the number of DataLoader workers nor their prefetching changes what a batch
+holds. A run that resumes at batch ``k`` therefore sees exactly the batches the uninterrupted run saw; the loops
+store ``k`` (= the steps done, one batch per step) in the checkpoint's training state.
+
+The stream never consumes the global RNGs of the main process: the loop's own random draws (photometric
+augmentation, ClassMix, dropout) continue from the RNG state restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Key = Tuple[int, int]  # (epoch, sample index)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from non-negative integers (NumPy's SeedSequence: well spread, stable across versions)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededBatchSampler(Sampler[List[Key]]):
+    """An endless stream of batches of ``(epoch, index)`` keys over ``n`` samples, reshuffled every epoch.
+
+    Args:
+        n: dataset length (> 0).
+        batch_size: samples per batch (> 0).
+        seed: the run's seed.
+        start: index of the first batch to yield (the batches a resumed run has already consumed).
+        drop_last: drop each epoch's last partial batch (always kept when the epoch holds no full batch).
+
+    Batches never straddle epochs. ``position(k)`` gives (epoch, batch in epoch) of stream batch ``k``.
+
+    Raises:
+        ValueError: ``n`` or ``batch_size`` < 1, or ``start`` < 0.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, drop_last: bool = True):
+        if n < 1 or batch_size < 1 or start < 0:
+            raise ValueError(f"need n >= 1, batch_size >= 1, start >= 0; got {n}, {batch_size}, {start}")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        full = n // batch_size
+        self.per_epoch = full if drop_last and full > 0 else -(-n // batch_size)
+
+    def position(self, k: int) -> Tuple[int, int]:
+        """(epoch, batch within the epoch) of stream batch ``k``."""
+        return divmod(k, self.per_epoch)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """(n,) int64: the sample order of ``epoch``."""
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5A3D))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[List[Key]]:
+        k = self.start
+        epoch, b = self.position(k)
+        while True:
+            perm = self.permutation(epoch).tolist()
+            while b < self.per_epoch:
+                yield [(epoch, i) for i in perm[b * self.batch_size:(b + 1) * self.batch_size]]
+                b += 1
+            epoch, b = epoch + 1, 0
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is endless
+        return 2 ** 62
+
+
+class SeededSamples(Dataset):
+    """Wrap a map-style dataset so that item ``(epoch, index)`` is loaded with Python's ``random``, NumPy's and
+    torch's CPU generators seeded from ``(seed, epoch, index)``; the generators' previous states are restored
+    afterwards (with ``num_workers=0`` the loading runs in the main process, whose RNG stream must not move).
+
+    Args:
+        dataset: items ``dataset[index]`` (random transforms may use any of the three generators).
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Key):
+        epoch, index = key
+        s = _mix(self.seed, epoch, index)
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            np.random.seed(s % 2 ** 32)
+            torch.default_generator.manual_seed(s)  # CPU only: the CUDA generators of the main process stay
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+
+def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, num_workers: int = 0,
+                     collate_fn: Callable | None = None, pin_memory: bool = False) -> DataLoader:
+    """An endless DataLoader whose batch ``k`` depends only on ``(seed, k)`` (see the module docstring).
+
+    Args:
+        dataset: map-style dataset (length > 0).
+        batch_size: samples per batch; the last partial batch of an epoch is dropped when the dataset holds at
+            least one full batch.
+        seed: the run's seed.
+        start: batches already consumed (a resumed run passes its step).
+        num_workers: DataLoader worker processes (the batches do not depend on it).
+        collate_fn: batch collation.
+
+    Returns:
+        a DataLoader to iterate once (``iter(loader)``); ``loader.batch_sampler`` is the
+        :class:`SeededBatchSampler`.
+    """
+    sampler = SeededBatchSampler(len(dataset), batch_size, seed, start, drop_last=len(dataset) >= batch_size)
+    # a private generator: the loader's base seed must not be drawn from (and move) the main process's torch RNG
+    gen = torch.Generator().manual_seed(_mix(seed, 0xB5E))
+    return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=gen, pin_memory=pin_memory)
+
+
+def data_state(loader: DataLoader, consumed: int) -> dict:
+    """What the checkpoint records of the data order after ``consumed`` batches: ``{"consumed", "epoch", "batch",
+    "seed", "batch_size", "n"}`` (ints)."""
+    s: SeededBatchSampler = loader.batch_sampler
+    epoch, b = s.position(consumed)
+    return {"consumed": consumed, "epoch": epoch, "batch": b, "seed": s.seed, "batch_size": s.batch_size, "n": s.n}
+
+
+__all__ = ["SeededBatchSampler", "SeededSamples", "resumable_loader", "data_state"]
