@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,7 +41,7 @@ from segadapt.adapt.augment import class_mix_masks, mix, normalize, normalize_fl
 from segadapt.adapt.config import AdaptConfig, to_dict
 from segadapt.adapt.data.datasets import ImageFolder, VideoFrames, collate, is_video
 from segadapt.adapt.data.depth import make_depth_provider
-from segadapt.adapt.data.transforms import train_transform
+from segadapt.adapt.data.transforms import Resize, train_transform
 from segadapt.adapt.debug import save_debug_grid
 from segadapt.adapt.models.aux_stream import make_auxiliary_stream
 from segadapt.adapt.data.sampling import data_state, resumable_loader
@@ -83,262 +84,424 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.rectifier.prior not in RECTIFIER_PRIORS:
         raise ValueError(f"rectifier.prior must be one of {RECTIFIER_PRIORS}, got {cfg.rectifier.prior!r}")
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    out = Path(cfg.out)
-    resume_dir = resume_from(out, cfg.resume, log)  # before any model loads: --resume with nothing is an error
-    out.mkdir(parents=True, exist_ok=True)
-    src_model, meta = load_segmenter(cfg.checkpoint, map_location=device)
-    if src_model.in_channels != 3:
-        raise ValueError(f"{cfg.checkpoint}: expected an RGB model")
-    classes = meta.classes
-    K, ignore = classes.num_classes, classes.ignore_index
-    size = resolve_size(cfg.size, cfg.keep_aspect, cfg.target, meta.input_size, src_model.arch,
-                        src_model.output_stride)
-    crop = tuple(cfg.crop) if all(cfg.crop) else size
-    depth_provider = make_depth_provider(cfg.depth.provider, cfg.depth.directory, cfg.depth.right_dir,
-                                         cfg.depth.model_dir, cfg.depth.focal_px, cfg.depth.baseline_m,
-                                         cfg.depth.file_kind, cfg.depth.png_scale, str(device))
-    use_depth = depth_provider is not None
-    transform = train_transform(crop, size, tuple(cfg.scale), ignore)
-    ds = target_dataset(cfg, size, transform, depth_provider)
-    log(f"target: {len(ds)} frames from {cfg.target} at {size[0]}x{size[1]}; depth: {cfg.depth.provider}; "
-        f"device: {device}")
-    info = {"command": "adapt", "config": to_dict(cfg), "source_checkpoint": str(cfg.checkpoint),
-            "source_checkpoint_sha256": checkpoint_hash(cfg.checkpoint) if is_checkpoint(cfg.checkpoint) else ""}
-    out_meta = CheckpointMeta(classes=classes, mean=meta.mean, std=meta.std, input_size=size, info=info)
-
-    def rgbd(x_norm: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x_norm, d], 1)
-
-    # ---- 1. AdaBN (deterministic, no augmentation: resized frames in order)
-    resume_state = None
-    if resume_dir is not None:
-        resume_state = load_training_state(resume_dir)
-        student, _ = load_checkpoint(resume_dir, map_location=device)
-        log(f"resuming from {resume_dir} at step {resume_state['step']}")
-    else:
-        student = src_model
-        if cfg.adabn:
-            from segadapt.adapt.data.transforms import Resize
-
-            plain = target_dataset(cfg, size, Resize(size), depth_provider)
-            loader = DataLoader(plain, batch_size=8, shuffle=False, collate_fn=collate, num_workers=0)
-            n = adapt_batchnorm(student, loader, meta.mean, meta.std, device)
-            log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
+    run = _AdaptRun(cfg, log)
     if not cfg.self_training:
-        save_checkpoint(out / "adapted", student, out_meta)
-        summary = {"steps": 0, "adabn": cfg.adabn, "adapted": str(out / "adapted"), "size": list(size)}
+        return run.finish_adabn_only()
+    run.setup_training()
+    return run.run()
+
+
+def _rgbd(x_norm: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised image and (B, 1, H, W) depth -> (B, 4, H, W) input of the RGB-D stream."""
+    return torch.cat([x_norm, d], 1)
+
+
+@dataclass
+class _TeacherView:
+    """The teacher(s) on the weak view (no gradients). Probabilities are (B, K, H, W) float32 at the input size."""
+
+    logits: torch.Tensor  # (B, K, h, w) EMA teacher logits at the decoder's resolution
+    features: torch.Tensor  # (B, D, h, w) EMA teacher decoder features (the rectifier's input)
+    probs: torch.Tensor  # EMA teacher
+    aux_probs: torch.Tensor | None  # EMA RGB-D teacher (depth runs)
+    anchor_logits: torch.Tensor | None  # (B, K, h, w) frozen AdaBN anchor (when the config uses it)
+    anchor_probs: torch.Tensor | None
+    flip_probs: torch.Tensor | None  # teacher on the flipped view, flipped back (rectifier.flip_consistency)
+    photo_probs: torch.Tensor | None  # teacher on a photometric view (rectifier.photometric_consistency)
+
+
+@dataclass
+class _PseudoLabels:
+    """Pseudo-labels of one batch: (B, H, W) int64 labels (``ignore`` where dropped), bool mask of kept pixels,
+    float32 per-pixel loss weights, and the confidence threshold(s) used (a (K,) tensor or a float)."""
+
+    labels: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor
+    threshold: torch.Tensor | float
+
+
+@dataclass
+class _StrongView:
+    """The strong (ClassMix + photometric) view and its targets, mixed with the same (B, H, W) masks ``mix_masks``
+    (None when ClassMix is off or the batch holds one image)."""
+
+    x: torch.Tensor  # (B, 3, H, W) normalised float32 image
+    labels: torch.Tensor
+    weights: torch.Tensor
+    reliability: torch.Tensor | None  # (B, H, W) rectification r, when the rectifier is on
+    depth: torch.Tensor | None  # (B, 1, H, W), depth runs
+    mix_masks: torch.Tensor | None
+
+
+@dataclass
+class _StepResult:
+    """What one step leaves for logging, the coverage log and the debug grid."""
+
+    loss: torch.Tensor
+    logs: dict
+    pl: _PseudoLabels
+    image: torch.Tensor  # (B, 3, H, W) uint8 weak view
+    reliability: torch.Tensor | None
+    depth: torch.Tensor | None
+
+
+class _AdaptRun:
+    """One ``segadapt adapt`` run: the data, the models (student, EMA teacher, optional RGB-D stream, rectifier and
+    frozen anchor), the optimiser, the pseudo-label statistics and the loop that trains them (module docstring)."""
+
+    def __init__(self, cfg: AdaptConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.device = pick_device(cfg.device)
+        self.out = Path(cfg.out)
+        self.resume_dir = resume_from(self.out, cfg.resume, log)  # before any model loads: nothing to resume = error
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.setup_data()
+        self.setup_student()
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        """Load the source model and build the target dataset and the output metadata."""
+        cfg = self.cfg
+        self.src_model, self.meta = load_segmenter(cfg.checkpoint, map_location=self.device)
+        if self.src_model.in_channels != 3:
+            raise ValueError(f"{cfg.checkpoint}: expected an RGB model")
+        self.classes = self.meta.classes
+        self.K, self.ignore = self.classes.num_classes, self.classes.ignore_index
+        self.size = size = resolve_size(cfg.size, cfg.keep_aspect, cfg.target, self.meta.input_size,
+                                        self.src_model.arch, self.src_model.output_stride)
+        crop = tuple(cfg.crop) if all(cfg.crop) else size
+        self.depth_provider = make_depth_provider(cfg.depth.provider, cfg.depth.directory, cfg.depth.right_dir,
+                                                  cfg.depth.model_dir, cfg.depth.focal_px, cfg.depth.baseline_m,
+                                                  cfg.depth.file_kind, cfg.depth.png_scale, str(self.device))
+        self.use_depth = self.depth_provider is not None
+        transform = train_transform(crop, size, tuple(cfg.scale), self.ignore)
+        self.ds = target_dataset(cfg, size, transform, self.depth_provider)
+        self.log(f"target: {len(self.ds)} frames from {cfg.target} at {size[0]}x{size[1]}; depth: "
+                 f"{cfg.depth.provider}; device: {self.device}")
+        info = {"command": "adapt", "config": to_dict(cfg), "source_checkpoint": str(cfg.checkpoint),
+                "source_checkpoint_sha256": checkpoint_hash(cfg.checkpoint) if is_checkpoint(cfg.checkpoint) else ""}
+        self.out_meta = CheckpointMeta(classes=self.classes, mean=self.meta.mean, std=self.meta.std,
+                                       input_size=size, info=info)
+
+    def setup_student(self) -> None:
+        """The student: from the checkpoint being resumed, or the source model after AdaBN (deterministic, no
+        augmentation: resized frames in order)."""
+        cfg, size = self.cfg, self.size
+        self.resume_state = None
+        if self.resume_dir is not None:
+            self.resume_state = load_training_state(self.resume_dir)
+            self.student, _ = load_checkpoint(self.resume_dir, map_location=self.device)
+            self.log(f"resuming from {self.resume_dir} at step {self.resume_state['step']}")
+            return
+        self.student = self.src_model
+        if cfg.adabn:
+            plain = target_dataset(cfg, size, Resize(size), self.depth_provider)
+            loader = DataLoader(plain, batch_size=8, shuffle=False, collate_fn=collate, num_workers=0)
+            n = adapt_batchnorm(self.student, loader, self.meta.mean, self.meta.std, self.device)
+            self.log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
+
+    def finish_adabn_only(self) -> dict:
+        """``self_training`` off: the AdaBN model is the adapted checkpoint."""
+        save_checkpoint(self.out / "adapted", self.student, self.out_meta)
+        summary = {"steps": 0, "adabn": self.cfg.adabn, "adapted": str(self.out / "adapted"), "size": list(self.size)}
+        write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
+        return summary
+
+    def setup_training(self) -> None:
+        """Models, optimiser and pseudo-label statistics, restored from the training state on resume, then the
+        data loader."""
+        self.setup_models()
+        self.setup_optimiser()
+        self.start, self.elapsed_before = 0, 0.0
+        if self.resume_state is not None:
+            self.restore(self.resume_state)
+        for g in self.opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
+        st = self.resume_state
+        consumed = int(st.get("data", {}).get("consumed", self.start)) if st is not None else 0
+        self.loader = resumable_loader(self.ds, self.cfg.batch_size, self.cfg.seed, start=consumed,
+                                       num_workers=self.cfg.num_workers, collate_fn=collate)
+        self.batches = iter(self.loader)
+
+    def setup_models(self) -> None:
+        """Student (BatchNorm frozen), EMA teacher, optional RGB-D stream and its teacher, rectifier, anchor."""
+        cfg, student = self.cfg, self.student
+        student.train()
+        freeze_batchnorm(student)
+        self.teacher = EMATeacher(student, cfg.teacher.alpha)
+        self.aux = self.aux_teacher = None
+        if self.use_depth:
+            self.aux = make_auxiliary_stream(student).to(self.device)
+            self.aux.train()
+            freeze_batchnorm(self.aux)
+            self.aux_teacher = EMATeacher(self.aux, cfg.teacher.alpha)
+        self.rect = self.anchor = None
+        if cfg.rectifier.enabled:
+            self.rect = make_rectifier(cfg, student.feature_channels, self.K).to(self.device)
+        if uses_anchor(cfg):
+            # the anchor: a frozen copy of the model as it is after AdaBN (restored from the training state on resume)
+            self.anchor = copy.deepcopy(student).eval()
+            self.anchor.requires_grad_(False)
+
+    def setup_optimiser(self) -> None:
+        """AdamW over the student, the RGB-D stream and the rectifier; the class-balanced threshold trackers and
+        the class-frequency loss weights."""
+        cfg, K, p = self.cfg, self.K, self.cfg.pseudo
+        groups = self.student.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
+        if self.aux is not None:
+            groups += self.aux.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
+        if self.rect is not None:
+            groups.append({"params": list(self.rect.parameters()), "lr": cfg.rectifier.lr, "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.tracker = ThresholdTracker(K, p.fraction, p.threshold, p.floor)
+        self.class_weights = None
+        if p.class_weight_power > 0:
+            self.class_weights = ClassFrequencyWeights(K, p.class_weight_power, max_weight=p.class_weight_max)
+        self.tracker_aux = ThresholdTracker(K, p.fraction, p.threshold, p.floor)
+
+    def restore(self, state: dict) -> None:
+        """Everything :meth:`save` wrote into the training state, the RNG states last."""
+        if self.anchor is not None:
+            self.anchor.load_state_dict(state["anchor"])
+        self.teacher.model.load_state_dict(state["teacher"])
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
+            self.aux_teacher.model.load_state_dict(state["aux_teacher"])
+        if self.rect is not None:
+            self.rect.load_state_dict(state["rectifier"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        if self.class_weights is not None and "class_weights" in state:
+            self.class_weights.load_state_dict(state["class_weights"])
+        self.tracker_aux.load_state_dict(state["tracker_aux"])
+        self.start, self.elapsed_before = int(state["step"]), float(state["elapsed"])
+        set_rng_state(state["rng"])
+
+    def save(self, step: int, elapsed: float) -> None:
+        """``<out>/last`` with everything the next step depends on (exact resume, issue #18) and ``<out>/adapted``."""
+        ts = {"teacher": self.teacher.model.state_dict(), "optimizer": self.opt.state_dict(), "step": step,
+              "elapsed": elapsed, "rng": rng_state(), "data": data_state(self.loader, step),
+              "tracker": self.tracker.state_dict(), "tracker_aux": self.tracker_aux.state_dict()}
+        if self.aux is not None:
+            ts["aux"], ts["aux_teacher"] = self.aux.state_dict(), self.aux_teacher.model.state_dict()
+        if self.rect is not None:
+            ts["rectifier"] = self.rect.state_dict()
+        if self.anchor is not None:
+            ts["anchor"] = self.anchor.state_dict()
+        if self.class_weights is not None:
+            ts["class_weights"] = self.class_weights.state_dict()
+        self.out_meta.info.update(step=step)
+        save_checkpoint(self.out / "last", self.student, self.out_meta, ts)
+        keep = self.teacher.model if self.cfg.keep == "teacher" else self.student
+        save_checkpoint(self.out / "adapted", keep, self.out_meta)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict, step: int) -> _StepResult:
+        """Steps 1-6 of the module docstring on one batch of (B, 3, H, W) uint8 target frames."""
+        img = batch["image"].to(self.device, non_blocking=True)
+        depth = batch["depth"].to(self.device) if self.use_depth else None
+        hw = tuple(img.shape[-2:])
+        t = self.teacher_view(img, depth)
+        pl = self.pseudo_labels(t)
+        loss_rect, r_full = self.rectifier_loss(t, hw)
+        use_r = r_full is not None and step >= self.cfg.rectifier.warmup_steps
+        sv = self.strong_view(img, pl, r_full, depth)
+        loss, logs = self.student_loss(sv, pl, t, loss_rect, use_r, hw)
+        self.update(loss, step)
+        return _StepResult(loss, logs, pl, img, r_full, depth)
+
+    def teacher_view(self, img: torch.Tensor, depth: torch.Tensor | None) -> _TeacherView:
+        """1. The EMA teacher(s) and the anchor on the weak view; the teacher on the flipped and photometric views
+        when the rectifier's target uses them."""
+        cfg, hw, rect = self.cfg, tuple(img.shape[-2:]), self.rect
+        x_w = normalize(img, self.meta.mean, self.meta.std)
+        with torch.no_grad(), autocast(self.device, cfg.amp):
+            lt, ft = self.teacher.forward_features(x_w)
+            pt = F.softmax(upsample_logits(lt.float(), hw), 1)
+            pa = None
+            if self.use_depth:
+                pa = F.softmax(upsample_logits(self.aux_teacher(_rgbd(x_w, depth)).float(), hw), 1)
+            pt_flip = pt_photo = pn = ln = None
+            if self.anchor is not None:
+                ln = self.anchor(x_w).float()
+                pn = F.softmax(upsample_logits(ln, hw), 1)
+            if rect is not None and cfg.rectifier.flip_consistency:
+                pt_flip = F.softmax(upsample_logits(self.teacher(x_w.flip(-1)).float(), hw), 1).flip(-1)
+            if rect is not None and cfg.rectifier.photometric_consistency:
+                x_p = normalize_float(photometric(img.float() / 255.0, cfg.strong), self.meta.mean, self.meta.std)
+                pt_photo = F.softmax(upsample_logits(self.teacher(x_p).float(), hw), 1)
+        return _TeacherView(logits=lt, features=ft, probs=pt, aux_probs=pa, anchor_logits=ln, anchor_probs=pn,
+                            flip_probs=pt_flip, photo_probs=pt_photo)
+
+    def pseudo_labels(self, t: _TeacherView) -> _PseudoLabels:
+        """2. Class-balanced confidence thresholds on the teacher's probabilities (fused with the RGB-D teacher's,
+        agreeing pixels only, with depth; blended with the anchor's when ``pseudo.anchor_weight`` > 0), and the
+        class-frequency loss weights."""
+        cfg, ignore = self.cfg, self.ignore
+        if self.use_depth:
+            probs, agree = fuse_dual_head(t.probs, t.aux_probs, cfg.depth.require_agreement)
+        else:
+            probs, agree = t.probs, None
+        if t.anchor_probs is not None and cfg.pseudo.anchor_weight > 0:
+            probs = (1 - cfg.pseudo.anchor_weight) * probs + cfg.pseudo.anchor_weight * t.anchor_probs
+        th = self.tracker.update(probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
+        labels, mask, _ = pseudo_label(probs, th, ignore)
+        if agree is not None:
+            mask &= agree
+            labels = torch.where(mask, labels, torch.full_like(labels, ignore))
+        weights = mask.float()
+        if self.class_weights is not None:
+            self.class_weights.update(labels, ignore)
+            weights = weights * self.class_weights.pixel_weights(labels, ignore)
+        return _PseudoLabels(labels, mask, weights, th)
+
+    def rectifier_loss(self, t: _TeacherView, hw: tuple) -> tuple:
+        """5. (training-only) IR2F reliability r from an implicit head on the teacher's features, and its BCE toward
+        the observable agreement target (anchor, flip, photometric, RGB/RGB-D agreement as configured).
+
+        Returns:
+            (scalar loss, (B, H, W) detached r at the input size or None without a rectifier).
+        """
+        cfg, rect = self.cfg, self.rect
+        if rect is None:
+            return torch.zeros((), device=self.device), None
+        H, W = hw
+        qs = max(1, cfg.rectifier.query_stride)
+        hq, wq = max(1, H // qs), max(1, W // qs)
+        r_small = rectification(cfg, rect, t.features, t.logits, t.anchor_logits, (hq, wq))
+        pt = t.probs
+        target = torch.ones_like(pt[:, 0], dtype=torch.bool)
+        if cfg.rectifier.anchor_consistency:
+            target &= pt.argmax(1) == t.anchor_probs.argmax(1)
+        if t.flip_probs is not None:
+            target &= pt.argmax(1) == t.flip_probs.argmax(1)
+        if t.photo_probs is not None:
+            target &= pt.argmax(1) == t.photo_probs.argmax(1)
+        if t.aux_probs is not None:
+            target &= pt.argmax(1) == t.aux_probs.argmax(1)
+        tgt_small = F.interpolate(target[:, None].float(), size=(hq, wq), mode="nearest")[:, 0]
+        loss_rect = F.binary_cross_entropy(r_small.clamp(1e-6, 1 - 1e-6), tgt_small)
+        r_full = F.interpolate(r_small[:, None].detach(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        return loss_rect, r_full
+
+    def strong_view(self, img: torch.Tensor, pl: _PseudoLabels, r_full: torch.Tensor | None,
+                    depth: torch.Tensor | None) -> _StrongView:
+        """3. Target-to-target ClassMix (labels, weights, r and depth mixed alike) + colour jitter and blur."""
+        x01 = img.float() / 255.0
+        if self.cfg.class_mix and img.shape[0] > 1:
+            m = class_mix_masks(pl.labels, self.ignore)
+            x01, labels_s, weights_s = mix(x01, m), mix(pl.labels, m), mix(pl.weights, m)
+            r_s = mix(r_full, m) if r_full is not None else None
+            depth_s = mix(depth, m) if depth is not None else None
+        else:
+            m, labels_s, weights_s, r_s, depth_s = None, pl.labels, pl.weights, r_full, depth
+        x_s = normalize_float(photometric(x01, self.cfg.strong), self.meta.mean, self.meta.std)
+        return _StrongView(x_s, labels_s, weights_s, r_s, depth_s, m)
+
+    def student_loss(self, v: _StrongView, pl: _PseudoLabels, t: _TeacherView, loss_rect: torch.Tensor,
+                     use_r: bool, hw: tuple) -> tuple:
+        """4. The student(s) on the strong view: pixel-weighted CE on the pseudo-labels, or the rectification-aware
+        mixture loss once the rectifier is warm; plus the rectifier loss, and with depth the RGB-D student's CE
+        and the cross-modal consistency.
+
+        Returns:
+            (total scalar loss, dict of the loss terms as floats).
+        """
+        cfg, ignore = self.cfg, self.ignore
+        with autocast(self.device, cfg.amp):
+            ls = upsample_logits(self.student(v.x).float(), hw)
+            la_s = upsample_logits(self.aux(_rgbd(v.x, v.depth)).float(), hw) if self.use_depth else None
+        if use_r:
+            loss_pl = mixture_loss(ls, v.labels, v.reliability, v.weights, ignore)
+        else:
+            loss_pl = weighted_ce(ls, v.labels, v.weights, ignore)
+        loss = loss_pl + cfg.rectifier.loss_weight * loss_rect
+        logs = {"loss_pl": float(loss_pl.detach()), "loss_rect": float(loss_rect.detach())}
+        if self.use_depth:
+            loss_aux = weighted_ce(la_s, v.labels, v.weights, ignore)
+            loss_cm = self.cross_modal_loss(ls, la_s, t, pl.threshold, v.mix_masks)
+            loss = loss + loss_aux + cfg.depth.cross_modal_weight * loss_cm
+            logs.update(loss_aux=float(loss_aux.detach()), loss_cm=float(loss_cm.detach()))
+        return loss, logs
+
+    def cross_modal_loss(self, ls: torch.Tensor, la_s: torch.Tensor, t: _TeacherView, th,
+                         m: torch.Tensor | None) -> torch.Tensor:
+        """Each stream toward the other stream's own weak-view pseudo-label (mixed like the strong view)."""
+        cfg, ignore = self.cfg, self.ignore
+        th_a = self.tracker_aux.update(t.aux_probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
+        lab_rgb, m_rgb, _ = pseudo_label(t.probs, th, ignore)
+        lab_aux, m_aux, _ = pseudo_label(t.aux_probs, th_a, ignore)
+        if m is not None:
+            lab_rgb, m_rgb = mix(lab_rgb, m), mix(m_rgb.float(), m)
+            lab_aux, m_aux = mix(lab_aux, m), mix(m_aux.float(), m)
+        return (weighted_ce(ls, lab_aux, m_aux.float(), ignore) +
+                weighted_ce(la_s, lab_rgb, m_rgb.float(), ignore))
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """6. Optimiser step, then the EMA update of the teacher(s)."""
+        nan_check(loss, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.teacher.update(self.student)
+        if self.aux is not None:
+            self.aux_teacher.update(self.aux)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train from the start (or resumed) step to ``cfg.steps`` or the time budget; returns the summary."""
+        cfg, out = self.cfg, self.out
+        if self.resume_state is not None:
+            _truncate_log(out / "coverage.jsonl", self.start)
+        self.cov_file = open(out / "coverage.jsonl", "a")
+        self.t0 = time.time()
+        self.bar = tqdm(total=cfg.steps, initial=self.start, desc="adapt", unit="step", dynamic_ncols=True)
+        step = self.start
+        last_logs: dict = {}
+        try:
+            while step < cfg.steps:
+                res = self.train_step(next(self.batches), step)
+                step += 1
+                last_logs = res.logs
+                if self.after_step(step, res):
+                    break
+        finally:
+            self.bar.close()
+            self.cov_file.close()
+        summary = {"steps": step, "seconds": self.elapsed_before + time.time() - self.t0,
+                   "adapted": str(out / "adapted"), "keep": cfg.keep, "depth": cfg.depth.provider,
+                   "rectifier": cfg.rectifier.enabled, "last_losses": last_logs, "device": str(self.device),
+                   "size": list(self.size)}
         write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
-    # ---- 2. models: student, EMA teacher, optional RGB-D stream and rectifier
-    student.train()
-    freeze_batchnorm(student)
-    teacher = EMATeacher(student, cfg.teacher.alpha)
-    aux = aux_teacher = None
-    if use_depth:
-        aux = make_auxiliary_stream(student).to(device)
-        aux.train()
-        freeze_batchnorm(aux)
-        aux_teacher = EMATeacher(aux, cfg.teacher.alpha)
-    rect = anchor = None
-    if cfg.rectifier.enabled:
-        rect = make_rectifier(cfg, student.feature_channels, K).to(device)
-    if uses_anchor(cfg):
-        # the anchor: a frozen copy of the model as it is after AdaBN (restored from the training state on resume)
-        anchor = copy.deepcopy(student).eval()
-        anchor.requires_grad_(False)
-        if resume_state is not None:
-            anchor.load_state_dict(resume_state["anchor"])
-    groups = student.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
-    if aux is not None:
-        groups += aux.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
-    if rect is not None:
-        groups.append({"params": list(rect.parameters()), "lr": cfg.rectifier.lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    tracker = ThresholdTracker(K, cfg.pseudo.fraction, cfg.pseudo.threshold, cfg.pseudo.floor)
-    class_weights = None
-    if cfg.pseudo.class_weight_power > 0:
-        class_weights = ClassFrequencyWeights(K, cfg.pseudo.class_weight_power, max_weight=cfg.pseudo.class_weight_max)
-    tracker_aux = ThresholdTracker(K, cfg.pseudo.fraction, cfg.pseudo.threshold, cfg.pseudo.floor)
-    start = 0
-    elapsed_before = 0.0
-    if resume_state is not None:
-        teacher.model.load_state_dict(resume_state["teacher"])
-        if aux is not None:
-            aux.load_state_dict(resume_state["aux"])
-            aux_teacher.model.load_state_dict(resume_state["aux_teacher"])
-        if rect is not None:
-            rect.load_state_dict(resume_state["rectifier"])
-        opt.load_state_dict(resume_state["optimizer"])
-        tracker.load_state_dict(resume_state["tracker"])
-        if class_weights is not None and "class_weights" in resume_state:
-            class_weights.load_state_dict(resume_state["class_weights"])
-        tracker_aux.load_state_dict(resume_state["tracker_aux"])
-        start, elapsed_before = int(resume_state["step"]), float(resume_state["elapsed"])
-        set_rng_state(resume_state["rng"])
-    for g in opt.param_groups:
-        g.setdefault("initial_lr", g["lr"])
-
-    def save(step: int, elapsed: float) -> None:
-        # everything the next step depends on: exact resume (issue #18)
-        ts = {"teacher": teacher.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-              "elapsed": elapsed, "rng": rng_state(), "data": data_state(loader, step), "tracker": tracker.state_dict(),
-              "tracker_aux": tracker_aux.state_dict()}
-        if aux is not None:
-            ts["aux"], ts["aux_teacher"] = aux.state_dict(), aux_teacher.model.state_dict()
-        if rect is not None:
-            ts["rectifier"] = rect.state_dict()
-        if anchor is not None:
-            ts["anchor"] = anchor.state_dict()
-        if class_weights is not None:
-            ts["class_weights"] = class_weights.state_dict()
-        out_meta.info.update(step=step)
-        save_checkpoint(out / "last", student, out_meta, ts)
-        save_checkpoint(out / "adapted", teacher.model if cfg.keep == "teacher" else student, out_meta)
-
-    # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
-    consumed = int(resume_state.get("data", {}).get("consumed", start)) if resume_state is not None else 0
-    loader = resumable_loader(ds, cfg.batch_size, cfg.seed, start=consumed, num_workers=cfg.num_workers,
-                              collate_fn=collate)
-    batches = iter(loader)
-    if resume_state is not None:
-        _truncate_log(out / "coverage.jsonl", start)
-    cov_file = open(out / "coverage.jsonl", "a")
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", dynamic_ncols=True)
-    step = start
-    last_logs: dict = {}
-    try:
-        while step < cfg.steps:
-            b = next(batches)
-            img = b["image"].to(device, non_blocking=True)
-            depth = b["depth"].to(device) if use_depth else None
-            H, W = img.shape[-2:]
-            x_w = normalize(img, meta.mean, meta.std)
-            # ---- teacher(s) on the weak view
-            with torch.no_grad(), autocast(device, cfg.amp):
-                lt, ft = teacher.forward_features(x_w)
-                pt = F.softmax(upsample_logits(lt.float(), (H, W)), 1)
-                pa = None
-                if use_depth:
-                    pa = F.softmax(upsample_logits(aux_teacher(rgbd(x_w, depth)).float(), (H, W)), 1)
-                pt_flip = pt_photo = pn = ln = None
-                if anchor is not None:
-                    ln = anchor(x_w).float()
-                    pn = F.softmax(upsample_logits(ln, (H, W)), 1)
-                if rect is not None and cfg.rectifier.flip_consistency:
-                    pt_flip = F.softmax(upsample_logits(teacher(x_w.flip(-1)).float(), (H, W)), 1).flip(-1)
-                if rect is not None and cfg.rectifier.photometric_consistency:
-                    x_p = normalize_float(photometric(img.float() / 255.0, cfg.strong), meta.mean, meta.std)
-                    pt_photo = F.softmax(upsample_logits(teacher(x_p).float(), (H, W)), 1)
-            # ---- pseudo-labels
-            if use_depth:
-                probs, agree = fuse_dual_head(pt, pa, cfg.depth.require_agreement)
-            else:
-                probs, agree = pt, None
-            if pn is not None and cfg.pseudo.anchor_weight > 0:
-                probs = (1 - cfg.pseudo.anchor_weight) * probs + cfg.pseudo.anchor_weight * pn
-            th = tracker.update(probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
-            labels, mask, conf = pseudo_label(probs, th, ignore)
-            if agree is not None:
-                mask &= agree
-                labels = torch.where(mask, labels, torch.full_like(labels, ignore))
-            weights = mask.float()
-            if class_weights is not None:
-                class_weights.update(labels, ignore)
-                weights = weights * class_weights.pixel_weights(labels, ignore)
-            # ---- rectifier (training-only): reliability r from an implicit head on the teacher's features
-            r_full = None
-            loss_rect = torch.zeros((), device=device)
-            if rect is not None:
-                qs = max(1, cfg.rectifier.query_stride)
-                hq, wq = max(1, H // qs), max(1, W // qs)
-                r_small = rectification(cfg, rect, ft, lt, ln, (hq, wq))
-                target = torch.ones_like(pt[:, 0], dtype=torch.bool)
-                if cfg.rectifier.anchor_consistency:
-                    target &= pt.argmax(1) == pn.argmax(1)
-                if pt_flip is not None:
-                    target &= pt.argmax(1) == pt_flip.argmax(1)
-                if pt_photo is not None:
-                    target &= pt.argmax(1) == pt_photo.argmax(1)
-                if pa is not None:
-                    target &= pt.argmax(1) == pa.argmax(1)
-                tgt_small = F.interpolate(target[:, None].float(), size=(hq, wq), mode="nearest")[:, 0]
-                loss_rect = F.binary_cross_entropy(r_small.clamp(1e-6, 1 - 1e-6), tgt_small)
-                r_full = F.interpolate(r_small[:, None].detach(), size=(H, W), mode="bilinear",
-                                       align_corners=False)[:, 0]
-            use_r = r_full is not None and step >= cfg.rectifier.warmup_steps
-            # ---- strong view: ClassMix between target images + photometric
-            x01 = img.float() / 255.0
-            if cfg.class_mix and img.shape[0] > 1:
-                m = class_mix_masks(labels, ignore)
-                x01, labels_s, weights_s = mix(x01, m), mix(labels, m), mix(weights, m)
-                r_s = mix(r_full, m) if r_full is not None else None
-                depth_s = mix(depth, m) if depth is not None else None
-            else:
-                m, labels_s, weights_s, r_s, depth_s = None, labels, weights, r_full, depth
-            x_s = normalize_float(photometric(x01, cfg.strong), meta.mean, meta.std)
-            # ---- students
-            with autocast(device, cfg.amp):
-                ls = upsample_logits(student(x_s).float(), (H, W))
-                la_s = upsample_logits(aux(rgbd(x_s, depth_s)).float(), (H, W)) if use_depth else None
-            if use_r:
-                loss_pl = mixture_loss(ls, labels_s, r_s, weights_s, ignore)
-            else:
-                loss_pl = weighted_ce(ls, labels_s, weights_s, ignore)
-            loss = loss_pl + cfg.rectifier.loss_weight * loss_rect
-            logs = {"loss_pl": float(loss_pl.detach()), "loss_rect": float(loss_rect.detach())}
-            if use_depth:
-                loss_aux = weighted_ce(la_s, labels_s, weights_s, ignore)
-                # cross-modal consistency: each stream toward the other stream's own weak-view pseudo-label
-                th_a = tracker_aux.update(pa) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
-                lab_rgb, m_rgb, _ = pseudo_label(pt, th, ignore)
-                lab_aux, m_aux, _ = pseudo_label(pa, th_a, ignore)
-                if m is not None:
-                    lab_rgb, m_rgb = mix(lab_rgb, m), mix(m_rgb.float(), m)
-                    lab_aux, m_aux = mix(lab_aux, m), mix(m_aux.float(), m)
-                loss_cm = (weighted_ce(ls, lab_aux, m_aux.float(), ignore) +
-                           weighted_ce(la_s, lab_rgb, m_rgb.float(), ignore))
-                loss = loss + loss_aux + cfg.depth.cross_modal_weight * loss_cm
-                logs.update(loss_aux=float(loss_aux.detach()), loss_cm=float(loss_cm.detach()))
-            nan_check(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            teacher.update(student)
-            if aux is not None:
-                aux_teacher.update(aux)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kept=f"{float(mask.float().mean()):.2f}",
-                            refresh=False)
-            last_logs = logs
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                cov = coverage_per_class(labels, K, ignore)
-                rec = {"step": step, "kept": float(mask.float().mean()), **logs,
-                       "coverage": {n: round(float(c), 4) for n, c in zip(classes.names, cov)},
-                       "thresholds": [round(float(v), 3) for v in (th if torch.is_tensor(th) else torch.full((K,), th))]}
-                cov_file.write(json.dumps(rec) + "\n")
-                cov_file.flush()
-            if cfg.debug_every and (step % cfg.debug_every == 0 or step == 1):
-                save_debug_grid(out / "debug" / f"step_{step:06d}.png", img, labels, classes.palette, ignore,
-                                r_full, depth)
-            elapsed = elapsed_before + time.time() - t0
-            out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-                save(step, elapsed)
-            if out_of_time:
-                log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
-                break
-    finally:
-        bar.close()
-        cov_file.close()
-    summary = {"steps": step, "seconds": elapsed_before + time.time() - t0, "adapted": str(out / "adapted"),
-               "keep": cfg.keep, "depth": cfg.depth.provider, "rectifier": cfg.rectifier.enabled,
-               "last_losses": last_logs, "device": str(device), "size": list(size)}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
-    return summary
+    def after_step(self, step: int, res: _StepResult) -> bool:
+        """Progress bar, coverage log, debug grid and checkpoints after ``step`` steps; True when the time budget
+        is spent (a checkpoint was written)."""
+        cfg, K, pl = self.cfg, self.K, res.pl
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(res.loss.detach()):.3f}", kept=f"{float(pl.mask.float().mean()):.2f}",
+                             refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            cov = coverage_per_class(pl.labels, K, self.ignore)
+            th = pl.threshold
+            rec = {"step": step, "kept": float(pl.mask.float().mean()), **res.logs,
+                   "coverage": {n: round(float(c), 4) for n, c in zip(self.classes.names, cov)},
+                   "thresholds": [round(float(v), 3) for v in (th if torch.is_tensor(th) else torch.full((K,), th))]}
+            self.cov_file.write(json.dumps(rec) + "\n")
+            self.cov_file.flush()
+        if cfg.debug_every and (step % cfg.debug_every == 0 or step == 1):
+            save_debug_grid(self.out / "debug" / f"step_{step:06d}.png", res.image, pl.labels, self.classes.palette,
+                            self.ignore, res.reliability, res.depth)
+        elapsed = self.elapsed_before + time.time() - self.t0
+        out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            self.save(step, elapsed)
+        if out_of_time:
+            self.log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
+        return out_of_time
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -48,120 +48,165 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         FileNotFoundError / ValueError: missing or malformed data (the message names the file).
     """
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    resume_dir = resume_from(cfg.out, cfg.resume, log)  # before any work: --resume with nothing is an error
-    data = Path(cfg.data)
-    train_dir, val_dir = data / cfg.train_split, data / cfg.val_split
-    classes = ClassInfo.load(find_classes_json(train_dir))
-    crop = tuple(cfg.crop) if all(cfg.crop) else tuple(cfg.size)
-    geo = (train_transform(crop, cfg.size, cfg.scale, classes.ignore_index) if cfg.augment
-           else Resize(crop))
-    train_ds = LabeledImageFolder(train_dir, classes, transform=geo)
-    val_ds = LabeledImageFolder(val_dir, classes) if cfg.val_split and val_dir.exists() else None
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = CheckpointMeta(classes=classes, input_size=tuple(cfg.size),
-                          info={"command": "train-source", "config": to_dict(cfg)})
+    return _SourceRun(cfg, log).run()
 
-    start_step, best, best_step, elapsed_before, history, run_loss = 0, -1.0, -1, 0.0, [], None
-    state = load_training_state(resume_dir) if resume_dir is not None else None
-    if state is not None:
-        model, _ = load_checkpoint(resume_dir, map_location=device)
-        log(f"resuming from {resume_dir} at step {state['step']}")
-    else:
-        mc = cfg.model
+
+class _SourceRun:
+    """One ``segadapt train-source`` run: data, model, optimiser, schedule, validation and checkpoints."""
+
+    def __init__(self, cfg: SourceTrainConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.device = pick_device(cfg.device)
+        resume_dir = resume_from(cfg.out, cfg.resume, log)  # before any work: --resume with nothing is an error
+        self.setup_data()
+        self.start_step, self.best, self.best_step, self.elapsed_before = 0, -1.0, -1, 0.0
+        self.history: list = []
+        self.run_loss = None
+        state = load_training_state(resume_dir) if resume_dir is not None else None
+        self.model = self.build_model(resume_dir, state)
+        self.model.to(self.device).train()
+        self.opt = torch.optim.AdamW(self.model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult),
+                                     betas=(0.9, 0.999))
+        for g in self.opt.param_groups:
+            g["initial_lr"] = g["lr"]
+        if state is not None:
+            self.restore(state)
+        # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
+        consumed = int(state.get("data", {}).get("consumed", self.start_step)) if state is not None else 0
+        self.loader = resumable_loader(self.train_ds, cfg.batch_size, cfg.seed, start=consumed,
+                                       num_workers=cfg.num_workers, collate_fn=collate)
+
+    def setup_data(self) -> None:
+        """Classes, the training set (with the geometric augmentation), the validation set, output metadata."""
+        cfg = self.cfg
+        data = Path(cfg.data)
+        train_dir, val_dir = data / cfg.train_split, data / cfg.val_split
+        self.classes = classes = ClassInfo.load(find_classes_json(train_dir))
+        crop = tuple(cfg.crop) if all(cfg.crop) else tuple(cfg.size)
+        geo = (train_transform(crop, cfg.size, cfg.scale, classes.ignore_index) if cfg.augment
+               else Resize(crop))
+        self.train_ds = LabeledImageFolder(train_dir, classes, transform=geo)
+        self.val_ds = LabeledImageFolder(val_dir, classes) if cfg.val_split and val_dir.exists() else None
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.meta = CheckpointMeta(classes=classes, input_size=tuple(cfg.size),
+                                   info={"command": "train-source", "config": to_dict(cfg)})
+
+    def build_model(self, resume_dir: Path | None, state: dict | None):
+        """The model being resumed, a pretrained one (checkpoint or transformers directory), or a fresh one."""
+        classes = self.classes
+        if state is not None:
+            model, _ = load_checkpoint(resume_dir, map_location=self.device)
+            self.log(f"resuming from {resume_dir} at step {state['step']}")
+            return model
+        mc = self.cfg.model
         if mc.pretrained:
             from segadapt.adapt.models.checkpoint import is_checkpoint
 
-            model = (load_checkpoint(mc.pretrained)[0] if is_checkpoint(mc.pretrained)
-                     else build_segmenter(mc.arch, classes.num_classes, pretrained=mc.pretrained,
-                                          ignore_index=classes.ignore_index))
-        else:
-            model = build_segmenter(mc.arch, classes.num_classes, mc.variant, 3, mc.output_stride, mc.dropout,
-                                    classes.ignore_index)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult), betas=(0.9, 0.999))
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start_step, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
-        elapsed_before = float(state.get("elapsed", 0.0))
-        history = json.loads(state.get("history", "[]"))
-        run_loss = state.get("run_loss")
+            return (load_checkpoint(mc.pretrained)[0] if is_checkpoint(mc.pretrained)
+                    else build_segmenter(mc.arch, classes.num_classes, pretrained=mc.pretrained,
+                                         ignore_index=classes.ignore_index))
+        return build_segmenter(mc.arch, classes.num_classes, mc.variant, 3, mc.output_stride, mc.dropout,
+                               classes.ignore_index)
+
+    def restore(self, state: dict) -> None:
+        """Optimiser, position, best score, history, running loss and RNG states from the training state."""
+        self.opt.load_state_dict(state["optimizer"])
+        self.start_step, self.best, self.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.history = json.loads(state.get("history", "[]"))
+        self.run_loss = state.get("run_loss")
         set_rng_state(state["rng"])
-    # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
-    consumed = int(state.get("data", {}).get("consumed", start_step)) if state is not None else 0
-    loader = resumable_loader(train_ds, cfg.batch_size, cfg.seed, start=consumed, num_workers=cfg.num_workers,
-                              collate_fn=collate)
 
-    def save_last(step: int, elapsed: float) -> None:
-        # everything the next step depends on: exact resume (issue #18)
-        ts = {"optimizer": opt.state_dict(), "step": step, "best": best, "best_step": best_step,
-              "elapsed": elapsed, "rng": rng_state(), "data": data_state(loader, step), "history": json.dumps(history),
-              "run_loss": run_loss}
-        meta.info.update(step=step)
-        save_checkpoint(out / "last", model, meta, ts)
+    def save_last(self, step: int, elapsed: float) -> None:
+        """``<out>/last`` with everything the next step depends on (exact resume, issue #18)."""
+        ts = {"optimizer": self.opt.state_dict(), "step": step, "best": self.best, "best_step": self.best_step,
+              "elapsed": elapsed, "rng": rng_state(), "data": data_state(self.loader, step),
+              "history": json.dumps(self.history), "run_loss": self.run_loss}
+        self.meta.info.update(step=step)
+        save_checkpoint(self.out / "last", self.model, self.meta, ts)
 
-    def validate(step: int) -> float:
-        nonlocal best, best_step
-        if val_ds is None:
+    def validate(self, step: int) -> float:
+        """mIoU (percent) on the validation split (NaN without one); a new best is saved as ``<out>/best``."""
+        if self.val_ds is None:
             return float("nan")
-        m = evaluate(model, val_ds, meta.mean, meta.std, tuple(cfg.size), device, batch_size=8)
-        history.append({"step": step, "val_miou": m["miou"], "val_pixel_acc": m["pixel_acc"]})
-        if m["miou"] > best:
-            best, best_step = m["miou"], step
-            meta.info.update(step=step, val_miou=m["miou"], val_iou=m["iou"])
-            save_checkpoint(out / "best", model, meta)
-        log(f"step {step}: val mIoU {m['miou']:.2f} (best {best:.2f} at {best_step})")
+        m = evaluate(self.model, self.val_ds, self.meta.mean, self.meta.std, tuple(self.cfg.size), self.device,
+                     batch_size=8)
+        self.history.append({"step": step, "val_miou": m["miou"], "val_pixel_acc": m["pixel_acc"]})
+        if m["miou"] > self.best:
+            self.best, self.best_step = m["miou"], step
+            self.meta.info.update(step=step, val_miou=m["miou"], val_iou=m["iou"])
+            save_checkpoint(self.out / "best", self.model, self.meta)
+        self.log(f"step {step}: val mIoU {m['miou']:.2f} (best {self.best:.2f} at {self.best_step})")
         return m["miou"]
 
-    t0 = time.time()
-    batches = iter(loader)
-    step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train-source", unit="step", dynamic_ncols=True)
-    stopped_early = False
-    while step < cfg.steps:
-        batch = next(batches)
+    def set_lr(self, step: int) -> None:
+        """Warmup + poly schedule; with a time budget the decay follows the elapsed fraction when that is further."""
+        cfg = self.cfg
         budget = cfg.max_minutes * 60
-        time_progress = (elapsed_before + time.time() - t0) / budget if budget > 0 else None
+        time_progress = (self.elapsed_before + time.time() - self.t0) / budget if budget > 0 else None
         f = warmup_poly(step, cfg.steps, cfg.warmup_steps, cfg.poly_power, progress=time_progress)
-        for g in opt.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = g["initial_lr"] * f
-        imgs = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+
+    def train_step(self, batch: dict, step: int) -> torch.Tensor:
+        """One supervised step on (B, 3, H, W) uint8 images and (B, H, W) int64 labels; returns the loss."""
+        imgs = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
         x = imgs.float() / 255.0
-        if cfg.augment:
-            x = photometric(x, cfg.photometric)
-        x = normalize_float(x, meta.mean, meta.std)
-        with autocast(device, cfg.amp):
-            logits = model(x)
-        loss = supervised_loss(logits, labels, classes.ignore_index)
+        if self.cfg.augment:
+            x = photometric(x, self.cfg.photometric)
+        x = normalize_float(x, self.meta.mean, self.meta.std)
+        with autocast(self.device, self.cfg.amp):
+            logits = self.model(x)
+        loss = supervised_loss(logits, labels, self.classes.ignore_index)
         nan_check(loss, step)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        step += 1
-        lv = float(loss.detach())
-        run_loss = lv if run_loss is None else 0.95 * run_loss + 0.05 * lv
-        bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
-        elapsed = elapsed_before + time.time() - t0
+        self.opt.step()
+        return loss
+
+    def after_step(self, step: int) -> bool:
+        """History, validation and ``last`` after ``step`` steps; True when the time budget is spent."""
+        cfg = self.cfg
+        elapsed = self.elapsed_before + time.time() - self.t0
         out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
         if step % 20 == 0 or step == cfg.steps:
-            history.append({"step": step, "loss": run_loss, "lr": opt.param_groups[0]["lr"]})
+            self.history.append({"step": step, "loss": self.run_loss, "lr": self.opt.param_groups[0]["lr"]})
         if (cfg.val_every > 0 and step % cfg.val_every == 0) or step == cfg.steps or out_of_time:
-            validate(step)
+            self.validate(step)
         if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
-            save_last(step, elapsed)
+            self.save_last(step, elapsed)
         if out_of_time:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
-            stopped_early = True
-            break
-    bar.close()
-    if step == start_step and not (out / "last").exists():
-        save_last(step, elapsed_before)
-    summary = {"best_val_miou": best, "best_step": best_step, "steps": step, "stopped_early": stopped_early,
-               "seconds": elapsed_before + time.time() - t0, "out": str(out), "device": str(device)}
-    write_atomic(out / "history.json", json.dumps({"summary": summary, "history": history}, indent=1).encode())
-    return summary
+            self.log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
+        return out_of_time
+
+    def run(self) -> dict:
+        """Train from the start (or resumed) step to ``cfg.steps`` or the time budget; returns the summary."""
+        cfg, out = self.cfg, self.out
+        self.t0 = time.time()
+        batches = iter(self.loader)
+        step = self.start_step
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train-source", unit="step", dynamic_ncols=True)
+        stopped_early = False
+        while step < cfg.steps:
+            batch = next(batches)
+            self.set_lr(step)
+            loss = self.train_step(batch, step)
+            step += 1
+            lv = float(loss.detach())
+            self.run_loss = lv if self.run_loss is None else 0.95 * self.run_loss + 0.05 * lv
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.run_loss:.3f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}", refresh=False)
+            if self.after_step(step):
+                stopped_early = True
+                break
+        bar.close()
+        if step == self.start_step and not (out / "last").exists():
+            self.save_last(step, self.elapsed_before)
+        summary = {"best_val_miou": self.best, "best_step": self.best_step, "steps": step,
+                   "stopped_early": stopped_early, "seconds": self.elapsed_before + time.time() - self.t0,
+                   "out": str(out), "device": str(self.device)}
+        write_atomic(out / "history.json", json.dumps({"summary": summary, "history": self.history},
+                                                      indent=1).encode())
+        return summary

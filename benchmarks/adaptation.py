@@ -104,7 +104,8 @@ def override(cfg: AdaptConfig, item: str) -> None:
     setattr(obj, name, val.lower() in ("1", "true", "yes") if isinstance(cur, bool) else type(cur)(val))
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv`` None: ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--target", default=str(Path(default_camvid_dir()) / "target_adapt"))
@@ -130,30 +131,22 @@ def main() -> int:
     ap.add_argument("--depth-model", default="")
     ap.add_argument("--work", default="runs/bench/adapt_work")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
-    model, meta = load_segmenter(a.checkpoint)
-    target = Path(a.target)
-    labels = Path(a.labels) if a.labels else target / "labels"
-    image_dir = target / "images" if (target / "images").is_dir() else target
-    size = resolve_size(a.size or (0, 0), a.keep_aspect, image_dir, meta.input_size, model.arch, model.output_stride)
-    print(f"adaptation and evaluation at {size[0]}x{size[1]} on {image_dir}", flush=True)
-    ds_eval = LabeledImageFolder(target, classes=meta.classes, image_dir=image_dir, label_dir=labels)
-    work = Path(a.work)
-    res: dict = {"rows": {}, "config": vars(a), "size": list(size), "classes": list(meta.classes.names),
-                 "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                             "threads": torch.get_num_threads()}}
-    t0 = time.time()
-    base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
-                lr=a.lr, num_workers=0, debug_every=0, log_every=10, save_every=a.steps)
-    if not a.skip_baselines:
-        res["rows"]["source_only"] = {"runs": [measure(a.checkpoint, ds_eval, size)]}
-        cfg = AdaptConfig(**base, out=str(work / "adabn"), self_training=False)
-        adapt(cfg, log=lambda *_: None)
-        res["rows"]["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
-        print(f"source-only {res['rows']['source_only']['runs'][0]['miou']:.2f}, "
-              f"AdaBN {res['rows']['adabn']['runs'][0]['miou']:.2f}", flush=True)
 
+def baseline_rows(a: argparse.Namespace, base: dict, ds_eval: LabeledImageFolder, size, work: Path) -> dict:
+    """The deterministic rows: the source checkpoint as it is, and AdaBN only."""
+    rows = {"source_only": {"runs": [measure(a.checkpoint, ds_eval, size)]}}
+    cfg = AdaptConfig(**base, out=str(work / "adabn"), self_training=False)
+    adapt(cfg, log=lambda *_: None)
+    rows["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
+    print(f"source-only {rows['source_only']['runs'][0]['miou']:.2f}, "
+          f"AdaBN {rows['adabn']['runs'][0]['miou']:.2f}", flush=True)
+    return rows
+
+
+def row_variants(a: argparse.Namespace) -> dict:
+    """The self-training rows' config fields by row name (``full+depth`` added to ``a.rows`` with ``--depth``)."""
     def rectifier_on() -> RectifierConfig:
         return RectifierConfig(enabled=True, prior=a.rectifier_prior)
 
@@ -169,29 +162,62 @@ def main() -> int:
                                       depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
                                                         right_dir=a.right_dir, model_dir=a.depth_model))
         a.rows = list(a.rows) + ["full+depth"]
-    for row in a.rows:
-        runs = []
-        for seed in a.seeds:
-            out = work / f"{row.replace('+', 'plus_')}_s{seed}"
-            cfg = AdaptConfig(**base, out=str(out), seed=seed, **copy.deepcopy(variants[row]))
-            for item in a.set:
-                override(cfg, item)
-            t = time.time()
-            s = adapt(cfg, log=lambda *_: None)
-            r = measure(out / "adapted", ds_eval, size)
-            r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s["last_losses"])
-            if cfg.rectifier.enabled:
-                r.update(reliability_auroc(cfg, ds_eval, size))
-            runs.append(r)
-            print(f"{row} seed {seed}: mIoU {r['miou']:.2f}" +
-                  (f", AUROC rectifier {r['auroc_rectifier']:.3f} vs max-softmax {r['auroc_max_softmax']:.3f}"
-                   if "auroc_rectifier" in r else "") + f" ({r['seconds']:.0f} s)", flush=True)
-        res["rows"][row] = {"runs": runs}
-    for row, v in res["rows"].items():
+    return variants
+
+
+def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval: LabeledImageFolder, size,
+            work: Path) -> list:
+    """Adapt and measure one self-training row for every seed; one result dict per seed."""
+    runs = []
+    for seed in a.seeds:
+        out = work / f"{row.replace('+', 'plus_')}_s{seed}"
+        cfg = AdaptConfig(**base, out=str(out), seed=seed, **copy.deepcopy(variant))
+        for item in a.set:
+            override(cfg, item)
+        t = time.time()
+        s = adapt(cfg, log=lambda *_: None)
+        r = measure(out / "adapted", ds_eval, size)
+        r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s["last_losses"])
+        if cfg.rectifier.enabled:
+            r.update(reliability_auroc(cfg, ds_eval, size))
+        runs.append(r)
+        print(f"{row} seed {seed}: mIoU {r['miou']:.2f}" +
+              (f", AUROC rectifier {r['auroc_rectifier']:.3f} vs max-softmax {r['auroc_max_softmax']:.3f}"
+               if "auroc_rectifier" in r else "") + f" ({r['seconds']:.0f} s)", flush=True)
+    return runs
+
+
+def summarise(rows: dict) -> None:
+    """Add mean and standard deviation over seeds of mIoU, and per-class mean IoU, to each row (in place)."""
+    for v in rows.values():
         m = np.array([r["miou"] for r in v["runs"]])
         v["miou_mean"], v["miou_std"] = float(m.mean()), float(m.std(ddof=1)) if len(m) > 1 else 0.0
         iou = np.array([[np.nan if x is None else x for x in r["iou"]] for r in v["runs"]])
         v["iou_mean"] = [None if np.isnan(x) else float(x) for x in np.nanmean(iou, 0)] if iou.size else []
+
+
+def main() -> int:
+    a = parse_args()
+    model, meta = load_segmenter(a.checkpoint)
+    target = Path(a.target)
+    labels = Path(a.labels) if a.labels else target / "labels"
+    image_dir = target / "images" if (target / "images").is_dir() else target
+    size = resolve_size(a.size or (0, 0), a.keep_aspect, image_dir, meta.input_size, model.arch, model.output_stride)
+    print(f"adaptation and evaluation at {size[0]}x{size[1]} on {image_dir}", flush=True)
+    ds_eval = LabeledImageFolder(target, classes=meta.classes, image_dir=image_dir, label_dir=labels)
+    work = Path(a.work)
+    res: dict = {"rows": {}, "config": vars(a), "size": list(size), "classes": list(meta.classes.names),
+                 "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads()}}
+    t0 = time.time()
+    base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
+                lr=a.lr, num_workers=0, debug_every=0, log_every=10, save_every=a.steps)
+    if not a.skip_baselines:
+        res["rows"].update(baseline_rows(a, base, ds_eval, size, work))
+    variants = row_variants(a)
+    for row in a.rows:
+        res["rows"][row] = {"runs": run_row(a, row, variants[row], base, ds_eval, size, work)}
+    summarise(res["rows"])
     res["seconds"] = time.time() - t0
     print(json.dumps({k: (round(v["miou_mean"], 2), round(v["miou_std"], 2)) for k, v in res["rows"].items()}))
     if a.json:

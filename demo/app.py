@@ -143,6 +143,24 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
 
     tmp = Path(tempfile.mkdtemp(prefix="segadapt-demo-"))
     caps = caps or UploadCaps(video_seconds=max_video_seconds, video_mb=max_video_mb)
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nSemantic segmentation with an exported model "
+                    f"({Path(str(predictor.model_path)).name}, {predictor.metadata.precision}). "
+                    + ("Left: reference model, right: this model." if reference else ""))
+        with gr.Tab("Image"):
+            _image_tab(predictor, reference, examples, caps, tmp)
+        with gr.Tab("Video"):
+            _video_tab(predictor, caps, tmp)
+        with gr.Tab("Adapt"):
+            from segadapt.demo.adapt_tab import AdaptSettings, build_adapt_tab
+
+            build_adapt_tab(predictor, reference, adapt or AdaptSettings())
+    return demo
+
+
+def _image_callback(predictor: Predictor, reference: Optional[Predictor], caps: UploadCaps, tmp: Path):
+    """The ``/segment_image`` callback: (overlay, reference overlay, slider pair, legend, info, class-map PNG)."""
+    import gradio as gr
 
     def run_image(image, alpha):
         try:
@@ -160,53 +178,57 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
             info += f" · reference {ref_ms:.1f} ms"
         return ov, ref_ov, (ref_ov, ov) if ref_ov is not None else None, legend_html(predictor, shares), info, str(png)
 
+    return run_image
+
+
+def _image_tab(predictor: Predictor, reference: Optional[Predictor], examples: Optional[str], caps: UploadCaps,
+               tmp: Path) -> None:
+    """The Image tab's contents (inside its ``gr.Tab``): frame, opacity, examples; overlays, legend, class map."""
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            inp = gr.Image(type="filepath", label="Frame", sources=["upload", "clipboard"], height=300)
+            _pass_damaged_files(inp)
+            alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+            btn = gr.Button("Segment", variant="primary")
+            ex = _examples(examples)
+            if ex:
+                gr.Examples(ex, inputs=inp, label="Example frames")
+        with gr.Column(scale=2):
+            with gr.Row():
+                ref_img = gr.Image(label="Reference model", visible=reference is not None, height=300,
+                                   format="png", interactive=False)
+                out_img = gr.Image(label="Segmentation", height=300, format="png", interactive=False)
+            slider = gr.ImageSlider(label="Before / after (reference | adapted)", visible=reference is not None,
+                                    height=300)
+            info = gr.Markdown()
+            legend = gr.HTML(legend_html(predictor))
+            dl = gr.File(label="Class map (PNG, value = class id)")
+    btn.click(_image_callback(predictor, reference, caps, tmp), [inp, alpha],
+              [out_img, ref_img, slider, legend, info, dl], api_name="segment_image")
+
+
+def _video_tab(predictor: Predictor, caps: UploadCaps, tmp: Path) -> None:
+    """The Video tab's contents (inside its ``gr.Tab``): clip upload and opacity; overlay video and status."""
+    import gradio as gr
+
     def run_video(video, alpha, progress=gr.Progress()):
         try:
             return segment_clip(predictor, video, str(tmp), alpha, progress=progress, caps=caps)
         except DemoError as e:
             raise gr.Error(str(e))
 
-    with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nSemantic segmentation with an exported model "
-                    f"({Path(str(predictor.model_path)).name}, {predictor.metadata.precision}). "
-                    + ("Left: reference model, right: this model." if reference else ""))
-        with gr.Tab("Image"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    inp = gr.Image(type="filepath", label="Frame", sources=["upload", "clipboard"], height=300)
-                    _pass_damaged_files(inp)
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
-                    btn = gr.Button("Segment", variant="primary")
-                    ex = _examples(examples)
-                    if ex:
-                        gr.Examples(ex, inputs=inp, label="Example frames")
-                with gr.Column(scale=2):
-                    with gr.Row():
-                        ref_img = gr.Image(label="Reference model", visible=reference is not None, height=300,
-                                           format="png", interactive=False)
-                        out_img = gr.Image(label="Segmentation", height=300, format="png", interactive=False)
-                    slider = gr.ImageSlider(label="Before / after (reference | adapted)", visible=reference is not None,
-                                            height=300)
-                    info = gr.Markdown()
-                    legend = gr.HTML(legend_html(predictor))
-                    dl = gr.File(label="Class map (PNG, value = class id)")
-            btn.click(run_image, [inp, alpha], [out_img, ref_img, slider, legend, info, dl], api_name="segment_image")
-        with gr.Tab("Video"):
-            with gr.Row():
-                with gr.Column():
-                    vin = gr.Video(label=f"Clip (up to {caps.video_seconds:.0f} s, {caps.video_mb:.0f} MB)",
-                                   sources=["upload"])
-                    valpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
-                    vbtn = gr.Button("Segment video", variant="primary")
-                with gr.Column():
-                    vout = gr.Video(label="Overlay video", format="mp4")
-                    vinfo = gr.Markdown()
-            vbtn.click(run_video, [vin, valpha], [vout, vinfo], api_name="segment_video")
-        with gr.Tab("Adapt"):
-            from segadapt.demo.adapt_tab import AdaptSettings, build_adapt_tab
-
-            build_adapt_tab(predictor, reference, adapt or AdaptSettings())
-    return demo
+    with gr.Row():
+        with gr.Column():
+            vin = gr.Video(label=f"Clip (up to {caps.video_seconds:.0f} s, {caps.video_mb:.0f} MB)",
+                           sources=["upload"])
+            valpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+            vbtn = gr.Button("Segment video", variant="primary")
+        with gr.Column():
+            vout = gr.Video(label="Overlay video", format="mp4")
+            vinfo = gr.Markdown()
+    vbtn.click(run_video, [vin, valpha], [vout, vinfo], api_name="segment_video")
 
 
 def _pass_damaged_files(image_input) -> None:
