@@ -443,13 +443,19 @@ def open_backend(path: str | Path, metadata: ModelMetadata, providers: Optional[
     (thread-safe, up to 2 concurrent requests on a static engine, see :class:`TrtBackend`).
     ``threads``: intra-op threads of ONNX Runtime or OpenVINO; ``spin``: see :class:`OrtBackend` (for OpenVINO,
     False turns thread pinning off).
-    ``precision``: OpenVINO's inference precision (``auto``, ``f32``, ``bf16``); anything but ``auto`` on another
-    backend is an error (their precision is baked into the file).
+    ``precision``: OpenVINO's inference precision (``auto``, ``f32``, ``bf16``); with ``backend="auto"`` it selects
+    OpenVINO when that is installed; anything but ``auto`` on another backend is an error (their precision is baked
+    into the file).
 
     Raises:
         BackendError: unknown file type or backend, or a backend that cannot load the file.
     """
     kind, why = choose_backend(path, metadata, backend, providers)
+    if precision != "auto" and backend == "auto" and kind == "onnxruntime" and not providers:
+        from segadapt.runtime.openvino_backend import openvino_installed
+
+        if openvino_installed() and Path(path).suffix.lower() == ".onnx":
+            kind, why = "openvino", f"--precision {precision} asks for OpenVINO"
     if precision != "auto" and kind != "openvino":
         raise BackendError(f"{path}: --precision {precision} applies to OpenVINO only; {kind} runs the precision "
                            f"baked into the file ({metadata.precision})")
