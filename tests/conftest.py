@@ -145,3 +145,11 @@ def short_clip(video_path, tmp_path_factory):
             w.write(cv2.resize(bgr, (480, 270))[:, :, ::-1])
     cap.release()
     return out
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the OpenVINO tests last. With OpenVINO 2026.4 loaded in the pytest process, a later torch training test
+    (DataLoader workers) crashed the whole process with SIGSEGV (reproduced twice in session 5: test_openvino.py, then
+    tests/test_pipeline.py::test_pipeline_end_to_end_and_resume); alone, each passes. Until the cause is found, no
+    torch work runs after OpenVINO in one process."""
+    items.sort(key=lambda it: "test_openvino.py" in str(it.fspath))
