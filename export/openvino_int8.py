@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from segadapt.runtime.metadata import ModelMetadata
+from segadapt.runtime.openvino_backend import shared_core
 
 
 def _require():
@@ -52,7 +53,7 @@ def quantize_openvino(fp32_onnx: str | Path, calib_inputs: List[np.ndarray], arc
     ov, nncf = _require()
     if not calib_inputs:
         raise ValueError("INT8 quantisation needs calibration frames (--calib DIR)")
-    model = ov.Core().read_model(str(fp32_onnx))
+    model = shared_core().read_model(str(fp32_onnx))
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if "segformer" in arch.lower() else {}
     return nncf.quantize(model, nncf.Dataset(list(calib_inputs)), subset_size=len(calib_inputs),
                          preset=nncf.QuantizationPreset.MIXED, **kw)
@@ -93,7 +94,7 @@ def openvino_agreement(model_path: str | Path, inputs: np.ndarray, ref_out: np.n
     from segadapt.export.onnx_export import batches
 
     ov, _ = _require()
-    core = ov.Core()
+    core = shared_core()
     from segadapt.runtime.openvino_backend import cpu_supports_bf16
 
     want = "bf16" if precision == "bf16" or (precision == "auto" and cpu_supports_bf16(core)) else "f32"

@@ -53,7 +53,7 @@ def cpu_capabilities(core=None) -> List[str]:
         BackendError: openvino is not installed.
     """
     if core is None:
-        core = _core()
+        core = shared_core()
     return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
@@ -62,12 +62,19 @@ def cpu_supports_bf16(core=None) -> bool:
     return "BF16" in cpu_capabilities(core)
 
 
-def _core():
+_CORE = []
+
+
+def shared_core():
+    """The process's one ``openvino.Core`` (OpenVINO's advice: one Core per application). A Core made per backend
+    and per capability query, and destroyed with them, preceded SIGSEGVs of the test process in session 5."""
     try:
         import openvino as ov
     except ImportError:
         raise BackendError("OpenVINO is not installed: pip install 'segadapt[openvino]'") from None
-    return ov.Core()
+    if not _CORE:
+        _CORE.append(ov.Core())
+    return _CORE[0]
 
 
 def _precision_name(t) -> str:
@@ -105,7 +112,7 @@ class OpenVinoBackend(Backend):
         self.metadata = metadata
         if precision not in OV_PRECISIONS:
             raise BackendError(f"OpenVINO precision must be one of {OV_PRECISIONS}, got {precision!r}")
-        core = _core()
+        core = shared_core()
         import openvino as ov
 
         self.version = ov.get_version().split("-")[0]
