@@ -94,6 +94,7 @@ def _children_with(text: str) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.adapt_browser  # run on its own (.ci/run): in the full suite the upload never showed (cause not found)
 def test_browser_adapts_and_cancels(tiny_onnx, small_clip, tmp_path):
     """Upload a real clip, adapt 10 steps, see progress and the before/after result; cancel a second run."""
     pytest.importorskip("gradio", reason="the demo needs gradio ([demo] extra)")
