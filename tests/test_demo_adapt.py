@@ -9,11 +9,11 @@ from pathlib import Path
 
 import cv2
 import pytest
-
 from segadapt.demo.adapt_job import AdaptJob, Budget, FootageCaps, FootageError, prepare_footage
 from segadapt.runtime.hot_swap import file_sha256
 from segadapt.runtime.metadata import ModelMetadata, metadata_path
 from segadapt.runtime.video import VideoWriter
+from test_demo import _chromium  # the browser lookup the demo's own browser test uses
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +70,6 @@ def test_job_commands_export_like_the_served_model(tiny_classes, small_clip, tmp
     dyn = ModelMetadata.from_dict({**like.to_dict(), "dynamic": True, "min_size": [64, 64], "max_size": [256, 320]})
     e = AdaptJob("ck", fo, tmp_path, dyn, tmp_path, "m", Budget()).export_command()
     assert "--dynamic" in e and e[e.index("--max-size") + 1:e.index("--max-size") + 3] == ["256", "320"]
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return ""
 
 
 def _children_with(text: str) -> list:
