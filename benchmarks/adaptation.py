@@ -19,6 +19,10 @@ CamVid -> KITTI (kitti-semantics/target_adapt: 100 frames, 3.3:1; the same sourc
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best \
         --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 180 --steps 150 --seeds 0 1 2 \
         --rows self_training full --work runs/bench3/adapt_kitti --json runs/bench3/adaptation_kitti.json
+Ablations: the full method without one component, paired on the same seeds (a row per --ablate):
+    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --rows self_training full \
+        --ablate full-classmix:class_mix=false --ablate full-class_weights:pseudo.class_weight_power=0.0 \
+        --work runs/bench3/adapt_ablate --json runs/bench3/ablate_camvid.json
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
@@ -119,12 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=6e-5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", nargs="+", default=["self_training", "+rectifier", "full"])
+    ap.add_argument("--rows", nargs="*", default=["self_training", "+rectifier", "full"])
     ap.add_argument("--rectifier-prior", default="teacher_anchor", choices=["none", "teacher", "teacher_anchor"],
                     help="what the rectifier corrects (RectifierConfig.prior)")
     ap.add_argument("--skip-baselines", action="store_true", help="leave out the source-only and AdaBN rows")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override an AdaptConfig field in every self-training row, e.g. pseudo.floor=0.0")
+    ap.add_argument("--ablate", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+                    help="one more row: the full method with these fields changed, e.g. "
+                    "'full-classmix:class_mix=false' (runs after --rows, on the same seeds: a paired comparison)")
     ap.add_argument("--depth", default="none", choices=["none", "files", "stereo", "model"])
     ap.add_argument("--depth-dir", default="")
     ap.add_argument("--right-dir", default="")
@@ -162,6 +169,12 @@ def row_variants(a: argparse.Namespace) -> dict:
                                       depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
                                                         right_dir=a.right_dir, model_dir=a.depth_model))
         a.rows = list(a.rows) + ["full+depth"]
+    for spec in a.ablate:
+        name, sep, items = spec.partition(":")
+        if not sep or not name or not items:
+            raise SystemExit(f"--ablate {spec!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE]")
+        variants[name] = dict(copy.deepcopy(variants["full"]), overrides=items.split(","))
+        a.rows = list(a.rows) + [name]
     return variants
 
 
@@ -171,8 +184,10 @@ def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval:
     runs = []
     for seed in a.seeds:
         out = work / f"{row.replace('+', 'plus_')}_s{seed}"
-        cfg = AdaptConfig(**base, out=str(out), seed=seed, **copy.deepcopy(variant))
-        for item in a.set:
+        fields = copy.deepcopy(variant)
+        row_overrides = fields.pop("overrides", [])
+        cfg = AdaptConfig(**base, out=str(out), seed=seed, **fields)
+        for item in list(a.set) + row_overrides:
             override(cfg, item)
         t = time.time()
         s = adapt(cfg, log=lambda *_: None)
