@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence, Tuple
 
-from segadapt.runtime.files import VIDEO_SUFFIXES, list_images
+from segadapt.runtime.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_images
 
 
 def size_multiple(arch: str, output_stride: int) -> int:
@@ -24,13 +24,17 @@ def size_multiple(arch: str, output_stride: int) -> int:
 
 def frames_aspect(source: str | Path, max_frames: int = 64) -> float:
     """Median width / height of a folder of images (``<dir>/images`` or ``<dir>``, image headers of up to
-    ``max_frames`` files spread over the folder) or of a video file.
+    ``max_frames`` files spread over the folder) or of a video file (of the first video of a folder of videos).
 
     Raises:
         FileNotFoundError: no such folder or file.
         ValueError: no image files, or a frame / video that cannot be read (named).
     """
     p = Path(source)
+    img_dir = p / "images" if (p / "images").is_dir() else p
+    if p.is_dir() and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in img_dir.iterdir()):
+        videos = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+        p = videos[0] if videos else p
     if p.suffix.lower() in VIDEO_SUFFIXES:
         import cv2
 

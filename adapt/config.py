@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal, Tuple
 
 from segadapt.adapt.typed_config import (Bounds, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Size,
                                          check_config, check_size, from_dict, hints, to_dict)
+from segadapt.adapt.component_config import BiDAConfig, RCCRConfig  # noqa: F401 - re-exported
+from segadapt.adapt.seco_config import SecoConfig  # noqa: F401 - re-exported
 
-__all__ = ["AdaptConfig", "DepthConfig", "ModelConfig", "PhotometricConfig", "PseudoLabelConfig", "RectifierConfig",
-           "SourceTrainConfig", "TeacherConfig", "check_config", "check_device", "default_camvid_dir",
-           "default_data_root", "from_dict", "hints", "parse_size", "to_dict"]
+__all__ = ["AdaptConfig", "DepthConfig", "ModelConfig", "MonitorConfig", "PhotometricConfig", "PseudoLabelConfig",
+           "RectifierConfig", "SourceTrainConfig", "TeacherConfig", "check_config", "check_device",
+           "default_camvid_dir", "default_data_root", "from_dict", "hints", "parse_size", "to_dict"]
 
 DEFAULT_DATA_ENV = "SEGADAPT_DATA"
 Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -188,7 +190,9 @@ class PseudoLabelConfig:
     stays below 0.5 keeps its pseudo-labels). ``anchor_weight`` [RECON] measured once, seed 0: 33.55 mIoU at
     w = 0.5 vs 32.85 at 0, within the seed spread. ``class_weight_power`` [RECON,
     :class:`segadapt.adapt.pseudo_label.ClassFrequencyWeights`], measured together with floor 0 (CamVid dusk, the
-    session-3 source model, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3)."""
+    session-3 source model, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3). ``rule``
+    (issue #12): ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
+    ECCV 2018, sec. 4.2), ``argmax`` with argmax_c p_c (the rule before issue #12)."""
 
     threshold: Fraction = 0.9
     """confidence threshold (the fixed one, or the upper bound of the class-balanced ones)"""
@@ -204,6 +208,14 @@ class PseudoLabelConfig:
     """p > 0: weight each kept pixel's loss by its class's running pseudo-label frequency ** -p (mean 1) [RECON]"""
     class_weight_max: Annotated[float, Bounds(1)] = 10.0
     """upper bound of a class-frequency weight"""
+    rule: Literal["cbst", "argmax"] = "cbst"
+    """labelling rule: cbst = argmax_c p_c / lambda_c, kept where that ratio >= 1 (CBST, Zou et al. ECCV 2018 sec. 4.2;
+    lets a pixel take a rare class), argmax = argmax_c p_c, kept where p >= its class's threshold"""
+    fraction_start: Fraction = 0.0
+    """curriculum [RECON]: > 0 ramps the kept share linearly from this to --pseudo.fraction over
+    --pseudo.fraction-ramp-steps (CBST grows it per round); 0 = off"""
+    fraction_ramp_steps: NonNegInt = 0
+    """curriculum: steps of the ramp from --pseudo.fraction-start to --pseudo.fraction (0 = off)"""
 
 
 @dataclass
@@ -230,6 +242,15 @@ class DepthConfig:
     """dual-head denoising: keep only pixels where the RGB and RGB-D teachers agree [RECON]"""
     cross_modal_weight: NonNegFloat = 1.0
     """weight of the cross-modal consistency loss (each stream toward the other's weak-view pseudo-label)"""
+    input_lr: PositiveFloat = 1e-3
+    """learning rate of the RGB-D stem's depth-input weights (their own AdamW group, no weight decay; they start at
+    zero, and at the backbone's rate they barely move in a short run) [RECON]"""
+    validity_channel: bool = True
+    """feed a depth-validity channel (1 = measured, 0 = missing) next to depth, so missing depth is not read as
+    'infinitely far' [RECON]"""
+    cache_dir: str = ""
+    """folder of per-frame depth (.npz), computed once before training and reused by later runs; empty =
+    <out>/depth_cache"""
 
     def check(self) -> None:
         need = {"files": ("directory", self.directory), "stereo": ("right_dir", self.right_dir),
@@ -249,7 +270,15 @@ class RectifierConfig:
     ``prior`` [RECON]: ``r = sigmoid(logit(prior) + INR output)`` with the INR's last layer starting at zero.
     Measured (docs/benchmarks.md, run 3): AUROC 0.01-0.04 above the plain INR in every paired run, mIoU unchanged;
     in the full method 0.864-0.870 vs max-softmax 0.838-0.845, about the prior's own AUROC (seed 0: prior 0.869,
-    rectifier 0.870)."""
+    rectifier 0.870).
+
+    Issue #12 options [RECON]: ``features`` stride4/stride8 gives the implicit head a latent grid that can show
+    boundaries (decoder + backbone features); ``view_consensus`` is a target the head cannot compute from its inputs
+    (agreement with the teacher under an upscaled and a flipped photometric view it never sees; use it with
+    ``anchor_consistency`` off, whose target is a function of the anchor probabilities in the latent grid); ``inr``
+    off leaves r = the confidence prior alone. In quick 100-step checks (one seed) prior + INR ranked pixels above
+    both the prior alone and max-softmax with each target, the anchor target by the widest margin, so the defaults
+    stay prior + INR, decoder features, anchor target until a multi-seed run says otherwise."""
 
     enabled: bool = True
     """train the rectifier and use its values in the rectification-aware mixture loss"""
@@ -275,6 +304,37 @@ class RectifierConfig:
     """target: ... under the strong view's colour jitter and blur (one more teacher pass)"""
     prior: Literal["teacher_anchor", "teacher", "none"] = "teacher_anchor"
     """what the implicit head corrects: mean of teacher and anchor probability of the label, the teacher's, or none"""
+    inr: bool = True
+    """learn the implicit head's correction of the prior; false: r is the prior alone (nothing trained, no target)"""
+    features: Literal["decoder", "stride4", "stride8"] = "decoder"
+    """the latent grid: the decoder features at the model's output stride, or those upsampled to the backbone's
+    stride-4/8 grid and concatenated with its features there (boundary detail)"""
+    view_consensus: bool = False
+    """target: the teacher's weak-view label equals the argmax of its mean probability over views the rectifier
+    never sees (an upscaled view and a flipped photometric view; extra teacher passes, no gradients)"""
+    view_scale: Annotated[float, Bounds(0)] = 1.5
+    """view_consensus: scale factor of the upscaled view; 0 = no scaled view"""
+    view_flip_photometric: bool = True
+    """view_consensus: include the flipped view with the strong view's colour jitter and blur"""
+
+
+@dataclass
+class MonitorConfig:
+    """Label-free monitor of an adaptation run and its optional stopping rule [RECON: our design, not from a paper;
+    the thresholds are unmeasured guesses, the rule is off by default]; see :mod:`segadapt.adapt.monitor`. At each
+    logged step a step *violates* when the class-share drift exceeds ``max_drift`` or the teacher-anchor agreement
+    falls below ``min_agreement`` (agreement only when the run keeps the anchor); ``stop`` ends the run, with its
+    checkpoint, after ``patience`` consecutive violating logged steps."""
+
+    stop: bool = False
+    """stop the run early when the label-free stopping rule fires (the reason goes into summary.json)"""
+    max_drift: Fraction = 0.2
+    """stopping rule: largest total-variation distance of the teacher's class shares from the anchor's (or from the
+    first logged step's without an anchor), in [0, 1]"""
+    min_agreement: Fraction = 0.5
+    """stopping rule: smallest share of pixels where the teacher's and the anchor's argmax agree"""
+    patience: PositiveInt = 3
+    """stopping rule: consecutive violating logged steps (--log-every apart) before the run stops"""
 
 
 @dataclass
@@ -285,7 +345,8 @@ class AdaptConfig:
     checkpoint: str = ""
     """the source model: segadapt checkpoint directory or local transformers directory (required)"""
     target: str = ""
-    """unlabelled target footage: an image folder (<dir>/images or <dir>) or a video file (required)"""
+    """unlabelled target footage: an image folder (<dir>/images or <dir>), a video file or a folder of video files
+    (required)"""
     out: str = "runs/adapt"
     """run directory (adapted/, last/, logs, debug grids)"""
     size: Size = (0, 0)
@@ -300,7 +361,14 @@ class AdaptConfig:
     video_stride: PositiveInt = 5
     """video targets: use every N-th frame"""
     video_max_frames: NonNegInt = 600
-    """video targets: at most this many frames (0 = all)"""
+    """video targets: at most this many frames per video, spread evenly over it (0 = all)"""
+    video_skip_duplicates: Fraction = 0.0
+    """video targets: skip a frame whose 32-pixel grayscale thumbnail differs from the last kept frame's by less than
+    this mean absolute difference (fraction of 0-255, e.g. 0.01 for parked cameras; 0 = off; one decode pass per
+    video when the run starts) [our design, untuned]"""
+    video_cache: str = ""
+    """video targets: folder for a per-video cache of decoded frames at the training size (PNG), reused by later
+    epochs and runs; empty = decode every time"""
     adabn: bool = True
     """re-estimate BatchNorm statistics on the target first (AdaBN)"""
     self_training: bool = True
@@ -319,12 +387,19 @@ class AdaptConfig:
     """AdamW weight decay"""
     class_mix: bool = True
     """target-to-target ClassMix on the student's strong view"""
+    mask_padding: bool = True
+    """never pseudo-label, train on or count the black padding of the random crop (off: the old behaviour, for
+    ablations only)"""
     strong: PhotometricConfig = field(default_factory=lambda: PhotometricConfig(
         brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, gamma=0.0, jitter_p=0.8, blur_p=0.5))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     rectifier: RectifierConfig = field(default_factory=RectifierConfig)
+    rccr: RCCRConfig = field(default_factory=RCCRConfig)
+    bida: BiDAConfig = field(default_factory=BiDAConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    seco: SecoConfig = field(default_factory=SecoConfig)
     save_every: PositiveInt = 250
     """write the resumable last/ checkpoint every N steps"""
     debug_every: NonNegInt = 100

@@ -1,4 +1,5 @@
-"""Pseudo-labels from teacher predictions: confidence thresholds, class-balanced thresholds and dual-head fusion.
+"""Pseudo-labels from teacher predictions: confidence thresholds, class-balanced thresholds, CBST's class-normalised
+labelling rule, the kept-share curriculum and dual-head fusion.
 
 Pure functions on (B, K, H, W) probabilities; shapes in each docstring.
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from segadapt.adapt.distributed import all_reduce_sum, pool_class_thresholds
 
 
 def class_balanced_thresholds(probs: torch.Tensor, fraction: float = 0.5, cap: float = 0.9,
-                              floor: float = 0.0, sample: int = 200_000) -> torch.Tensor:
+                              floor: float = 0.0, sample: int = 200_000,
+                              valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-class confidence thresholds, CBST-style (Zou et al., ECCV 2018; methods.md 1.3 "class-wise top-k%").
 
     For each class c, the threshold is the confidence above which the top ``fraction`` of the pixels predicted as c
@@ -22,12 +25,16 @@ def class_balanced_thresholds(probs: torch.Tensor, fraction: float = 0.5, cap: f
         fraction: share of each class's predicted pixels to keep, in (0, 1].
         cap, floor: bounds of the thresholds, in [0, 1].
         sample: at most this many pixels are used (random subset) to estimate the quantiles.
+        valid: (B, H, W) bool, False on pixels that are not part of the image (crop padding): they are left out of
+            the statistics; None = all pixels count.
 
     Returns:
-        (K,) float thresholds; classes never predicted get ``cap``.
+        (K,) float thresholds; classes never predicted (on valid pixels) get ``cap``.
     """
     k = probs.shape[1]
     conf, pred = probs.max(1)
+    if valid is not None:
+        conf, pred = conf[valid], pred[valid]
     conf, pred = conf.reshape(-1), pred.reshape(-1)
     if conf.numel() > sample:
         idx = torch.randint(0, conf.numel(), (sample,), device=conf.device)
@@ -55,13 +62,19 @@ class ThresholdTracker:
         self.value: Optional[torch.Tensor] = None
         self.num_classes = num_classes
 
-    def update(self, probs: torch.Tensor) -> torch.Tensor:
-        """Update with a batch of (B, K, H, W) probabilities; returns the (K,) thresholds."""
-        th = class_balanced_thresholds(probs.detach(), self.fraction, self.cap, self.floor)
+    def update(self, probs: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Update with a batch of (B, K, H, W) probabilities; returns the (K,) thresholds.
+
+        ``valid``: (B, H, W) bool, False on crop padding (left out of the statistics); None = all pixels count.
+        """
+        th = class_balanced_thresholds(probs.detach(), self.fraction, self.cap, self.floor, valid=valid)
+        pred = probs.argmax(1) if valid is None else probs.argmax(1)[valid]
+        # data-parallel runs: the same thresholds on every rank (adapt/distributed.py); no-op otherwise
+        th, counts = pool_class_thresholds(th, pred.reshape(-1).bincount(minlength=self.num_classes))
         if self.value is None:
             self.value = th
         else:
-            seen = (probs.argmax(1).reshape(-1).bincount(minlength=self.num_classes) > 0)
+            seen = counts > 0
             value = self.value.to(th.device)  # restored from a checkpoint on the CPU
             upd = self.momentum * value + (1 - self.momentum) * th
             self.value = torch.where(seen, upd, value)
@@ -99,6 +112,7 @@ class ClassFrequencyWeights:
         """Add a batch of (B, H, W) int64 pseudo-labels (``ignore_index`` = rejected); returns the (K,) weights."""
         valid = labels != ignore_index
         counts = torch.bincount(labels[valid].reshape(-1), minlength=self.num_classes).float()
+        counts = all_reduce_sum(counts.double()).float()  # data-parallel runs: every rank's labels (else a no-op)
         f = counts / counts.sum().clamp_min(1.0)
         self.freq = f if self.freq is None else self.momentum * self.freq.to(f.device) + (1 - self.momentum) * f
         return self.class_weights()
@@ -125,22 +139,68 @@ class ClassFrequencyWeights:
         self.freq = d["freq"]
 
 
-def pseudo_label(probs: torch.Tensor, thresholds: torch.Tensor | float,
-                 ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+PSEUDO_LABEL_RULES = ("cbst", "argmax")
+
+
+def pseudo_label(probs: torch.Tensor, thresholds: torch.Tensor | float, ignore_index: int, rule: str = "argmax",
+                 valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels with a confidence mask.
+
+    Rules (``lambda_c`` = the threshold of class c):
+
+    * ``"argmax"``: label = argmax_c p_c, kept where p_label >= lambda_label.
+    * ``"cbst"``: CBST's class-normalised rule (Zou et al., ECCV 2018, sec. 4.2; methods.md 1.3 / 3 "CBST-style"):
+      label = argmax_c p_c / lambda_c, kept where max_c p_c / lambda_c >= 1. A pixel whose rare class is confident
+      relative to that class's (low) threshold takes the rare class even when a common class has the larger p.
+      With a scalar threshold both rules give the same labels and mask.
 
     Args:
         probs: (B, K, H, W) probabilities.
-        thresholds: scalar or (K,) per-class confidence thresholds.
+        thresholds: scalar or (K,) per-class confidence thresholds, in [0, 1] (clamped to >= 1e-6 by ``"cbst"``).
         ignore_index: label written where the mask is False.
+        rule: ``"cbst"`` or ``"argmax"``.
+        valid: (B, H, W) bool, False on crop padding: never labelled (mask False); None = all pixels are real.
 
     Returns:
-        labels (B, H, W) int64 (``ignore_index`` where rejected), mask (B, H, W) bool, confidence (B, H, W).
+        labels (B, H, W) int64 (``ignore_index`` where rejected), mask (B, H, W) bool, confidence (B, H, W) float
+        (p of the chosen label).
+
+    Raises:
+        ValueError: unknown ``rule``.
     """
-    conf, lab = probs.max(1)
-    th = thresholds[lab] if torch.is_tensor(thresholds) and thresholds.ndim == 1 else thresholds
-    mask = conf >= th
+    if rule == "argmax":
+        conf, lab = probs.max(1)
+        th = thresholds[lab] if torch.is_tensor(thresholds) and thresholds.ndim == 1 else thresholds
+        mask = conf >= th
+    elif rule == "cbst":
+        lam = thresholds.view(1, -1, 1, 1) if torch.is_tensor(thresholds) and thresholds.ndim == 1 else thresholds
+        lam = lam.clamp_min(1e-6) if torch.is_tensor(lam) else max(float(lam), 1e-6)
+        score, lab = (probs / lam).max(1)
+        mask = score >= 1.0
+        conf = probs.gather(1, lab[:, None])[:, 0]
+    else:
+        raise ValueError(f"pseudo-label rule must be one of {PSEUDO_LABEL_RULES}, got {rule!r}")
+    if valid is not None:
+        mask = mask & valid
     return torch.where(mask, lab, torch.full_like(lab, ignore_index)), mask, conf
+
+
+def kept_fraction(step: int, fraction: float, start: float = 0.0, ramp_steps: int = 0) -> float:
+    """The CBST kept share at ``step`` under a linear curriculum [RECON: CBST (Zou et al., ECCV 2018, sec. 4.2)
+    grows the kept portion p from 20 % by 5 % per self-training round; here a linear ramp over steps].
+
+    Args:
+        step: 0-based training step.
+        fraction: the final share, in (0, 1].
+        start: the share at step 0, in [0, 1]; 0 = no curriculum (``fraction`` throughout).
+        ramp_steps: steps from ``start`` to ``fraction``; 0 = no curriculum.
+
+    Returns:
+        the share in [min(start, fraction), max(start, fraction)].
+    """
+    if start <= 0 or ramp_steps <= 0:
+        return fraction
+    return start + (fraction - start) * min(1.0, step / ramp_steps)
 
 
 def fuse_dual_head(p_rgb: torch.Tensor, p_rgbd: torch.Tensor, require_agreement: bool = True
@@ -159,8 +219,20 @@ def fuse_dual_head(p_rgb: torch.Tensor, p_rgbd: torch.Tensor, require_agreement:
     return fused, agree
 
 
-def coverage_per_class(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Share of all pixels carrying each class's pseudo-label: (K,) float; 1 - sum = rejected share."""
-    valid = labels != ignore_index
-    counts = torch.bincount(labels[valid].reshape(-1), minlength=num_classes).float()
-    return counts / max(1, labels.numel())
+def coverage_per_class(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                       valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Share of the real pixels carrying each class's pseudo-label: (K,) float; 1 - sum = rejected share.
+
+    ``labels``: (B, H, W) int64; ``valid``: (B, H, W) bool, False on crop padding (not counted); None = all real.
+    """
+    labelled = labels != ignore_index
+    counts = torch.bincount(labels[labelled].reshape(-1), minlength=num_classes).float()
+    n = labels.numel() if valid is None else int(valid.sum())
+    return counts / max(1, n)
+
+
+def kept_share(mask: torch.Tensor, valid: Optional[torch.Tensor] = None) -> float:
+    """Share of the real pixels that carry a pseudo-label: (B, H, W) bool ``mask`` and ``valid`` (None = all real)."""
+    if valid is None:
+        return float(mask.float().mean())
+    return float((mask & valid).sum()) / max(1, int(valid.sum()))

@@ -1,21 +1,23 @@
 """Source-free adaptation (``segadapt adapt``): one readable loop.
 
 Inputs are a source checkpoint and unlabelled target footage, nothing else: the target dataset types
-(:class:`~segadapt.adapt.data.datasets.ImageFolder`, :class:`~segadapt.adapt.data.datasets.VideoFrames`) have no label field, and the
-config has no field for source data.
+(:class:`~segadapt.adapt.data.datasets.ImageFolder`, :class:`~segadapt.adapt.data.footage.VideoFootage`) have no
+label field, and the config has no field for source data.
 
 Per step (methods.md 0.2 source-free recipe + CrossMatch 1.3 + IR2F 5.3, the [RECON] parts configurable):
 
 1. weak view (resize, random scale/crop, flip; depth follows) -> EMA teacher(s) -> probabilities;
-2. pseudo-labels: class-balanced confidence thresholds (CBST); with depth, dual-head fusion of the RGB and RGB-D
-   teachers (average softmax, keep agreeing pixels);
+2. pseudo-labels: class-balanced confidence thresholds and CBST's class-normalised rule (``pseudo.rule``); with
+   depth, dual-head fusion of the RGB and RGB-D teachers (average softmax, keep agreeing pixels); crop padding
+   (``batch["valid"]`` False) is never labelled and never counted in the statistics;
 3. strong view: target-to-target ClassMix + colour jitter + blur (image only);
 4. student loss: pixel-weighted CE on the pseudo-labels, or the rectification-aware mixture loss with the rectifier's
    per-pixel reliability r; with depth, the RGB-D student learns the fused labels too, and each stream is trained
    toward the other stream's weak-view pseudo-label (cross-modal consistency);
 5. rectifier loss: BCE toward what is observable on the target: by default the agreement of the teacher's label
    with the *anchor* (a frozen copy of the source model after AdaBN, whose probabilities also enter the
-   rectifier), optionally flip/photometric stability, and with depth the RGB/RGB-D agreement;
+   rectifier), optionally flip/photometric stability, the consensus of views the rectifier never sees
+   (``rectifier.view_consensus``, issue #12), and with depth the RGB/RGB-D agreement;
 6. optimiser step, EMA update of the teacher(s).
 
 BatchNorm statistics are re-estimated on the target first (AdaBN) and then frozen in the student.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,40 +38,53 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segadapt.adapt import distributed
 from segadapt.adapt.adabn import adapt_batchnorm, freeze_batchnorm
 from segadapt.adapt.aspect import resolve_size
 from segadapt.adapt.augment import class_mix_masks, mix, normalize, normalize_float, photometric
+from segadapt.adapt.components import StepContext, apply_votes, build_components, component_losses, source_batches
 from segadapt.adapt.config import AdaptConfig, to_dict
-from segadapt.adapt.data.datasets import ImageFolder, VideoFrames, collate, is_video
+from segadapt.adapt.data.datasets import ImageFolder, collate, is_video
+from segadapt.adapt.data.footage import VideoFootage, is_video_folder
 from segadapt.adapt.data.depth import make_depth_provider
 from segadapt.adapt.data.transforms import Resize, train_transform
 from segadapt.adapt.debug import save_debug_grid
+from segadapt.adapt.depth_stream import (depth_input, depth_valid_mask, depth_weight_norm, extra_channels,
+                                         fusion_removed, prepare_depth_cache, split_depth_group, stream_agreement)
 from segadapt.adapt.models.aux_stream import make_auxiliary_stream
 from segadapt.adapt.data.sampling import data_state, resumable_loader
 from segadapt.adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, is_checkpoint, load_checkpoint,
                                      load_segmenter, load_training_state, save_checkpoint)
 from segadapt.adapt.models.rectifier import ImplicitRectifier, confidence_prior, mixture_loss, weighted_ce
 from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.adapt.monitor import LabelFreeMonitor, write_monitor_plot
+from segadapt.adapt.rectifier_signals import (agreement_target, masked_bce, rectifier_feature_channels,
+                                              rectifier_input, view_consensus_probs)
 from segadapt.adapt.pseudo_label import (ClassFrequencyWeights, ThresholdTracker, coverage_per_class, fuse_dual_head,
-                                pseudo_label)
+                                kept_fraction, kept_share, pseudo_label)
 from segadapt.adapt.resume import resume_from
 from segadapt.adapt.teacher import EMATeacher
 from segadapt.adapt.train_utils import autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state
 from segadapt.runtime.files import write_atomic
 
 
-def target_dataset(cfg: AdaptConfig, size, transform, depth_provider):
-    """The unlabelled target dataset: an image folder or the frames of a video file.
+def target_dataset(cfg: AdaptConfig, size, transform, depth_provider, rank: int = 0, world_size: int = 1):
+    """The unlabelled target dataset: an image folder, or the frames of a video file or a folder of videos
+    (:class:`~segadapt.adapt.data.footage.VideoFootage`: ``video_stride``, a ``video_max_frames`` budget per video,
+    decoded on demand at ``size``). ``rank``/``world_size`` give a data-parallel rank its disjoint share of a
+    video target's frames (an image folder is not sharded here).
 
     Raises:
         FileNotFoundError / ValueError: missing or unreadable target (the message names it).
     """
     if not cfg.target:
         raise ValueError("--target is required (an image folder or a video file)")
-    if is_video(cfg.target):
+    if is_video(cfg.target) or is_video_folder(cfg.target):
         if depth_provider is not None:
             raise ValueError("depth providers need image files; extract the video's frames first")
-        return VideoFrames(cfg.target, cfg.video_stride, cfg.video_max_frames, size=size, transform=transform)
+        return VideoFootage(cfg.target, cfg.video_stride, cfg.video_max_frames, size=size, transform=transform,
+                            skip_duplicates=cfg.video_skip_duplicates, cache_dir=cfg.video_cache or None,
+                            rank=rank, world_size=world_size)
     return ImageFolder(cfg.target, transform=transform, depth_provider=depth_provider)
 
 
@@ -76,23 +92,30 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     """Run source-free adaptation as configured; returns a summary dict.
 
     Writes ``<out>/adapted`` (the adapted checkpoint), ``<out>/last`` (+ training state for ``--resume``),
-    ``<out>/coverage.jsonl`` (pseudo-label coverage per class), ``<out>/debug/*.png`` and ``<out>/summary.json``.
+    ``<out>/coverage.jsonl`` (pseudo-label coverage per class and the label-free monitor's signals,
+    :mod:`segadapt.adapt.monitor`), ``<out>/monitor.png`` (their plot), ``<out>/debug/*.png`` and
+    ``<out>/summary.json`` (with ``stopped_early``: the stopping rule's reason when ``--monitor.stop`` ended the run).
 
     Raises:
         FileNotFoundError / ValueError: bad checkpoint, target or depth settings.
     """
     if cfg.rectifier.prior not in RECTIFIER_PRIORS:
         raise ValueError(f"rectifier.prior must be one of {RECTIFIER_PRIORS}, got {cfg.rectifier.prior!r}")
+    if cfg.rectifier.enabled and not cfg.rectifier.inr and cfg.rectifier.prior == "none":
+        raise ValueError("--rectifier.inr false needs --rectifier.prior teacher or teacher_anchor")
     seed_everything(cfg.seed)
-    run = _AdaptRun(cfg, log)
-    if not cfg.self_training:
-        return run.finish_adabn_only()
-    run.setup_training()
-    return run.run()
+    with distributed.session(cfg.device):  # under torchrun: data-parallel (adapt/distributed.py); else a no-op
+        run = _AdaptRun(cfg, distributed.main_only(log))
+        if not cfg.self_training:
+            return run.finish_adabn_only() if distributed.is_main() else {"steps": 0}
+        run.seco_pass()
+        run.setup_training()
+        return run.run()
 
 
 def _rgbd(x_norm: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised image and (B, 1, H, W) depth -> (B, 4, H, W) input of the RGB-D stream."""
+    """(B, 3, H, W) normalised image and (B, E, H, W) depth (+ validity, :func:`~segadapt.adapt.depth_stream.
+    depth_input`) -> (B, 3 + E, H, W) input of the RGB-D stream."""
     return torch.cat([x_norm, d], 1)
 
 
@@ -101,13 +124,15 @@ class _TeacherView:
     """The teacher(s) on the weak view (no gradients). Probabilities are (B, K, H, W) float32 at the input size."""
 
     logits: torch.Tensor  # (B, K, h, w) EMA teacher logits at the decoder's resolution
-    features: torch.Tensor  # (B, D, h, w) EMA teacher decoder features (the rectifier's input)
+    features: torch.Tensor  # (B, D, h', w') EMA teacher features (the rectifier's input, rectifier.features)
     probs: torch.Tensor  # EMA teacher
     aux_probs: torch.Tensor | None  # EMA RGB-D teacher (depth runs)
     anchor_logits: torch.Tensor | None  # (B, K, h, w) frozen AdaBN anchor (when the config uses it)
     anchor_probs: torch.Tensor | None
     flip_probs: torch.Tensor | None  # teacher on the flipped view, flipped back (rectifier.flip_consistency)
     photo_probs: torch.Tensor | None  # teacher on a photometric view (rectifier.photometric_consistency)
+    view_probs: torch.Tensor | None  # teacher's mean over views the rectifier never sees (rectifier.view_consensus)
+    valid: torch.Tensor | None = None  # (B, H, W) bool, False on crop padding (batch["valid"]); None = all real
 
 
 @dataclass
@@ -119,6 +144,8 @@ class _PseudoLabels:
     mask: torch.Tensor
     weights: torch.Tensor
     threshold: torch.Tensor | float
+    valid: torch.Tensor | None = None  # (B, H, W) bool, False on crop padding (never labelled, never counted)
+    stats: dict | None = None  # per-step diagnostics for the log (depth runs: fusion_removed)
 
 
 @dataclass
@@ -144,6 +171,7 @@ class _StepResult:
     image: torch.Tensor  # (B, 3, H, W) uint8 weak view
     reliability: torch.Tensor | None
     depth: torch.Tensor | None
+    view: Optional[_TeacherView] = None  # the weak view's teacher output (the label-free monitor reads it)
 
 
 class _AdaptRun:
@@ -175,6 +203,9 @@ class _AdaptRun:
                                                   cfg.depth.model_dir, cfg.depth.focal_px, cfg.depth.baseline_m,
                                                   cfg.depth.file_kind, cfg.depth.png_scale, str(self.device))
         self.use_depth = self.depth_provider is not None
+        if self.use_depth and not is_video(cfg.target):  # depth computed once, here; workers read the cache
+            self.depth_provider = prepare_depth_cache(self.depth_provider, cfg.target, cfg.depth.cache_dir, self.out,
+                                                      self.log)
         transform = train_transform(crop, size, tuple(cfg.scale), self.ignore)
         self.ds = target_dataset(cfg, size, transform, self.depth_provider)
         self.log(f"target: {len(self.ds)} frames from {cfg.target} at {size[0]}x{size[1]}; depth: "
@@ -191,14 +222,17 @@ class _AdaptRun:
         self.resume_state = None
         if self.resume_dir is not None:
             self.resume_state = load_training_state(self.resume_dir)
+            distributed.check_world_size(self.resume_state, str(self.resume_dir))
             self.student, _ = load_checkpoint(self.resume_dir, map_location=self.device)
             self.log(f"resuming from {self.resume_dir} at step {self.resume_state['step']}")
             return
         self.student = self.src_model
         if cfg.adabn:
             plain = target_dataset(cfg, size, Resize(size), self.depth_provider)
-            loader = DataLoader(plain, batch_size=8, shuffle=False, collate_fn=collate, num_workers=0)
+            loader = DataLoader(distributed.shard_batches(plain, 8), batch_size=8, shuffle=False, collate_fn=collate,
+                                num_workers=0)  # data-parallel: each rank its share of the batches
             n = adapt_batchnorm(self.student, loader, self.meta.mean, self.meta.std, self.device)
+            distributed.pool_batchnorm(self.student)  # data-parallel: the statistics of every rank's frames
             self.log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
 
     def finish_adabn_only(self) -> dict:
@@ -208,6 +242,58 @@ class _AdaptRun:
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
+    # ---- SeCo (methods.md 3): offline fixed pseudo-labels, segadapt.adapt.seco -------------------------------------
+    def seco_pass(self) -> None:
+        """With ``seco.enabled``: SeCo's pseudo-label pass with the source model after AdaBN (the student at step 0)
+        on the frames at the training size, written to ``<out>/seco_labels/`` (reused when its inputs are unchanged),
+        then attached to the training frames as ``fixed_pseudo_label``. The global RNG state is kept as it was, so
+        a run that reuses the labels trains exactly like the run that made them.
+
+        Raises:
+            ValueError: the class file has no ``stuff`` flags and a class name without a built-in one.
+        """
+        cfg = self.cfg
+        if not cfg.seco.enabled:
+            return
+        from segadapt.adapt.seco import LABEL_DIR, FixedLabels, run_seco
+
+        stuff = self.classes.stuff_flags()
+        plain = target_dataset(cfg, self.size, Resize(self.size), None)
+        fp = {"source": self.out_meta.info.get("source_checkpoint_sha256") or str(cfg.checkpoint),
+              "size": list(self.size), "adabn": cfg.adabn, "frames": len(plain),
+              "names": [f.name for f in getattr(plain, "files", [])]}
+        rng = rng_state()
+        if distributed.is_main():  # data-parallel: one rank writes the labels, every rank reads them
+            run_seco(self._seco_model, plain, self.out, cfg.seco, stuff, self.ignore, self.meta.mean, self.meta.std,
+                     self.device, fp, cfg.seed, self.log)
+        distributed.barrier()
+        set_rng_state(rng)
+        self.ds.transform = FixedLabels(self.out / LABEL_DIR, self.ds.transform)
+
+    def _seco_model(self):
+        """The model SeCo labels with: the student before any step, or on resume the source model with AdaBN
+        redone as :meth:`setup_student` does it."""
+        if self.resume_state is None:
+            return self.student
+        model, _ = load_segmenter(self.cfg.checkpoint, map_location=self.device)
+        if self.cfg.adabn:
+            plain = target_dataset(self.cfg, self.size, Resize(self.size), self.depth_provider)
+            adapt_batchnorm(model, DataLoader(plain, batch_size=8, collate_fn=collate), self.meta.mean,
+                            self.meta.std, self.device)
+        return model
+
+    def merge_fixed_labels(self, pl: _PseudoLabels, batch: dict) -> _PseudoLabels:
+        """SeCo's fixed labels (``batch["fixed_pseudo_label"]``, (B, H, W) int64) joined to the online pseudo-labels
+        by ``seco.merge`` (:func:`segadapt.adapt.seco.merge_fixed`); ``pl`` unchanged when the batch has none."""
+        if "fixed_pseudo_label" not in batch:
+            return pl
+        from segadapt.adapt.seco import merge_fixed
+
+        fixed = batch["fixed_pseudo_label"].to(self.device)
+        pl.labels, pl.mask, pl.weights = merge_fixed(pl.labels, pl.mask, pl.weights, fixed, self.cfg.seco.merge,
+                                                     self.cfg.seco.fill_weight, self.ignore)
+        return pl
+
     def setup_training(self) -> None:
         """Models, optimiser and pseudo-label statistics, restored from the training state on resume, then the
         data loader."""
@@ -216,14 +302,25 @@ class _AdaptRun:
         self.start, self.elapsed_before = 0, 0.0
         if self.resume_state is not None:
             self.restore(self.resume_state)
+        distributed.rank_rng(self.cfg.seed, self.resume_state, set_rng_state)  # data-parallel: a stream per rank
         for g in self.opt.param_groups:
             g.setdefault("initial_lr", g["lr"])
         # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
         st = self.resume_state
         consumed = int(st.get("data", {}).get("consumed", self.start)) if st is not None else 0
-        self.loader = resumable_loader(self.ds, self.cfg.batch_size, self.cfg.seed, start=consumed,
+        # data-parallel: rank r reads its share of each batch; of a video, its own range of frames
+        ds, rank, world, seed = self.ds, distributed.rank(), distributed.world_size(), self.cfg.seed
+        if world > 1 and is_video(self.cfg.target):
+            ds, rank, world, seed = distributed.shard_frames(ds), 0, 1, distributed.rank_seed(seed)
+        self.loader = resumable_loader(ds, self.cfg.batch_size, seed, start=consumed, rank=rank, world_size=world,
                                        num_workers=self.cfg.num_workers, collate_fn=collate)
         self.batches = iter(self.loader)
+        # data-parallel: DDP around what trains (rank 0's weights everywhere; gradients averaged in backward), the
+        # other trained parameters (loss components) averaged in update(); no-ops without torchrun
+        self.student = distributed.wrap(self.student, self.device)
+        self.aux = distributed.wrap(self.aux, self.device)
+        self.rect = distributed.wrap(self.rect, self.device)
+        self.extra_params = distributed.unwrapped_params(self.opt, (self.student, self.aux, self.rect))
 
     def setup_models(self) -> None:
         """Student (BatchNorm frozen), EMA teacher, optional RGB-D stream and its teacher, rectifier, anchor."""
@@ -233,17 +330,25 @@ class _AdaptRun:
         self.teacher = EMATeacher(student, cfg.teacher.alpha)
         self.aux = self.aux_teacher = None
         if self.use_depth:
-            self.aux = make_auxiliary_stream(student).to(self.device)
+            self.aux = make_auxiliary_stream(student, extra_channels(cfg.depth.validity_channel)).to(self.device)
             self.aux.train()
             freeze_batchnorm(self.aux)
             self.aux_teacher = EMATeacher(self.aux, cfg.teacher.alpha)
         self.rect = self.anchor = None
-        if cfg.rectifier.enabled:
-            self.rect = make_rectifier(cfg, student.feature_channels, self.K).to(self.device)
+        if cfg.rectifier.enabled and cfg.rectifier.inr:
+            self.rect = make_rectifier(cfg, rectifier_feature_channels(student, cfg.rectifier), self.K).to(self.device)
         if uses_anchor(cfg):
             # the anchor: a frozen copy of the model as it is after AdaBN (restored from the training state on resume)
             self.anchor = copy.deepcopy(student).eval()
             self.anchor.requires_grad_(False)
+
+        def frames(n: int):  # BiDA's source side: the teacher (= the source model after AdaBN) on n resized frames
+            plain = target_dataset(cfg, self.size, Resize(self.size), None)
+            return source_batches(plain, self.meta.mean, self.meta.std, self.device, n)
+
+        # optional loss components (RCCR, BiDA; adapt/components.py): none by default
+        self.components = build_components(cfg, self.teacher.model, self.K, self.device, frames,
+                                           fresh=self.resume_state is None)
 
     def setup_optimiser(self) -> None:
         """AdamW over the student, the RGB-D stream and the rectifier; the class-balanced threshold trackers and
@@ -251,9 +356,12 @@ class _AdaptRun:
         cfg, K, p = self.cfg, self.K, self.cfg.pseudo
         groups = self.student.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
         if self.aux is not None:
-            groups += self.aux.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
+            groups += split_depth_group(self.aux.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult), self.aux,
+                                        cfg.depth.input_lr)
         if self.rect is not None:
             groups.append({"params": list(self.rect.parameters()), "lr": cfg.rectifier.lr, "weight_decay": 0.0})
+        for c in self.components:  # projection heads: the head's learning rate (RCCR code: the 10x group)
+            groups.append({"params": c.parameters(), "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay})
         self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
         self.tracker = ThresholdTracker(K, p.fraction, p.threshold, p.floor)
         self.class_weights = None
@@ -276,41 +384,62 @@ class _AdaptRun:
         if self.class_weights is not None and "class_weights" in state:
             self.class_weights.load_state_dict(state["class_weights"])
         self.tracker_aux.load_state_dict(state["tracker_aux"])
+        for c in self.components:
+            c.load_state_dict(state["components"][c.name])
         self.start, self.elapsed_before = int(state["step"]), float(state["elapsed"])
         set_rng_state(state["rng"])
 
     def save(self, step: int, elapsed: float) -> None:
-        """``<out>/last`` with everything the next step depends on (exact resume, issue #18) and ``<out>/adapted``."""
+        """``<out>/last`` with everything the next step depends on (exact resume, issue #18) and ``<out>/adapted``;
+        data-parallel: every rank's RNG state, written by rank 0 only."""
+        rng_ranks = distributed.gather_object(rng_state())  # None without torchrun
+        if not distributed.is_main():
+            return
+        student, aux, rect = (distributed.unwrap(m) for m in (self.student, self.aux, self.rect))
         ts = {"teacher": self.teacher.model.state_dict(), "optimizer": self.opt.state_dict(), "step": step,
               "elapsed": elapsed, "rng": rng_state(), "data": data_state(self.loader, step),
               "tracker": self.tracker.state_dict(), "tracker_aux": self.tracker_aux.state_dict()}
-        if self.aux is not None:
-            ts["aux"], ts["aux_teacher"] = self.aux.state_dict(), self.aux_teacher.model.state_dict()
-        if self.rect is not None:
-            ts["rectifier"] = self.rect.state_dict()
+        if rng_ranks is not None:
+            ts["rng_ranks"], ts["world_size"] = rng_ranks, len(rng_ranks)
+        if aux is not None:
+            ts["aux"], ts["aux_teacher"] = aux.state_dict(), self.aux_teacher.model.state_dict()
+        if rect is not None:
+            ts["rectifier"] = rect.state_dict()
         if self.anchor is not None:
             ts["anchor"] = self.anchor.state_dict()
         if self.class_weights is not None:
             ts["class_weights"] = self.class_weights.state_dict()
+        if self.components:
+            ts["components"] = {c.name: c.state_dict() for c in self.components}
         self.out_meta.info.update(step=step)
-        save_checkpoint(self.out / "last", self.student, self.out_meta, ts)
-        keep = self.teacher.model if self.cfg.keep == "teacher" else self.student
+        save_checkpoint(self.out / "last", student, self.out_meta, ts)
+        keep = self.teacher.model if self.cfg.keep == "teacher" else student
         save_checkpoint(self.out / "adapted", keep, self.out_meta)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def train_step(self, batch: dict, step: int) -> _StepResult:
         """Steps 1-6 of the module docstring on one batch of (B, 3, H, W) uint8 target frames."""
         img = batch["image"].to(self.device, non_blocking=True)
-        depth = batch["depth"].to(self.device) if self.use_depth else None
+        depth = depth_input(batch, self.cfg.depth.validity_channel).to(self.device) if self.use_depth else None
         hw = tuple(img.shape[-2:])
         t = self.teacher_view(img, depth)
+        if "valid" in batch and self.cfg.mask_padding:
+            t.valid = batch["valid"].to(self.device)  # crop padding: never labelled
+        p = self.cfg.pseudo
+        self.tracker.fraction = self.tracker_aux.fraction = kept_fraction(step, p.fraction, p.fraction_start,
+                                                                          p.fraction_ramp_steps)
         pl = self.pseudo_labels(t)
+        pl = self.merge_fixed_labels(pl, batch)
+        ctx, pl = self.component_vote(t, pl, step, img)
         loss_rect, r_full = self.rectifier_loss(t, hw)
         use_r = r_full is not None and step >= self.cfg.rectifier.warmup_steps
         sv = self.strong_view(img, pl, r_full, depth)
-        loss, logs = self.student_loss(sv, pl, t, loss_rect, use_r, hw)
+        loss, logs = self.student_loss(sv, pl, t, loss_rect, use_r, hw, ctx)
+        if self.use_depth:  # how far the two streams differ, and what the dual-head fusion drops (issue #12)
+            logs.update(pl.stats or {})
+            logs["stream_agreement"] = stream_agreement(t.probs, t.aux_probs, depth_valid_mask(depth))
         self.update(loss, step)
-        return _StepResult(loss, logs, pl, img, r_full, depth)
+        return _StepResult(loss, logs, pl, img, r_full, depth, view=t)
 
     def teacher_view(self, img: torch.Tensor, depth: torch.Tensor | None) -> _TeacherView:
         """1. The EMA teacher(s) and the anchor on the weak view; the teacher on the flipped and photometric views
@@ -318,7 +447,11 @@ class _AdaptRun:
         cfg, hw, rect = self.cfg, tuple(img.shape[-2:]), self.rect
         x_w = normalize(img, self.meta.mean, self.meta.std)
         with torch.no_grad(), autocast(self.device, cfg.amp):
-            lt, ft = self.teacher.forward_features(x_w)
+            self.teacher.model.eval()
+            if rect is not None:  # the rectifier's features as configured (decoder, or stride-4/8 + decoder)
+                lt, ft = rectifier_input(self.teacher.model, x_w, cfg.rectifier)
+            else:
+                lt, ft = self.teacher.forward_features(x_w)
             pt = F.softmax(upsample_logits(lt.float(), hw), 1)
             pa = None
             if self.use_depth:
@@ -332,8 +465,12 @@ class _AdaptRun:
             if rect is not None and cfg.rectifier.photometric_consistency:
                 x_p = normalize_float(photometric(img.float() / 255.0, cfg.strong), self.meta.mean, self.meta.std)
                 pt_photo = F.softmax(upsample_logits(self.teacher(x_p).float(), hw), 1)
+            pv = None
+            if rect is not None and cfg.rectifier.view_consensus:
+                pv = view_consensus_probs(self.teacher.model, img, self.meta.mean, self.meta.std, cfg.rectifier,
+                                          cfg.strong)
         return _TeacherView(logits=lt, features=ft, probs=pt, aux_probs=pa, anchor_logits=ln, anchor_probs=pn,
-                            flip_probs=pt_flip, photo_probs=pt_photo)
+                            flip_probs=pt_flip, photo_probs=pt_photo, view_probs=pv)
 
     def pseudo_labels(self, t: _TeacherView) -> _PseudoLabels:
         """2. Class-balanced confidence thresholds on the teacher's probabilities (fused with the RGB-D teacher's,
@@ -346,43 +483,41 @@ class _AdaptRun:
             probs, agree = t.probs, None
         if t.anchor_probs is not None and cfg.pseudo.anchor_weight > 0:
             probs = (1 - cfg.pseudo.anchor_weight) * probs + cfg.pseudo.anchor_weight * t.anchor_probs
-        th = self.tracker.update(probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
-        labels, mask, _ = pseudo_label(probs, th, ignore)
+        th = self.tracker.update(probs, t.valid) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
+        labels, mask, _ = pseudo_label(probs, th, ignore, cfg.pseudo.rule, t.valid)
+        stats = None
         if agree is not None:
+            stats = {"fusion_removed": fusion_removed(mask, agree, t.valid)}
             mask &= agree
             labels = torch.where(mask, labels, torch.full_like(labels, ignore))
         weights = mask.float()
         if self.class_weights is not None:
             self.class_weights.update(labels, ignore)
             weights = weights * self.class_weights.pixel_weights(labels, ignore)
-        return _PseudoLabels(labels, mask, weights, th)
+        return _PseudoLabels(labels, mask, weights, th, t.valid, stats=stats)
 
     def rectifier_loss(self, t: _TeacherView, hw: tuple) -> tuple:
         """5. (training-only) IR2F reliability r from an implicit head on the teacher's features, and its BCE toward
-        the observable agreement target (anchor, flip, photometric, RGB/RGB-D agreement as configured).
+        the observable agreement target (anchor, flip, photometric, view consensus, RGB/RGB-D agreement as
+        configured), over real pixels only (``t.valid`` when the view has one). With ``rectifier.inr`` off, r is the
+        confidence prior alone and there is no loss.
 
         Returns:
             (scalar loss, (B, H, W) detached r at the input size or None without a rectifier).
         """
-        cfg, rect = self.cfg, self.rect
+        cfg, rect, rc = self.cfg, self.rect, self.cfg.rectifier
         if rect is None:
-            return torch.zeros((), device=self.device), None
+            zero = torch.zeros((), device=self.device)
+            if not (rc.enabled and not rc.inr):
+                return zero, None
+            return zero, rectification(cfg, None, None, t.logits, t.anchor_logits, hw)
         H, W = hw
-        qs = max(1, cfg.rectifier.query_stride)
+        qs = max(1, rc.query_stride)
         hq, wq = max(1, H // qs), max(1, W // qs)
         r_small = rectification(cfg, rect, t.features, t.logits, t.anchor_logits, (hq, wq))
-        pt = t.probs
-        target = torch.ones_like(pt[:, 0], dtype=torch.bool)
-        if cfg.rectifier.anchor_consistency:
-            target &= pt.argmax(1) == t.anchor_probs.argmax(1)
-        if t.flip_probs is not None:
-            target &= pt.argmax(1) == t.flip_probs.argmax(1)
-        if t.photo_probs is not None:
-            target &= pt.argmax(1) == t.photo_probs.argmax(1)
-        if t.aux_probs is not None:
-            target &= pt.argmax(1) == t.aux_probs.argmax(1)
-        tgt_small = F.interpolate(target[:, None].float(), size=(hq, wq), mode="nearest")[:, 0]
-        loss_rect = F.binary_cross_entropy(r_small.clamp(1e-6, 1 - 1e-6), tgt_small)
+        target = agreement_target(t.probs.argmax(1), [t.anchor_probs if rc.anchor_consistency else None,
+                                                      t.flip_probs, t.photo_probs, t.view_probs, t.aux_probs])
+        loss_rect = masked_bce(r_small, target, getattr(t, "valid", None))
         r_full = F.interpolate(r_small[:, None].detach(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         return loss_rect, r_full
 
@@ -401,7 +536,7 @@ class _AdaptRun:
         return _StrongView(x_s, labels_s, weights_s, r_s, depth_s, m)
 
     def student_loss(self, v: _StrongView, pl: _PseudoLabels, t: _TeacherView, loss_rect: torch.Tensor,
-                     use_r: bool, hw: tuple) -> tuple:
+                     use_r: bool, hw: tuple, ctx: StepContext | None = None) -> tuple:
         """4. The student(s) on the strong view: pixel-weighted CE on the pseudo-labels, or the rectification-aware
         mixture loss once the rectifier is warm; plus the rectifier loss, and with depth the RGB-D student's CE
         and the cross-modal consistency.
@@ -411,7 +546,8 @@ class _AdaptRun:
         """
         cfg, ignore = self.cfg, self.ignore
         with autocast(self.device, cfg.amp):
-            ls = upsample_logits(self.student(v.x).float(), hw)
+            lo, fs = self.student.forward_features(v.x)
+            ls = upsample_logits(lo.float(), hw)
             la_s = upsample_logits(self.aux(_rgbd(v.x, v.depth)).float(), hw) if self.use_depth else None
         if use_r:
             loss_pl = mixture_loss(ls, v.labels, v.reliability, v.weights, ignore)
@@ -424,15 +560,40 @@ class _AdaptRun:
             loss_cm = self.cross_modal_loss(ls, la_s, t, pl.threshold, v.mix_masks)
             loss = loss + loss_aux + cfg.depth.cross_modal_weight * loss_cm
             logs.update(loss_aux=float(loss_aux.detach()), loss_cm=float(loss_cm.detach()))
+        if ctx is not None:  # the optional loss components (RCCR, BiDA) on the strong view
+            ctx.student_logits, ctx.student_features, ctx.strong_labels, ctx.strong_weights, ctx.mix_masks = (
+                lo, fs, v.labels, v.weights, v.mix_masks)
+            loss_c, logs_c = component_losses(self.components, ctx)
+            loss, logs = loss + loss_c, {**logs, **logs_c}
         return loss, logs
+
+    def component_vote(self, t: _TeacherView, pl: _PseudoLabels, step: int, img: torch.Tensor) -> tuple:
+        """The loss components' :class:`StepContext` (teacher side) and the pseudo-labels after their votes (BiDA's
+        label transfer drops the pixels it disagrees with); ``(None, pl)`` without components."""
+        if not self.components:
+            return None, pl
+        from dataclasses import replace
+
+        ft = t.features
+        if ft.shape[1] != self.teacher.model.feature_channels or ft.shape[-2:] != t.logits.shape[-2:]:
+            with torch.no_grad():  # the rectifier reads low-level features: the components need the decoder's
+                ft = self.teacher.forward_features(normalize(img, self.meta.mean, self.meta.std))[1]
+        ctx = StepContext(step=step, steps=self.cfg.steps, ignore_index=self.ignore, teacher_logits=t.logits.float(),
+                          teacher_features=ft.float(), teacher_probs=t.probs, labels=pl.labels,
+                          weights=pl.weights, mask=pl.mask, valid=getattr(pl, "valid", None))
+        voted = apply_votes(self.components, ctx)
+        if voted is not None:
+            ctx.labels, ctx.mask, ctx.weights = voted
+            pl = replace(pl, labels=voted[0], mask=voted[1], weights=voted[2])
+        return ctx, pl
 
     def cross_modal_loss(self, ls: torch.Tensor, la_s: torch.Tensor, t: _TeacherView, th,
                          m: torch.Tensor | None) -> torch.Tensor:
         """Each stream toward the other stream's own weak-view pseudo-label (mixed like the strong view)."""
         cfg, ignore = self.cfg, self.ignore
-        th_a = self.tracker_aux.update(t.aux_probs) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
-        lab_rgb, m_rgb, _ = pseudo_label(t.probs, th, ignore)
-        lab_aux, m_aux, _ = pseudo_label(t.aux_probs, th_a, ignore)
+        th_a = self.tracker_aux.update(t.aux_probs, t.valid) if cfg.pseudo.class_balanced else cfg.pseudo.threshold
+        lab_rgb, m_rgb, _ = pseudo_label(t.probs, th, ignore, cfg.pseudo.rule, t.valid)
+        lab_aux, m_aux, _ = pseudo_label(t.aux_probs, th_a, ignore, cfg.pseudo.rule, t.valid)
         if m is not None:
             lab_rgb, m_rgb = mix(lab_rgb, m), mix(m_rgb.float(), m)
             lab_aux, m_aux = mix(lab_aux, m), mix(m_aux.float(), m)
@@ -444,20 +605,29 @@ class _AdaptRun:
         nan_check(loss, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.extra_params)  # data-parallel: what DDP does not hold
         self.opt.step()
-        self.teacher.update(self.student)
+        self.teacher.update(distributed.unwrap(self.student))
         if self.aux is not None:
-            self.aux_teacher.update(self.aux)
+            self.aux_teacher.update(distributed.unwrap(self.aux))
+        for c in self.components:
+            c.after_update()
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train from the start (or resumed) step to ``cfg.steps`` or the time budget; returns the summary."""
         cfg, out = self.cfg, self.out
+        self.monitor, self.stopped_early = LabelFreeMonitor(self.K, self.ignore, cfg.monitor), None
+        main = distributed.is_main()  # data-parallel: rank 0 writes the logs
         if self.resume_state is not None:
-            _truncate_log(out / "coverage.jsonl", self.start)
-        self.cov_file = open(out / "coverage.jsonl", "a")
+            if main:
+                _truncate_log(out / "coverage.jsonl", self.start)
+            distributed.barrier()
+            self.monitor.load_log(out / "coverage.jsonl")
+        self.cov_file = open(out / "coverage.jsonl" if main else os.devnull, "a")
         self.t0 = time.time()
-        self.bar = tqdm(total=cfg.steps, initial=self.start, desc="adapt", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.steps, initial=self.start, desc="adapt", unit="step", dynamic_ncols=True,
+                        **distributed.bar_kwargs())
         step = self.start
         last_logs: dict = {}
         try:
@@ -474,31 +644,52 @@ class _AdaptRun:
                    "adapted": str(out / "adapted"), "keep": cfg.keep, "depth": cfg.depth.provider,
                    "rectifier": cfg.rectifier.enabled, "last_losses": last_logs, "device": str(self.device),
                    "size": list(self.size)}
-        write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
+        summary.update(monitor=self.monitor.summary(), stopped_early=self.stopped_early,
+                       monitor_plot=str(out / "monitor.png") if (out / "monitor.png").is_file() else None)
+        if main:
+            write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
     def after_step(self, step: int, res: _StepResult) -> bool:
-        """Progress bar, coverage log, debug grid and checkpoints after ``step`` steps; True when the time budget
-        is spent (a checkpoint was written)."""
+        """Progress bar, coverage log (with the label-free monitor's signals), debug grid, checkpoints and
+        ``monitor.png`` after ``step`` steps; True when the time budget is spent or the monitor's stopping rule fired
+        with ``monitor.stop`` (a checkpoint was written)."""
         cfg, K, pl = self.cfg, self.K, res.pl
+        stop = None  # the label-free stopping rule's reason (monitor.stop, checked on logged steps)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{float(res.loss.detach()):.3f}", kept=f"{float(pl.mask.float().mean()):.2f}",
-                             refresh=False)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            cov = coverage_per_class(pl.labels, K, self.ignore)
+        kept = kept_share(pl.mask, pl.valid)  # share of the real (unpadded) pixels
+        self.bar.set_postfix(loss=f"{float(res.loss.detach()):.3f}", kept=f"{kept:.2f}", refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.steps:  # data-parallel: means over every rank's frames
+            cov = distributed.all_reduce_mean(coverage_per_class(pl.labels, K, self.ignore, pl.valid))
             th = pl.threshold
-            rec = {"step": step, "kept": float(pl.mask.float().mean()), **res.logs,
+            logs = distributed.mean_over_ranks({"kept": kept, **res.logs})
+            rec = {"step": step, **logs, **depth_weight_norm(distributed.unwrap(self.aux)),
                    "coverage": {n: round(float(c), 4) for n, c in zip(self.classes.names, cov)},
                    "thresholds": [round(float(v), 3) for v in (th if torch.is_tensor(th) else torch.full((K,), th))]}
+            t = res.view
+            if t is not None:  # the anchor's probabilities only when the run keeps it: no extra forward pass
+                rec.update(self.monitor.update(t.probs, t.anchor_probs, pl.labels, getattr(t, "valid", None), step))
+                stop = self.monitor.stop_reason() if cfg.monitor.stop else None
+            stop = distributed.broadcast_object(stop)  # data-parallel: rank 0 decides, every rank stops
             self.cov_file.write(json.dumps(rec) + "\n")
             self.cov_file.flush()
-        if cfg.debug_every and (step % cfg.debug_every == 0 or step == 1):
+        res.view = None  # read: free the teacher's maps before the next step
+        if cfg.debug_every and (step % cfg.debug_every == 0 or step == 1) and distributed.is_main():
             save_debug_grid(self.out / "debug" / f"step_{step:06d}.png", res.image, pl.labels, self.classes.palette,
                             self.ignore, res.reliability, res.depth)
         elapsed = self.elapsed_before + time.time() - self.t0
+        if cfg.max_minutes > 0:  # data-parallel: rank 0's clock, so that every rank stops at the same step
+            elapsed = distributed.broadcast_float(elapsed)
         out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
-        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time or stop:
             self.save(step, elapsed)
+            if distributed.is_main():
+                write_monitor_plot(self.monitor.history, self.out / "monitor.png", self.classes.names, self.log,
+                                   self.classes.palette)
+        if stop:
+            self.stopped_early = stop
+            self.log(f"{stop}: stopping at step {step} (--monitor.stop)")
+            return True
         if out_of_time:
             self.log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
         return out_of_time
@@ -543,23 +734,26 @@ def make_rectifier(cfg: AdaptConfig, feature_channels: int, num_classes: int) ->
                              prior_residual=cfg.rectifier.prior != "none")
 
 
-def rectification(cfg: AdaptConfig, rect: ImplicitRectifier, features: torch.Tensor, logits: torch.Tensor,
-                  anchor_logits: Optional[torch.Tensor], out_size) -> torch.Tensor:
-    """Rectification values r on an ``out_size`` grid, from the teacher's decoder output, as configured.
+def rectification(cfg: AdaptConfig, rect: Optional[ImplicitRectifier], features: Optional[torch.Tensor],
+                  logits: torch.Tensor, anchor_logits: Optional[torch.Tensor], out_size) -> torch.Tensor:
+    """Rectification values r on an ``out_size`` grid, from the teacher's output, as configured.
 
     Args:
-        rect: from :func:`make_rectifier` with the same ``cfg``.
-        features: (B, D, h, w) teacher decoder features; logits: (B, K, h, w) teacher logits.
+        rect: from :func:`make_rectifier` with the same ``cfg``, or None for the confidence prior alone
+            (``rectifier.inr`` off).
+        features: (B, D, h', w') teacher features from
+            :func:`~segadapt.adapt.rectifier_signals.rectifier_input` (None with ``rect`` None).
+        logits: (B, K, h, w) teacher logits (brought to the features' grid for the latent).
         anchor_logits: (B, K, h, w) logits of the frozen anchor, or None when the config does not use it.
         out_size: (H, W) query grid.
 
     Returns:
         (B, H, W) float in (0, 1); gradients reach only the rectifier's parameters.
+
+    Raises:
+        ValueError: ``rect`` None with ``rectifier.prior`` "none" (nothing to give r).
     """
     rc = cfg.rectifier
-    probs = F.softmax(logits.detach().float(), 1)
-    if rc.anchor_consistency:
-        probs = torch.cat([probs, F.softmax(anchor_logits.detach().float(), 1)], 1)
     prior = None
     if rc.prior != "none":
         with torch.no_grad():
@@ -568,6 +762,14 @@ def rectification(cfg: AdaptConfig, rect: ImplicitRectifier, features: torch.Ten
             if rc.prior == "teacher_anchor":
                 pn = F.softmax(upsample_logits(anchor_logits.detach().float(), out_size), 1)
             prior = confidence_prior(pt, pn)
+    if rect is None:
+        if prior is None:
+            raise ValueError("rectifier.inr off needs a prior (rectifier.prior teacher or teacher_anchor)")
+        return prior
+    grid = tuple(features.shape[-2:])
+    probs = F.softmax(upsample_logits(logits.detach().float(), grid), 1)
+    if rc.anchor_consistency:
+        probs = torch.cat([probs, F.softmax(upsample_logits(anchor_logits.detach().float(), grid), 1)], 1)
     return rect(features.detach().float(), probs, out_size, prior=prior)
 
 
@@ -596,6 +798,7 @@ def load_run(run: str | Path):
     student, meta = load_checkpoint(d)
     saved = meta.info["config"]
     saved.setdefault("rectifier", {}).setdefault("prior", "none")  # runs from before the prior option had none
+    saved["rectifier"].setdefault("features", "decoder")  # runs from before issue #12 read the decoder features
     cfg = from_dict(AdaptConfig, saved)
     teacher = copy.deepcopy(student)
     teacher.load_state_dict(st["teacher"])
@@ -610,9 +813,10 @@ def load_run(run: str | Path):
         adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu")
     if "rectifier" in st:
         # runs made before the anchor existed have no such config key: read the rectifier's input width instead
-        k = st["rectifier"]["proj.weight"].shape[1] - student.feature_channels
+        d_in = rectifier_feature_channels(student, cfg.rectifier)
+        k = st["rectifier"]["proj.weight"].shape[1] - d_in
         cfg.rectifier.anchor_consistency = k == 2 * meta.classes.num_classes
-        rect = make_rectifier(cfg, student.feature_channels, meta.classes.num_classes)
+        rect = make_rectifier(cfg, d_in, meta.classes.num_classes)
         rect.load_state_dict(st["rectifier"])
         rect.eval()
     return teacher.eval(), anchor, rect, meta, cfg

@@ -4,6 +4,9 @@ One readable loop: AdamW with a warmup + poly schedule, cross-entropy with the i
 the crop, photometric augmentation on the image (a source model must not hinge on one exposure), bf16 autocast on
 CUDA, periodic validation on the source validation split, ``best`` and ``last`` checkpoints, and ``--resume`` from
 ``last`` (weights, optimizer, schedule, RNG, elapsed time).
+
+Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.distributed`): DDP (with SyncBatchNorm on GPUs),
+each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from segadapt.adapt import distributed
 from segadapt.adapt.augment import normalize_float, photometric
 from segadapt.adapt.config import SourceTrainConfig, to_dict
 from segadapt.adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
@@ -48,7 +52,8 @@ def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> 
         FileNotFoundError / ValueError: missing or malformed data (the message names the file).
     """
     seed_everything(cfg.seed)
-    return _SourceRun(cfg, log).run()
+    with distributed.session(cfg.device):  # under torchrun: data-parallel; else a no-op
+        return _SourceRun(cfg, distributed.main_only(log)).run()
 
 
 class _SourceRun:
@@ -63,6 +68,8 @@ class _SourceRun:
         self.history: list = []
         self.run_loss = None
         state = load_training_state(resume_dir) if resume_dir is not None else None
+        if state is not None:
+            distributed.check_world_size(state, str(resume_dir))
         self.model = self.build_model(resume_dir, state)
         self.model.to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult),
@@ -71,10 +78,13 @@ class _SourceRun:
             g["initial_lr"] = g["lr"]
         if state is not None:
             self.restore(state)
+        distributed.rank_rng(cfg.seed, state, set_rng_state)  # data-parallel: a random stream per rank
         # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
         consumed = int(state.get("data", {}).get("consumed", self.start_step)) if state is not None else 0
         self.loader = resumable_loader(self.train_ds, cfg.batch_size, cfg.seed, start=consumed,
-                                       num_workers=cfg.num_workers, collate_fn=collate)
+                                       num_workers=cfg.num_workers, collate_fn=collate, rank=distributed.rank(),
+                                       world_size=distributed.world_size())
+        self.model = distributed.wrap(self.model, self.device, sync_batchnorm=True)  # no-op without torchrun
 
     def setup_data(self) -> None:
         """Classes, the training set (with the geometric augmentation), the validation set, output metadata."""
@@ -119,24 +129,32 @@ class _SourceRun:
         set_rng_state(state["rng"])
 
     def save_last(self, step: int, elapsed: float) -> None:
-        """``<out>/last`` with everything the next step depends on (exact resume, issue #18)."""
+        """``<out>/last`` with everything the next step depends on (exact resume, issue #18); data-parallel: every
+        rank's RNG state, written by rank 0 only."""
+        rng_ranks = distributed.gather_object(rng_state())  # None without torchrun
+        if not distributed.is_main():
+            return
         ts = {"optimizer": self.opt.state_dict(), "step": step, "best": self.best, "best_step": self.best_step,
               "elapsed": elapsed, "rng": rng_state(), "data": data_state(self.loader, step),
               "history": json.dumps(self.history), "run_loss": self.run_loss}
+        if rng_ranks is not None:
+            ts["rng_ranks"], ts["world_size"] = rng_ranks, len(rng_ranks)
         self.meta.info.update(step=step)
-        save_checkpoint(self.out / "last", self.model, self.meta, ts)
+        save_checkpoint(self.out / "last", distributed.unwrap(self.model), self.meta, ts)
 
     def validate(self, step: int) -> float:
-        """mIoU (percent) on the validation split (NaN without one); a new best is saved as ``<out>/best``."""
-        if self.val_ds is None:
+        """mIoU (percent) on the validation split (NaN without one, and on ranks other than 0 of a data-parallel
+        run); a new best is saved as ``<out>/best``."""
+        if self.val_ds is None or not distributed.is_main():
             return float("nan")
-        m = evaluate(self.model, self.val_ds, self.meta.mean, self.meta.std, tuple(self.cfg.size), self.device,
+        model = distributed.unwrap(self.model)
+        m = evaluate(model, self.val_ds, self.meta.mean, self.meta.std, tuple(self.cfg.size), self.device,
                      batch_size=8)
         self.history.append({"step": step, "val_miou": m["miou"], "val_pixel_acc": m["pixel_acc"]})
         if m["miou"] > self.best:
             self.best, self.best_step = m["miou"], step
             self.meta.info.update(step=step, val_miou=m["miou"], val_iou=m["iou"])
-            save_checkpoint(self.out / "best", self.model, self.meta)
+            save_checkpoint(self.out / "best", model, self.meta)
         self.log(f"step {step}: val mIoU {m['miou']:.2f} (best {self.best:.2f} at {self.best_step})")
         return m["miou"]
 
@@ -144,7 +162,9 @@ class _SourceRun:
         """Warmup + poly schedule; with a time budget the decay follows the elapsed fraction when that is further."""
         cfg = self.cfg
         budget = cfg.max_minutes * 60
-        time_progress = (self.elapsed_before + time.time() - self.t0) / budget if budget > 0 else None
+        # data-parallel: rank 0's clock, so that every rank has the same learning rate
+        time_progress = distributed.broadcast_float(self.elapsed_before + time.time() - self.t0) / budget \
+            if budget > 0 else None
         f = warmup_poly(step, cfg.steps, cfg.warmup_steps, cfg.poly_power, progress=time_progress)
         for g in self.opt.param_groups:
             g["lr"] = g["initial_lr"] * f
@@ -170,6 +190,8 @@ class _SourceRun:
         """History, validation and ``last`` after ``step`` steps; True when the time budget is spent."""
         cfg = self.cfg
         elapsed = self.elapsed_before + time.time() - self.t0
+        if cfg.max_minutes > 0:  # data-parallel: rank 0's clock, so that every rank stops at the same step
+            elapsed = distributed.broadcast_float(elapsed)
         out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
         if step % 20 == 0 or step == cfg.steps:
             self.history.append({"step": step, "loss": self.run_loss, "lr": self.opt.param_groups[0]["lr"]})
@@ -187,7 +209,8 @@ class _SourceRun:
         self.t0 = time.time()
         batches = iter(self.loader)
         step = self.start_step
-        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train-source", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train-source", unit="step", dynamic_ncols=True,
+                   **distributed.bar_kwargs())
         stopped_early = False
         while step < cfg.steps:
             batch = next(batches)
@@ -207,6 +230,7 @@ class _SourceRun:
         summary = {"best_val_miou": self.best, "best_step": self.best_step, "steps": step,
                    "stopped_early": stopped_early, "seconds": self.elapsed_before + time.time() - self.t0,
                    "out": str(out), "device": str(self.device)}
-        write_atomic(out / "history.json", json.dumps({"summary": summary, "history": self.history},
-                                                      indent=1).encode())
+        if distributed.is_main():
+            write_atomic(out / "history.json", json.dumps({"summary": summary, "history": self.history},
+                                                          indent=1).encode())
         return summary

@@ -12,17 +12,20 @@ import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else CPU; otherwise the named device.
+    """``auto`` -> CUDA if available, else CPU; otherwise the named device. Under torchrun, CUDA means this
+    process's GPU, ``cuda:LOCAL_RANK`` (:func:`segadapt.adapt.distributed.local_device`).
 
     Raises:
         ValueError: a CUDA device was requested but CUDA is not available.
     """
+    from segadapt.adapt.distributed import local_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
+    return local_device(dev)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -10,7 +10,8 @@ Rows (each self-training row for every seed; source-only and AdaBN are determini
   full + depth     only with --depth: + CrossMatch RGB-D auxiliary stream (dual-head fusion, cross-modal consistency)
 
 Target labels are used only for measuring, after adaptation. Also reports how well the rectifier's reliability
-predicts pseudo-label correctness (AUROC against the real labels) next to the teacher's max-softmax confidence.
+predicts pseudo-label correctness (AUROC against the real labels) next to its confidence prior alone and the
+teacher's max-softmax confidence.
 
 CamVid day -> dusk (run 3 in docs/benchmarks.md; the source model from benchmarks/source_only.py, 4000 steps):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --steps 150 --seeds 0 1 2 \
@@ -26,6 +27,10 @@ Ablations: the full method without one component, paired on the same seeds (a ro
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
+The rectifier's target and features (issue #12; each run prints r's AUROC next to its prior's and max-softmax's):
+    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
+        --set rectifier.features=stride4 --set rectifier.view_consensus=true \
+        --set rectifier.anchor_consistency=false --work runs/bench3/adapt_views
 Any folder with depth (KITTI stereo here, a functional check on 5 frames):
     python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target ../shared/data/kitti5/image_2 \
         --labels ../shared/data/kitti5/label_camvid11 --depth stereo --right-dir ../shared/data/kitti5/image_3 \
@@ -54,7 +59,9 @@ from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.metrics import auroc
 from segadapt.adapt.models.checkpoint import load_segmenter
+from segadapt.adapt.models.rectifier import confidence_prior
 from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.adapt.rectifier_signals import rectifier_input
 from segadapt.adapt.self_training import adapt, load_run, rectification
 
 
@@ -66,26 +73,32 @@ def measure(ckpt, ds, size) -> dict:
 
 @torch.no_grad()
 def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> dict:
-    """AUROC of rectifier values and of max-softmax confidence for 'teacher pseudo-label == true label'."""
+    """AUROC for 'teacher pseudo-label == true label' of the rectifier's r, of its confidence prior alone (when the
+    run has one) and of the teacher's max-softmax confidence."""
     teacher, anchor, rect, meta, cfg = load_run(cfg.out)
     ignore = meta.classes.ignore_index
-    r_all, c_all, ok_all = [], [], []
+    scores: dict = {"rectifier": [], "prior": [], "max_softmax": []}
+    ok_all = []
     ds = copy.copy(ds_eval)
     ds.transform = Resize(size)
     for i in range(len(ds)):
         it = ds[i]
         img, lab = it["image"][None], it["label"][None]
         x = normalize(img, meta.mean, meta.std)
-        logits, feats = teacher.forward_features(x)
+        logits, feats = rectifier_input(teacher, x, cfg.rectifier)
+        la = anchor(x) if anchor is not None else None
         probs = F.softmax(upsample_logits(logits.float(), size), 1)
         conf, pred = probs.max(1)
-        r = rectification(cfg, rect, feats, logits, anchor(x) if anchor is not None else None, size)
         valid = lab != ignore
-        r_all.append(r[valid].numpy())
-        c_all.append(conf[valid].numpy())
+        scores["rectifier"].append(rectification(cfg, rect, feats, logits, la, size)[valid].numpy())
+        if cfg.rectifier.prior != "none":
+            pn = F.softmax(upsample_logits(la.float(), size), 1) if cfg.rectifier.prior == "teacher_anchor" else None
+            scores["prior"].append(confidence_prior(probs, pn)[valid].numpy())
+        scores["max_softmax"].append(conf[valid].numpy())
         ok_all.append((pred == lab)[valid].numpy())
-    r, c, ok = map(np.concatenate, (r_all, c_all, ok_all))
-    return {"auroc_rectifier": auroc(r, ok), "auroc_max_softmax": auroc(c, ok), "pixels": int(ok.size),
+    ok = np.concatenate(ok_all)
+    res = {f"auroc_{k}": auroc(np.concatenate(v), ok) for k, v in scores.items() if v}
+    return {**res, "rectifier_learned": rect is not None, "pixels": int(ok.size),
             "pseudo_label_accuracy": float(ok.mean())}
 
 
@@ -167,7 +180,8 @@ def row_variants(a: argparse.Namespace) -> dict:
         variants["full+depth"] = dict(pseudo=PseudoLabelConfig(),
                                       rectifier=rectifier_on(),
                                       depth=DepthConfig(provider=a.depth, directory=a.depth_dir,
-                                                        right_dir=a.right_dir, model_dir=a.depth_model))
+                                                        right_dir=a.right_dir, model_dir=a.depth_model,
+                                                        cache_dir=str(Path(a.work) / "depth_cache")))  # once per work
         a.rows = list(a.rows) + ["full+depth"]
     for spec in a.ablate:
         name, sep, items = spec.partition(":")
@@ -197,8 +211,9 @@ def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval:
             r.update(reliability_auroc(cfg, ds_eval, size))
         runs.append(r)
         print(f"{row} seed {seed}: mIoU {r['miou']:.2f}" +
-              (f", AUROC rectifier {r['auroc_rectifier']:.3f} vs max-softmax {r['auroc_max_softmax']:.3f}"
-               if "auroc_rectifier" in r else "") + f" ({r['seconds']:.0f} s)", flush=True)
+              (f", AUROC rectifier {r['auroc_rectifier']:.4f} vs prior {r.get('auroc_prior', float('nan')):.4f} "
+               f"vs max-softmax {r['auroc_max_softmax']:.4f}" if "auroc_rectifier" in r else "") +
+              f" ({r['seconds']:.0f} s)", flush=True)
     return runs
 
 

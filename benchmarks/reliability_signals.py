@@ -15,7 +15,8 @@ Signals, each (H, W) float per image, higher = more reliable:
   mc_dropout          mean probability of the label over ``--mc-passes`` passes with dropout on
   anchor_agreement    1 where the anchor's argmax equals the label (needs the anchor)
   anchor_mean_prob    mean of teacher and anchor probability of the label (needs the anchor)
-  rectifier           the run's trained rectifier, when the run had one
+  rectifier_prior     the rectifier's confidence prior alone, as the run configured it (when it has one)
+  rectifier           the run's rectifier r (its prior alone when the run did not learn the INR correction)
 
 Target labels are read only here, to score the signals; nothing is trained.
 
@@ -43,6 +44,8 @@ from segadapt.adapt.config import default_camvid_dir
 from segadapt.adapt.data.datasets import LabeledImageFolder
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.metrics import auroc
+from segadapt.adapt.models.rectifier import confidence_prior
+from segadapt.adapt.rectifier_signals import rectifier_input
 from segadapt.adapt.self_training import load_run, rectification
 
 VIEWS = ("flip", "scale0.75", "scale1.25", "gamma0.7")
@@ -144,12 +147,16 @@ def main() -> int:
         it = ds[i]
         img, lab = it["image"][None], it["label"][None]
         maps = signal_maps(teacher, img, meta.mean, meta.std, anchor, a.mc_passes)
-        if rect is not None:
+        if cfg.rectifier.enabled:
             with torch.no_grad():
                 x = normalize(img.float(), meta.mean, meta.std)
-                logits, feats = teacher.forward_features(x)
-                maps["rectifier"] = rectification(cfg, rect, feats, logits,
-                                                  anchor(x) if anchor is not None else None, size)
+                logits, feats = rectifier_input(teacher, x, cfg.rectifier)
+                la = anchor(x) if anchor is not None else None
+                maps["rectifier"] = rectification(cfg, rect, feats, logits, la, size)
+                if cfg.rectifier.prior != "none":
+                    pt = _probs(teacher, x, size)
+                    pn = _probs(anchor, x, size) if cfg.rectifier.prior == "teacher_anchor" else None
+                    maps["rectifier_prior"] = confidence_prior(pt, pn)
         valid = lab != meta.classes.ignore_index
         positives.append((maps.pop("pseudo_label") == lab)[valid].numpy())
         for k, m in maps.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,12 +17,17 @@ class ClassInfo:
         names: class names; class id ``i`` is ``names[i]``.
         palette: one RGB triple (0-255) per class.
         ignore_index: label value that marks pixels without a class (void); never a valid class id.
+        stuff: optional per-class flag, True for amorphous "stuff" (road, sky, ...), False for countable "things"
+            (car, pedestrian, ...); read from a ``"stuff"`` list of booleans in ``classes.json``. None (the file has
+            no such list) = :func:`default_stuff_flags` by class name, see :meth:`stuff_flags`. Used by SeCo's
+            pseudo-label pass (methods.md 3.2).
     """
 
     names: Tuple[str, ...]
     palette: Tuple[Tuple[int, int, int], ...]
     ignore_index: int = 255
     extra: dict = field(default_factory=dict, compare=False)
+    stuff: Optional[Tuple[bool, ...]] = None
 
     def __post_init__(self) -> None:
         if len(self.names) == 0:
@@ -32,6 +37,8 @@ class ClassInfo:
         if 0 <= self.ignore_index < len(self.names):
             raise ValueError(f"ignore_index {self.ignore_index} collides with class id of "
                              f"{self.names[self.ignore_index]!r}")
+        if self.stuff is not None and len(self.stuff) != len(self.names):
+            raise ValueError(f"'stuff' has {len(self.stuff)} flags for {len(self.names)} classes")
 
     @property
     def num_classes(self) -> int:
@@ -44,15 +51,30 @@ class ClassInfo:
         if names is None:
             raise ValueError("class description has no 'classes' list")
         palette = d.get("palette") or default_palette(len(names))
+        stuff = d.get("stuff")
+        if stuff is not None and (not isinstance(stuff, list) or not all(isinstance(v, bool) for v in stuff)):
+            raise ValueError("'stuff' must be a list of true/false, one per class")
         return cls(
             names=tuple(str(n) for n in names),
             palette=tuple(tuple(int(v) for v in c) for c in palette),
             ignore_index=int(d.get("ignore_index", 255)),
+            stuff=tuple(stuff) if stuff is not None else None,
         )
 
     def to_dict(self) -> dict:
-        return {"classes": list(self.names), "palette": [list(c) for c in self.palette],
-                "ignore_index": self.ignore_index}
+        d = {"classes": list(self.names), "palette": [list(c) for c in self.palette],
+             "ignore_index": self.ignore_index}
+        if self.stuff is not None:
+            d["stuff"] = list(self.stuff)
+        return d
+
+    def stuff_flags(self) -> Tuple[bool, ...]:
+        """One flag per class, True = stuff: the ``stuff`` list of the class file, else :func:`default_stuff_flags`.
+
+        Raises:
+            ValueError: no ``stuff`` list and a class name the built-in table does not know (the message names it).
+        """
+        return self.stuff if self.stuff is not None else default_stuff_flags(self.names)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassInfo":
@@ -75,6 +97,32 @@ class ClassInfo:
         lut = np.zeros((256, 3), np.uint8)
         lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
         return lut
+
+
+#: Built-in stuff/things split by (lower-case) class name, for class files without a ``stuff`` list. Cityscapes-19
+#: follows SeCo (methods.md 3.2): stuff = road, sidewalk, building, wall, fence, vegetation, terrain, sky; things =
+#: pole, traffic light/sign, person, rider and the vehicles. CamVid-11 maps onto it (Pavement = sidewalk, Tree =
+#: vegetation, SignSymbol = sign, Pedestrian = person, Bicyclist = rider): stuff = Sky, Building, Road, Pavement,
+#: Tree, Fence; things = Pole, SignSymbol, Car, Pedestrian, Bicyclist.
+STUFF_BY_NAME = {
+    **{n: True for n in ("road", "sidewalk", "pavement", "building", "wall", "fence", "vegetation", "tree",
+                         "terrain", "sky")},
+    **{n: False for n in ("pole", "traffic light", "traffic sign", "signsymbol", "person", "pedestrian", "rider",
+                          "bicyclist", "car", "truck", "bus", "train", "motorcycle", "bicycle")},
+}
+
+
+def default_stuff_flags(names: Sequence[str]) -> Tuple[bool, ...]:
+    """Stuff (True) / thing (False) per class name from :data:`STUFF_BY_NAME` (case-insensitive).
+
+    Raises:
+        ValueError: a name the table does not know; add a ``"stuff": [true, false, ...]`` list to classes.json.
+    """
+    unknown = [n for n in names if n.lower() not in STUFF_BY_NAME]
+    if unknown:
+        raise ValueError(f"no built-in stuff/thing flag for class(es) {unknown}; add a \"stuff\" list of true/false "
+                         "(one per class) to classes.json")
+    return tuple(STUFF_BY_NAME[n.lower()] for n in names)
 
 
 def default_palette(n: int) -> List[List[int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -63,7 +64,9 @@ def _cmd_train_source(ns: argparse.Namespace) -> int:
         from segadapt.adapt.train_source import train_source
         from segadapt.console import log
 
-        print(json.dumps(train_source(cfg, log=log), indent=1))
+        summary = train_source(cfg, log=log)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+            print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -76,7 +79,9 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
         from segadapt.adapt.self_training import adapt
         from segadapt.console import log
 
-        print(json.dumps(adapt(cfg, log=log), indent=1))
+        summary = adapt(cfg, log=log)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+            print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -10,19 +10,23 @@ reported by name while what earlier steps wrote stays in place):
 4. ``export``: the adapted RGB segmenter (and the source model, as the demo's reference) to ONNX, FP32 and FP16,
    with metadata and parity.
 5. ``video``: segment the dash-cam clip with the runtime (ONNX Runtime) into an H.264 overlay video.
-6. ``report``: ``report.json`` + ``report.md`` (mIoU table, per-class IoU, timings, file list) and an overlay frame.
+6. ``report``: ``report.json`` + ``report.md`` (mIoU table, per-class IoU, the adaptation's label-free monitor and
+   its ``monitor.png``, timings, file list) and an overlay frame.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Tuple
 
-from segadapt.adapt.config import (AdaptConfig, ModelConfig, SourceTrainConfig, check_device, default_camvid_dir,
-                                   default_data_root, to_dict)
+from segadapt.adapt.component_config import BiDAConfig, RCCRConfig
+from segadapt.adapt.seco_config import SecoConfig
+from segadapt.adapt.config import (AdaptConfig, ModelConfig, MonitorConfig, SourceTrainConfig, check_device,
+                                   default_camvid_dir, default_data_root, to_dict)
 from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size, check_size
 from segadapt.provenance import run_provenance, source_commit
 from segadapt.runtime.files import list_images, write_atomic
@@ -73,6 +77,10 @@ class PipelineConfig:
     """random seed of every step"""
     until: Literal["train_source", "adapt", "evaluate", "export", "video"] = "video"
     """run the steps up to this one, then write the report (e.g. evaluate: no ONNX export and no video)"""
+    rccr: RCCRConfig = field(default_factory=RCCRConfig)
+    bida: BiDAConfig = field(default_factory=BiDAConfig)
+    seco: SecoConfig = field(default_factory=SecoConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def check(self) -> None:
         check_size(self.size, "--size", zero_means="the preset's")
@@ -261,7 +269,8 @@ class _PipelineRun:
                            out=str(self.out / "adapt"), size=(0, 0) if self.cfg.keep_aspect else p["size"],
                            keep_aspect=self.cfg.keep_aspect, steps=p["adapt_steps"],
                            max_minutes=p["adapt_minutes"], batch_size=4, device=self.cfg.device, seed=self.cfg.seed,
-                           resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4))
+                           resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4),
+                           rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor)
         s = adapt(acfg, log=self.log)
         return {"checkpoint": str(self.out / "adapt" / "adapted"), "summary": s}
 
@@ -354,7 +363,8 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
              **{f"onnx.{k}": v for k, v in d.get("export", {}).get("files", {}).items()},
              "video_source": d.get("video", {}).get("source"),
              "overlay_video": d.get("video", {}).get("video"),
-             "overlay_frame": d.get("video", {}).get("overlay_frame")}
+             "overlay_frame": d.get("video", {}).get("overlay_frame"),
+             "monitor_plot": d.get("adapt", {}).get("summary", {}).get("monitor_plot")}
     return {
         "config": to_dict(cfg),
         "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
@@ -369,6 +379,7 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
         "video": d.get("video", {}).get("report", {}),
         "timings_s": {k: round(v.get("seconds", 0.0), 1) for k, v in d.items()},
         "files": files,
+        "adapt_monitor": adapt_monitor(d.get("adapt", {}).get("summary", {})),
     }
 
 
@@ -397,6 +408,31 @@ def run_summary(rep: dict) -> dict:
     return {"seed": rep["seed"], "size": rep["size"], "adapt_size": rep.get("adapt_size"), "steps": rep["steps"],
             "provenance": rep["provenance"], "timings_s": rep["timings_s"], "target_gain_miou": rep["target_gain_miou"],
             "miou": {k: round(v["miou"], 4) for k, v in rep["metrics"].items()}}
+
+
+def adapt_monitor(summary: dict) -> dict | None:
+    """The adaptation's label-free monitor (:mod:`segadapt.adapt.monitor`) from its ``summary.json``: the last
+    logged step's signals, the plot and why the run stopped early (None: it did not); None for runs without it."""
+    if "monitor" not in summary:
+        return None
+    return {**summary["monitor"], "plot": summary.get("monitor_plot"), "stopped_early": summary.get("stopped_early")}
+
+
+def _monitor_lines(rep: dict) -> List[str]:
+    """Markdown lines for the adaptation monitor: the last logged step's signals, an early stop and the plot
+    (embedded, relative to the report)."""
+    mon = rep.get("adapt_monitor")
+    if not mon or not mon.get("last"):
+        return []
+    last = mon["last"]
+    agree = "no anchor" if last["anchor_agreement"] is None else f"{last['anchor_agreement']:.3f}"
+    lines = ["", f"Adaptation monitor (no labels) at step {last['step']}: class-share drift {last['class_drift']:.3f}, "
+             f"teacher-anchor agreement {agree}, teacher entropy {last['entropy']:.3f} (of log K)."]
+    if mon.get("stopped_early"):
+        lines.append(f"The run **stopped early**: {mon['stopped_early']}.")
+    if mon.get("plot"):
+        lines += ["", f"![adaptation monitor]({os.path.relpath(mon['plot'], rep['config']['out'])})"]
+    return lines
 
 
 def _provenance_lines(rep: dict) -> List[str]:
@@ -449,6 +485,7 @@ def report_markdown(rep: dict) -> str:
         src = rep["files"].get("video_source")
         lines += ["", f"Video: {v['frames']} frames{f' of `{src}`' if src else ''}, {v['fps']:.1f} frames/s end to "
                   f"end ({v['codec']}), `{v['output']}`"]
+    lines += _monitor_lines(rep)
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), "", "Files:", ""]
     lines += [f"- {k}: `{v}`" for k, v in rep["files"].items() if v]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from typing import Optional
 
 from segadapt.data_checks import (check_checkpoint, check_class_file, check_depth_inputs, check_labelled_split,
                                   check_size_vs_stride, find_class_file)
+from segadapt.runtime.files import IMAGE_SUFFIXES
 from segadapt.runtime.inputs import (InputError, check_free_space, check_model_file, check_output_dir,
                                      check_output_file, check_video, compare_classes, folder_images, image_sizes,
                                      is_video_path)
@@ -77,11 +78,26 @@ def train_source(cfg) -> None:
         check_labelled_split(val_dir, classes, "--val-split")
 
 
+def _target_videos(target) -> list:
+    """The video files of a video target: the file, or the videos of a folder that holds no image; [] otherwise."""
+    p = Path(target)
+    if is_video_path(p):
+        return [p]
+    img_dir = p / "images" if (p / "images").is_dir() else p
+    if not p.is_dir() or any(f.suffix.lower() in IMAGE_SUFFIXES for f in img_dir.iterdir()):
+        return []
+    return sorted(f for f in p.iterdir() if f.is_file() and is_video_path(f))
+
+
 def _target_frames(cfg):
-    """(image files, is_video) of an adaptation target, checked."""
-    if is_video_path(cfg.target):
-        keep = cfg.video_max_frames * cfg.video_stride if cfg.video_max_frames else 0
-        check_video(cfg.target, "--target", max_frames=keep)
+    """(image files, is_video) of an adaptation target, checked (a video's frames are read over its whole length,
+    so every frame its container lists must be there)."""
+    videos = _target_videos(cfg.target)
+    for v in videos:
+        check_video(v, "--target")
+    if videos:
+        if getattr(cfg, "video_cache", ""):
+            check_output_dir(cfg.video_cache, "--video-cache")
         return [], True
     files = folder_images(cfg.target, "--target", "target folder")
     image_sizes(files, "--target")

@@ -14,7 +14,7 @@ from conftest import tiny_model
 
 @pytest.mark.parametrize("arch", ["segformer", "deeplabv3-mobilenetv2"])
 def test_auxiliary_stream_starts_equal_to_source(arch, tiny):
-    from segadapt.adapt.models.aux_stream import make_auxiliary_stream
+    from segadapt.adapt.models.aux_stream import depth_input_weight, make_auxiliary_stream
 
     torch.manual_seed(0)
     src = tiny_model(arch).eval()
@@ -29,10 +29,7 @@ def test_auxiliary_stream_starts_equal_to_source(arch, tiny):
     assert diff <= 1e-5 * scale
     # and the depth channel is a real input: changing its weights changes the output
     with torch.no_grad():
-        for p in aux.parameters():
-            if p.ndim == 4 and p.shape[1] == 4:
-                p[:, 3].normal_()  # (a constant would be removed by LayerNorm)
-                break
+        depth_input_weight(aux).normal_()  # (a constant would be removed by LayerNorm)
         assert (aux(torch.cat([x, d], 1)) - ref).abs().max().item() > 1e-3 * scale
 
 
@@ -287,9 +284,14 @@ def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
     assert grid.shape[1] == 3 * 128  # image | pseudo-label | rectification map, at the 96x128 input size
 
 
-def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch):
+@pytest.mark.parametrize("seco", [False, True], ids=["plain", "seco"])
+def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch, seco):
     import segadapt.adapt.data.datasets as dsmod
+    from segadapt.adapt.config import SecoConfig
     from segadapt.adapt.self_training import adapt
+
+    if seco:  # SeCo's pass (methods.md 3) labels the frames itself and must not open target labels either
+        adapt_cfg.seco = SecoConfig(enabled=True, scc_iterations=5, scc_batch=8, scc_crop=(32, 64))
 
     opened = []
     real = cv2.imread
@@ -308,6 +310,7 @@ def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch):
     assert opened, "the spy saw no reads"
     assert all("/labels/" not in p for p in opened)
     assert (Path(adapt_cfg.target) / "labels").is_dir()  # the labels were there to be (not) read
+    assert any("/seco_labels/" in p for p in opened) == seco  # the training frames carried SeCo's own labels
 
 
 def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
@@ -333,7 +336,8 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
     s = adapt(cfg, log=lambda *_: None)
     assert "loss_cm" in s["last_losses"] and s["depth"] == "stereo"
     st = load_training_state(tmp_path / "kd" / "last")
-    assert any(v.shape[1] == 4 for v in st["aux"].values() if v.ndim == 4)  # the RGB-D stem was trained
+    # the RGB-D stem (depth + validity inputs, their own parameter) was trained
+    assert any(k.endswith("original1") and v.shape[1] == 2 for k, v in st["aux"].items())
     grid = cv2.imread(str(tmp_path / "kd" / "debug" / "step_000001.png"))
     assert grid.shape[1] == 4 * 320  # image | labels | rectification | depth
 

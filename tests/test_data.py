@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, Sample, VideoFrames, collate, read_label
+from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, Sample, collate, read_label
+from segadapt.adapt.data.footage import VideoFootage
 from segadapt.adapt.data.transforms import Compose, RandomCrop, RandomHFlip, RandomScale, Resize, train_transform
 
 
@@ -20,7 +21,7 @@ def test_labeled_folder_on_real_frames(tiny, tiny_classes):
 def test_unlabeled_folder_has_no_label_field(tiny):
     ds = ImageFolder(tiny / "target")
     item = ds[3]
-    assert set(item) == {"image", "name"}
+    assert set(item) == {"image", "name", "valid"} and bool(item["valid"].all())  # no padding without a crop
     b = collate([ds[0], ds[1]])
     assert b["image"].shape == (2, 3, 120, 160) and len(b["name"]) == 2
 
@@ -122,12 +123,12 @@ def test_train_transform_on_real_labels(tiny, tiny_classes):
         assert set(torch.unique(it["label"]).tolist()) <= set(range(12))
 
 
-def test_video_frames_stride_and_cap(video_path):
-    v = VideoFrames(video_path, stride=10, max_frames=4)
+def test_video_frames_stride_and_budget(video_path):
+    v = VideoFootage(video_path, stride=10, budget=4)  # 23 candidates, 4 spread evenly over the clip
     assert len(v) == 4
     assert v[0]["image"].shape == (3, 540, 960)
-    assert v.load(2).name.endswith("#000020")
-    small = VideoFrames(video_path, stride=50, size=(90, 160))
+    assert [v.load(i).name.split("#")[1] for i in range(4)] == ["000000", "000050", "000110", "000170"]
+    small = VideoFootage(video_path, stride=50, size=(90, 160))
     assert len(small) == 5  # 221 frames: 0, 50, 100, 150, 200
     assert small[0]["image"].shape == (3, 90, 160)
 
@@ -136,9 +137,9 @@ def test_video_errors(tmp_path):
     bad = tmp_path / "clip.mp4"
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="clip.mp4"):
-        VideoFrames(bad)
+        VideoFootage(bad)
     with pytest.raises(ValueError, match="stride"):
-        VideoFrames(bad, stride=0)
+        VideoFootage(bad, stride=0)
 
 
 def test_photometric_changes_image_only_within_range():

@@ -6,8 +6,9 @@ Layout of a split directory (as in ``../shared/data/camvid-day2dusk``)::
     <split>/labels/<name>.png          optional; single channel, value = class id, ignore index for void
     classes.json                       in the split directory or one of its parents
 
-Target footage for adaptation is read with :class:`ImageFolder` or :class:`VideoFrames`, which have no label field
-at all: the adaptation entry point cannot read target labels by construction.
+Target footage for adaptation is read with :class:`ImageFolder` or, for video files and folders of videos decoded
+on demand, :class:`~segadapt.adapt.data.footage.VideoFootage`; neither has a label field at all: the adaptation
+entry point cannot read target labels by construction.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Sample:
         depth: (H, W) float32 normalised depth in [0, 1] (0 where invalid) or None.
         depth_valid: (H, W) bool validity mask of ``depth`` or None.
         name: identifier (file stem or ``video#frame``).
+        valid: (H, W) bool, True on real image pixels and False on padding added by
+            :class:`~segadapt.adapt.data.transforms.RandomCrop`; None = every pixel is real. Padded pixels are
+            never pseudo-labelled, never in a loss and never in a statistic (issue #12).
+        fixed_pseudo_label: (H, W) int64 fixed pseudo-labels of SeCo's offline pass (:mod:`segadapt.adapt.seco`),
+            ignore index where unlabelled (and on crop padding), or None. Made by the model, never a target label.
     """
 
     image: np.ndarray
@@ -44,13 +50,20 @@ class Sample:
     depth: Optional[np.ndarray] = None
     depth_valid: Optional[np.ndarray] = None
     name: str = ""
+    valid: Optional[np.ndarray] = None
+    fixed_pseudo_label: Optional[np.ndarray] = None  # (H, W) int64 SeCo labels (never a target label), see below
 
     def to_tensors(self) -> dict:
-        """Convert to a dict of tensors: ``image`` (3, H, W) uint8, ``label`` (H, W) int64,
-        ``depth`` (1, H, W) float32, ``depth_valid`` (1, H, W) bool; absent fields are left out."""
+        """Convert to a dict of tensors: ``image`` (3, H, W) uint8, ``valid`` (H, W) bool (always present: all True
+        when the sample has no ``valid`` mask), ``label`` (H, W) int64, ``depth`` (1, H, W) float32, ``depth_valid``
+        (1, H, W) bool; the absent optional fields are left out."""
         out = {"image": torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1))), "name": self.name}
+        valid = self.valid if self.valid is not None else np.ones(self.image.shape[:2], bool)
+        out["valid"] = torch.from_numpy(np.ascontiguousarray(valid, bool))
         if self.label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(self.label)).long()
+        if self.fixed_pseudo_label is not None:
+            out["fixed_pseudo_label"] = torch.from_numpy(np.ascontiguousarray(self.fixed_pseudo_label)).long()
         if self.depth is not None:
             out["depth"] = torch.from_numpy(np.ascontiguousarray(self.depth, np.float32))[None]
             valid = self.depth_valid if self.depth_valid is not None else np.ones_like(self.depth, bool)
@@ -138,8 +151,8 @@ class ImageFolder(Dataset):
         depth_provider: callable ``(image_path, image) -> (depth (H, W) float32 in [0, 1], valid (H, W) bool)``
             or None.
 
-    Items: dict with ``image`` (3, H, W) uint8, ``name`` and, with a depth provider, ``depth`` (1, H, W) float32
-    and ``depth_valid`` (1, H, W) bool.
+    Items: dict with ``image`` (3, H, W) uint8, ``valid`` (H, W) bool (False on crop padding), ``name`` and, with a
+    depth provider, ``depth`` (1, H, W) float32 and ``depth_valid`` (1, H, W) bool.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, depth_provider: Callable | None = None):
@@ -176,7 +189,8 @@ class LabeledImageFolder(Dataset):
         image_dir, label_dir: other folders than ``root/images`` and ``root/labels`` (e.g. KITTI's ``image_2`` and
             ``label_camvid11``).
 
-    Items: dict with ``image`` (3, H, W) uint8, ``label`` (H, W) int64 (ignore index for void) and ``name``.
+    Items: dict with ``image`` (3, H, W) uint8, ``label`` (H, W) int64 (ignore index for void), ``valid`` (H, W) bool
+    (False on crop padding) and ``name``.
 
     Raises:
         FileNotFoundError: no ``labels/`` directory, or an image without its label file (named in the message).
@@ -213,78 +227,20 @@ class LabeledImageFolder(Dataset):
         return s.to_tensors()
 
 
-def read_video_frames(path: str | Path, stride: int = 1, max_frames: int | None = None,
-                      size: Tuple[int, int] | None = None) -> List[np.ndarray]:
-    """Decode frames of a video file with OpenCV.
-
-    Args:
-        path: video file.
-        stride: keep every ``stride``-th frame (>= 1).
-        max_frames: keep at most this many frames (None: all).
-        size: optional (H, W) to resize each kept frame to.
-
-    Returns:
-        list of (H, W, 3) uint8 RGB frames.
+def read_fixed_pseudo_label(directory: str | Path, name: str, hw: Tuple[int, int]) -> np.ndarray:
+    """Read ``<directory>/<name>.png`` (SeCo's fixed pseudo-labels, single channel) as (H, W) int64 at the frame's
+    size ``hw`` (nearest neighbour; the pass writes them at the training size).
 
     Raises:
-        ValueError: the file cannot be opened as a video, holds no frame, or stride < 1.
+        ValueError: the file is missing or not a single-channel image (the message names it).
     """
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ValueError(f"{path}: cannot open as a video")
-    frames: List[np.ndarray] = []
-    idx = 0
-    try:
-        while max_frames is None or len(frames) < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            if idx % stride == 0:
-                frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                if size is not None:
-                    frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-                frames.append(frame)
-            idx += 1
-    finally:
-        cap.release()
-    if not frames:
-        raise ValueError(f"{path}: no decodable frame in the video")
-    return frames
-
-
-class VideoFrames(Dataset):
-    """Unlabelled frames of a video file, decoded once into memory (OpenCV).
-
-    Args:
-        path: video file (mp4, avi, ...).
-        stride: keep every ``stride``-th frame.
-        max_frames: cap on the number of kept frames (memory: H*W*3 bytes each).
-        size: optional (H, W) to resize frames to when decoding.
-        transform: callable ``Sample -> Sample`` or None.
-
-    Items: dict with ``image`` (3, H, W) uint8 and ``name`` = ``<stem>#<frame index>``.
-    """
-
-    def __init__(self, path: str | Path, stride: int = 1, max_frames: int | None = None,
-                 size: Tuple[int, int] | None = None, transform: Callable | None = None):
-        self.path = Path(path)
-        self.stride = stride
-        self.frames = read_video_frames(self.path, stride, max_frames, size)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def load(self, i: int) -> Sample:
-        return Sample(image=self.frames[i], name=f"{self.path.stem}#{i * self.stride:06d}")
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.load(i)
-        if self.transform is not None:
-            s = self.transform(s)
-        return s.to_tensors()
+    path = Path(directory) / f"{name}.png"
+    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if lab is None or lab.ndim != 2:
+        raise ValueError(f"{path}: missing or not a single-channel label image; delete {directory} to rebuild it")
+    if lab.shape != tuple(hw):
+        lab = cv2.resize(lab, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+    return lab.astype(np.int64)
 
 
 def is_video(path: str | Path) -> bool:

@@ -11,6 +11,9 @@ Normalisation divides by the image's 99th percentile of valid values (robust to 
 * ``model``: a monocular depth model loaded with transformers' ``AutoModelForDepthEstimation`` from a local
   directory (relative depth; its output is treated as inverse depth, as DPT/Depth-Anything predict).
 * ``none``: no depth (the auxiliary stream is disabled).
+
+Adaptation runs a provider once per frame, in the main process, and stores the result
+(:mod:`segadapt.adapt.data.depth_cache`); the DataLoader workers only read the stored files.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ class ModelDepth:
             raise FileNotFoundError(f"{model_dir}: not a transformers model directory (no config.json)")
         self.model = AutoModelForDepthEstimation.from_pretrained(model_dir, local_files_only=True).to(device).eval()
         self.size, self.device, self.torch = tuple(size), device, torch
+        self.model_dir = str(Path(model_dir).resolve())  # part of the depth cache key (depth_cache.provider_settings)
         self.mean = np.array([0.485, 0.456, 0.406], np.float32)
         self.std = np.array([0.229, 0.224, 0.225], np.float32)
 

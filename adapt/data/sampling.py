@@ -10,6 +10,11 @@ store ``k`` (= the steps done, one batch per step) in the checkpoint's training 
 
 The stream never consumes the global RNGs of the main process: the loop's own random draws (photometric
 augmentation, ClassMix, dropout) continue from the RNG state restored from the checkpoint.
+
+Data-parallel runs (issue #15, :mod:`segadapt.adapt.distributed`): with ``world_size`` W processes and per-rank batch
+``b``, the stream is that of a one-process run with batch ``W * b`` and rank ``r`` takes samples ``r, r + W, ...`` of
+each of its batches: the ranks read disjoint frames, and together exactly the frames (with the same augmentation)
+of the one-process run.
 """
 
 from __future__ import annotations
@@ -34,23 +39,30 @@ class SeededBatchSampler(Sampler[List[Key]]):
 
     Args:
         n: dataset length (> 0).
-        batch_size: samples per batch (> 0).
+        batch_size: samples per batch (> 0), per rank.
         seed: the run's seed.
         start: index of the first batch to yield (the batches a resumed run has already consumed).
         drop_last: drop each epoch's last partial batch (always kept when the epoch holds no full batch).
+        rank, world_size: data-parallel runs: this rank's share of the ``world_size * batch_size`` batches of the
+            stream (module docstring); 0, 1 = the whole stream.
 
     Batches never straddle epochs. ``position(k)`` gives (epoch, batch in epoch) of stream batch ``k``.
 
     Raises:
-        ValueError: ``n`` or ``batch_size`` < 1, or ``start`` < 0.
+        ValueError: ``n`` or ``batch_size`` < 1, ``start`` < 0, ``rank`` not in [0, ``world_size``), or ``n`` <
+            ``world_size``.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, drop_last: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1):
         if n < 1 or batch_size < 1 or start < 0:
             raise ValueError(f"need n >= 1, batch_size >= 1, start >= 0; got {n}, {batch_size}, {start}")
+        if not 0 <= rank < world_size or n < world_size:
+            raise ValueError(f"need 0 <= rank < world_size <= n; got rank {rank}, world_size {world_size}, n {n}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        full = n // batch_size
-        self.per_epoch = full if drop_last and full > 0 else -(-n // batch_size)
+        self.rank, self.world_size = rank, world_size
+        full = n // (batch_size * world_size)
+        self.per_epoch = full if drop_last and full > 0 else -(-n // (batch_size * world_size))
 
     def position(self, k: int) -> Tuple[int, int]:
         """(epoch, batch within the epoch) of stream batch ``k``."""
@@ -66,8 +78,9 @@ class SeededBatchSampler(Sampler[List[Key]]):
         epoch, b = self.position(k)
         while True:
             perm = self.permutation(epoch).tolist()
+            g = self.batch_size * self.world_size
             while b < self.per_epoch:
-                yield [(epoch, i) for i in perm[b * self.batch_size:(b + 1) * self.batch_size]]
+                yield [(epoch, i) for i in perm[b * g:(b + 1) * g][self.rank::self.world_size]]
                 b += 1
             epoch, b = epoch + 1, 0
 
@@ -107,7 +120,8 @@ class SeededSamples(Dataset):
 
 
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, num_workers: int = 0,
-                     collate_fn: Callable | None = None, pin_memory: bool = False) -> DataLoader:
+                     collate_fn: Callable | None = None, pin_memory: bool = False, rank: int = 0,
+                     world_size: int = 1) -> DataLoader:
     """An endless DataLoader whose batch ``k`` depends only on ``(seed, k)`` (see the module docstring).
 
     Args:
@@ -118,12 +132,14 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 
         start: batches already consumed (a resumed run passes its step).
         num_workers: DataLoader worker processes (the batches do not depend on it).
         collate_fn: batch collation.
+        rank, world_size: this process's share of a data-parallel run (module docstring); 0, 1 = all.
 
     Returns:
         a DataLoader to iterate once (``iter(loader)``); ``loader.batch_sampler`` is the
         :class:`SeededBatchSampler`.
     """
-    sampler = SeededBatchSampler(len(dataset), batch_size, seed, start, drop_last=len(dataset) >= batch_size)
+    sampler = SeededBatchSampler(len(dataset), batch_size, seed, start,
+                                 drop_last=len(dataset) >= batch_size * world_size, rank=rank, world_size=world_size)
     # a private generator: the loader's base seed must not be drawn from (and move) the main process's torch RNG
     gen = torch.Generator().manual_seed(_mix(seed, 0xB5E))
     return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, num_workers=num_workers,

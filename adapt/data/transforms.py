@@ -1,8 +1,9 @@
-"""Joint geometric transforms: image, label and depth (with its validity mask) move together.
+"""Joint geometric transforms: image, label, depth (with its validity mask) and the image validity mask move together.
 
 Images are resized bilinearly (area when shrinking); labels, depth and validity masks with nearest neighbour so
-that no class id or depth value is invented across a boundary. Photometric augmentation acts on the image only and
-lives in :mod:`adapt.augment` (batched, on the training device).
+that no class id or depth value is invented across a boundary. The image validity mask ``Sample.valid`` is False
+on the padding that :class:`RandomCrop` adds (issue #12: padded pixels are never pseudo-labelled). Photometric
+augmentation acts on the image only and lives in :mod:`adapt.augment` (batched, on the training device).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import cv2
 import numpy as np
 
 from segadapt.adapt.data.datasets import Sample
+
+_PIXEL_FIELDS = ("label", "depth", "depth_valid", "valid",  # (H, W) arrays that follow the image's geometry
+                 "fixed_pseudo_label")
 
 
 def _resize_sample(s: Sample, h: int, w: int) -> Sample:
@@ -29,6 +33,11 @@ def _resize_sample(s: Sample, h: int, w: int) -> Sample:
         out.depth = cv2.resize(s.depth.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
     if s.depth_valid is not None:
         out.depth_valid = cv2.resize(s.depth_valid.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    if s.valid is not None:
+        out.valid = cv2.resize(s.valid.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    if s.fixed_pseudo_label is not None:
+        out.fixed_pseudo_label = cv2.resize(s.fixed_pseudo_label.astype(np.int32), (w, h),
+                                            interpolation=cv2.INTER_NEAREST).astype(np.int64)
     return out
 
 
@@ -71,7 +80,8 @@ class RandomScale:
 class RandomCrop:
     """Crop a random (H, W) window; pads first when the frame is smaller.
 
-    Padding: image 0, label ``ignore_index``, depth 0 with validity False.
+    Padding (bottom and right): image 0, label ``ignore_index``, depth 0 with ``depth_valid`` False, and the image
+    validity mask ``valid`` False (created all True first when the sample has none).
     """
 
     def __init__(self, size: Tuple[int, int], ignore_index: int = 255):
@@ -86,17 +96,22 @@ class RandomCrop:
             s = replace(s, image=np.pad(s.image, ((0, ph), (0, pw), (0, 0))))
             if s.label is not None:
                 s.label = np.pad(s.label, ((0, ph), (0, pw)), constant_values=self.ignore_index)
+            if s.fixed_pseudo_label is not None:
+                s.fixed_pseudo_label = np.pad(s.fixed_pseudo_label, ((0, ph), (0, pw)),
+                                              constant_values=self.ignore_index)
             if s.depth is not None:
                 s.depth = np.pad(s.depth, ((0, ph), (0, pw)))
             valid = s.depth_valid if s.depth_valid is not None else (np.ones((h, w), bool) if s.depth is not None else None)
             if valid is not None:
                 s.depth_valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
+            real = s.valid if s.valid is not None else np.ones((h, w), bool)
+            s.valid = np.pad(real, ((0, ph), (0, pw)), constant_values=False)
             h, w = s.image.shape[:2]
         y = random.randint(0, h - ch)
         x = random.randint(0, w - cw)
         sl = (slice(y, y + ch), slice(x, x + cw))
         out = replace(s, image=s.image[sl])
-        for k in ("label", "depth", "depth_valid"):
+        for k in _PIXEL_FIELDS:
             v = getattr(s, k)
             if v is not None:
                 setattr(out, k, v[sl])
@@ -113,7 +128,7 @@ class RandomHFlip:
         if random.random() >= self.p:
             return s
         out = replace(s, image=s.image[:, ::-1])
-        for k in ("label", "depth", "depth_valid"):
+        for k in _PIXEL_FIELDS:
             v = getattr(s, k)
             if v is not None:
                 setattr(out, k, v[:, ::-1])

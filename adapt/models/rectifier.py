@@ -1,8 +1,10 @@
 """IR2F rectifier: per-pixel reliability of pseudo-labels from an implicit neural representation
 (Gong et al., CVPR 2023; methods.md 5.3 [RECON: the paper's code and exact design were not available]).
 
-LIIF-style head (Chen et al., CVPR 2021): a latent grid (the teacher's decoder features, optionally concatenated with
-its class probabilities, projected to ``latent_dim`` channels) is queried at continuous image coordinates. For each
+LIIF-style head (Chen et al., CVPR 2021): a latent grid (the teacher's features: its decoder features, or those
+upsampled to the backbone's stride-4/8 grid and concatenated with its features there, see
+:mod:`segadapt.adapt.rectifier_signals`; optionally concatenated with its class probabilities, projected to
+``latent_dim`` channels) is queried at continuous image coordinates. For each
 query q the 4 nearest latents z_i contribute ``r_i = MLP([z_i, (q - v_i) * (h, w), cell * (h, w)])``; the local
 ensemble weights each r_i by the area of the rectangle diagonally opposite to it, and ``r(q) = sigmoid(sum w_i r_i)``
 is the probability that the pseudo-label at q is right. The rectifier is training-only and never exported.
@@ -28,7 +30,7 @@ class ImplicitRectifier(nn.Module):
     """Predicts rectification values r in (0, 1) at continuous coordinates.
 
     Args:
-        in_channels: D, channels of the decoder features.
+        in_channels: D, channels of the features (decoder, or decoder + stride-4/8 backbone features).
         num_classes: channels of the class probabilities appended to the features: K for the teacher's
             probabilities, K * n when n models' probabilities are stacked (teacher + anchor: 2K); 0 = features only.
         latent_dim: channels of the projected latent grid.

@@ -153,6 +153,54 @@ class Segmenter(nn.Module):
             self._features = None
         return logits, feats
 
+    def _low_level_index(self, stride: int) -> int:
+        """Index in ``hidden_states`` of the last backbone stage at ``stride`` (4 or 8); ValueError otherwise."""
+        if stride not in (4, 8):
+            raise ValueError(f"low-level features exist at stride 4 or 8, got {stride}")
+        if self.model_type == "segformer":
+            return {4: 0, 8: 1}[stride]  # encoder stages at strides 4, 8, 16, 32
+        current, index = 2, -1  # MobileNetV2: the stem has stride 2; each inverted residual may halve the grid
+        for i, layer in enumerate(self.hf.mobilenet_v2.layer):
+            current *= layer.conv_3x3.convolution.stride[0]
+            if current == stride:
+                index = i
+        if index < 0:
+            raise ValueError(f"this MobileNetV2 has no layer at stride {stride}")
+        return index
+
+    def low_level_channels(self, stride: int) -> int:
+        """Channels of the backbone features at ``stride`` (4 or 8) that :meth:`forward_features` appends."""
+        if self.model_type == "segformer":
+            return int(self.hf.config.hidden_sizes[self._low_level_index(stride)])
+        return int(self.hf.mobilenet_v2.layer[self._low_level_index(stride)].reduce_1x1.convolution.out_channels)
+
+    def forward_low_level(self, pixel_values: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and features at a resolution that can show boundaries (the IR2F rectifier's input, methods.md 5.3).
+
+        Args:
+            pixel_values: (B, C_in, H, W) float, normalised.
+            stride: 4 or 8.
+
+        Returns:
+            logits (B, K, h, w) as :meth:`forward`, and features (B, D + C_s, ceil(H/s), ceil(W/s)): the decoder
+            features (:meth:`forward_features`) bilinearly upsampled to the backbone's stride-s grid, concatenated
+            with the backbone's own features there (C_s = :meth:`low_level_channels`).
+
+        Raises:
+            ValueError: a stride other than 4 or 8.
+        """
+        idx = self._low_level_index(stride)
+        self._capture = True
+        try:
+            out = self.hf(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            feats = self._features
+        finally:
+            self._capture = False
+            self._features = None
+        low = out.hidden_states[idx]
+        up = F.interpolate(feats, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return out.logits, torch.cat([up, low.to(up.dtype)], 1)
+
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: float = 1.0) -> list:
         """AdamW parameter groups: no weight decay on biases and normalisation weights; the decoder/head gets
         ``lr * head_lr_mult`` (DAFormer uses 10x for the head, methods.md 0.2)."""

@@ -1,0 +1,229 @@
+"""BiDA: bi-directional pixel-prototype contrast (Lee et al., ECCV 2022; methods.md 4), source-free form.
+
+The paper (abstract, methods.md 4.1) pulls target pixel features toward the *source* prototype of their class and
+source pixel features toward the *target* prototypes, transfers labels to target pixels from the nearest source
+prototype, and calibrates class-wise domain biases of the prototypes. Its code does not match the abstract
+(methods.md 4.2), so this follows the reconstruction of methods.md 4.3 [RECON throughout]:
+
+* Embeddings: a projection head on the decoder features (1x1 conv, ReLU, 1x1 conv, L2-norm); the teacher embeds with
+  an EMA copy of it (momentum head).
+* Source side (source-free): the source model as adaptation starts (after AdaBN) provides *source samples* in its
+  decoder-feature space, ``source_prototypes="features"``: up to ``source_per_class`` of its confident (max softmax >=
+  ``source_confidence``) decoder features per class on ``source_frames`` target frames; ``"classifier"``: its
+  classifier's weight rows, rescaled to the features' mean norm, one per class. Each step the momentum head
+  embeds them; P^s_c = normalised mean of the class's embeddings.
+* Target prototypes P^t_c: EMA (``proto_momentum``) of the mean teacher embedding under the kept pseudo-labels.
+* Calibration: b_c <- m b_c + (1 - m)(mean teacher embedding under the label-transfer label c - P^s_c); the
+  calibrated prototype is normalise(P^s_c + b_c).
+* Label transfer (:meth:`BiDA.vote`): the nearest calibrated prototype of the teacher's embedding; the loop drops
+  pseudo-label pixels where it names another class (classes without a source prototype are not judged).
+* Loss: CE over [z_student . P^s / t] with the strong view's pseudo-labels (target -> source prototypes) +
+  ``reverse_weight`` CE over [head(source samples) . P^t / t] with their classes (source -> target prototypes; the
+  gradient reaches the projection head only, the samples are stored features). Classes without a prototype on the
+  other side are left out of the logits and the labels.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from segadapt.adapt.component_config import BiDAConfig
+from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, labels_at, momentum_copy
+
+__all__ = ["BiDA", "class_means", "prototype_logits"]
+
+_ABSENT = -1e4  # logit of a class without a prototype (exp underflows to 0; finite, so interpolation stays finite)
+
+
+def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means of (N, E) embeddings under (N,) int64 labels (labels outside [0, K) are skipped).
+
+    Returns:
+        ((K, E) float means, zero for absent classes; (K,) float counts).
+    """
+    ok = (labels >= 0) & (labels < num_classes)
+    emb, labels = emb[ok].float(), labels[ok]
+    sums = torch.zeros(num_classes, emb.shape[1], device=emb.device).index_add_(0, labels, emb)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return sums / counts.clamp(min=1)[:, None], counts
+
+
+def prototype_logits(z: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine logits of (B, E, h, w) unit embeddings against (K, E) unit prototypes, divided by ``temperature``;
+    classes with ``valid`` False get a large negative logit. Returns (B, K, h, w) float."""
+    out = torch.einsum("behw,ke->bkhw", z, protos) / temperature
+    return out.masked_fill(~valid[None, :, None, None], _ABSENT)
+
+
+class BiDA(LossComponent):
+    """The BiDA component (module docstring). Call :meth:`init_source` once before the first step of a fresh run.
+
+    Args:
+        cfg: :class:`~segadapt.adapt.component_config.BiDAConfig`.
+        feature_channels: D of the decoder features; num_classes: K.
+    """
+
+    name = "bida"
+
+    def __init__(self, cfg: BiDAConfig, feature_channels: int, num_classes: int):
+        self.cfg, self.K = cfg, num_classes
+        self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
+        self.head_t = momentum_copy(self.head)
+        self.src_feats = torch.zeros(0, feature_channels)  # (Ns, D) source samples in decoder-feature space
+        self.src_labels = torch.zeros(0, dtype=torch.long)
+        self.proto_t = torch.zeros(num_classes, cfg.proj_dim)  # (K, E) target prototypes (unit rows where valid)
+        self.valid_t = torch.zeros(num_classes, dtype=torch.bool)
+        self.bias = torch.zeros(num_classes, cfg.proj_dim)  # (K, E) calibration bias
+        self._pending: Optional[tuple] = None
+
+    def to(self, device) -> "BiDA":
+        self.head.to(device)
+        self.head_t.to(device)
+        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def parameters(self):
+        return list(self.head.parameters())
+
+    # ---- source side -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_source(self, model, batches: Iterable[torch.Tensor]) -> None:
+        """Collect the source samples from ``model`` (the source model after AdaBN; ``forward_features`` in eval
+        mode, restored afterwards) on normalised (B, 3, H, W) target batches.
+
+        Raises:
+            ValueError: the source model is confident on no pixel (no source prototypes).
+        """
+        cfg, dev = self.cfg, self.src_feats.device
+        was = model.training
+        model.eval()
+        feats, labs, norms = [], [], []
+        try:
+            for x in batches:
+                logits, f = model.forward_features(x.to(dev))
+                conf, lab = torch.softmax(logits.float(), 1).max(1)
+                keep = (conf >= cfg.source_confidence).reshape(-1)
+                f = f.float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                feats.append(f[keep])
+                labs.append(lab.reshape(-1)[keep])
+                norms.append(f.norm(dim=1))
+        finally:
+            model.train(was)
+        f, lab = torch.cat(feats), torch.cat(labs)
+        if cfg.source_prototypes == "classifier":  # weight rows at the features' mean norm, one sample per class
+            w = classifier_weight(model).float().to(dev)  # (K, D)
+            self.src_feats = F.normalize(w, dim=1) * torch.cat(norms).mean()
+            self.src_labels = torch.arange(self.K, device=dev)
+            return
+        if not f.shape[0]:
+            raise ValueError(f"BiDA: the source model reaches --bida.source-confidence {cfg.source_confidence} on no "
+                             "pixel of the target frames; lower it (or use --bida.source-prototypes classifier)")
+        pick = []
+        for c in range(self.K):
+            idx = (lab == c).nonzero()[:, 0]
+            pick.append(idx[torch.randperm(idx.numel(), device=dev)[:cfg.source_per_class]])
+        idx = torch.cat(pick)
+        self.src_feats, self.src_labels = f[idx], lab[idx]
+
+    def source_prototypes(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """((K, E) unit source prototypes under the momentum head, (K,) bool valid), no grad."""
+        with torch.no_grad():
+            z = self.head_t(self.src_feats[:, :, None, None])[:, :, 0, 0]
+            means, counts = class_means(z, self.src_labels, self.K)
+        return F.normalize(means, dim=1), counts > 0
+
+    # ---- label transfer ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transfer(self, ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher embeddings (B, E, h, w), label-transfer logits (B, K, h, w) against the calibrated source
+        prototypes, the (K, E) source prototypes and their (K,) validity."""
+        z_t = self.head_t(ctx.teacher_features.float())
+        p_s, valid_s = self.source_prototypes()
+        cal = F.normalize(p_s + self.bias, dim=1)
+        return z_t, prototype_logits(z_t, cal, valid_s, self.cfg.temperature), p_s, valid_s
+
+    def vote(self, ctx: StepContext) -> Optional[torch.Tensor]:
+        """(B, H, W) bool: False where the pseudo-label names a class with a source prototype and the nearest
+        calibrated prototype (logits upsampled to the input size) names another; None when ``vote`` is off or before
+        ``vote_start``."""
+        if not self.cfg.vote or ctx.step < self.cfg.vote_start:
+            return None
+        _, logits, _, valid_s = self.transfer(ctx)
+        hw = tuple(ctx.labels.shape[-2:])
+        nearest = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False).argmax(1)
+        lab = ctx.labels
+        judged = (lab != ctx.ignore_index) & valid_s[lab.clamp(0, self.K - 1)]
+        return ~judged | (nearest == lab)
+
+    # ---- loss and EMA ------------------------------------------------------------------------------------------
+    def loss(self, ctx: StepContext):
+        """``weight * (L_t->s + reverse_weight * L_s->t)``; logs ``loss_bida_ts``, ``loss_bida_st`` (unweighted)."""
+        cfg = self.cfg
+        z_s = self.head(ctx.student_features.float())  # (B, E, h, w)
+        hw = tuple(z_s.shape[-2:])
+        z_t, tl, p_s, valid_s = self.transfer(ctx)
+        lab = labels_at(ctx.strong_labels, hw)
+        kept = labels_at((ctx.strong_weights > 0).long(), hw).bool() & (lab != ctx.ignore_index)
+        lab = torch.where(kept & valid_s[lab.clamp(0, self.K - 1)], lab, torch.full_like(lab, -100))
+        logits = prototype_logits(z_s, p_s, valid_s, cfg.temperature)
+        l_ts = F.cross_entropy(logits, lab, ignore_index=-100) if (lab >= 0).any() else z_s.sum() * 0.0
+        l_st = z_s.sum() * 0.0
+        if self.valid_t.any() and self.src_feats.shape[0]:
+            z_src = self.head(self.src_feats[:, :, None, None])[:, :, 0, 0]
+            ok = self.valid_t[self.src_labels]
+            if ok.any():
+                lg = prototype_logits(z_src[ok][:, :, None, None], self.proto_t, self.valid_t, cfg.temperature)
+                l_st = F.cross_entropy(lg[:, :, 0, 0], self.src_labels[ok])
+        self._stash(ctx, z_t, tl, p_s)
+        total = cfg.weight * (l_ts + cfg.reverse_weight * l_st)
+        return total, {"loss_bida_ts": float(l_ts.detach()), "loss_bida_st": float(l_st.detach())}
+
+    @torch.no_grad()
+    def _stash(self, ctx: StepContext, z_t, transfer_logits, p_s) -> None:
+        """This batch's class means for :meth:`after_update`: teacher embeddings under the kept pseudo-labels
+        (target prototypes) and under the label-transfer labels (calibration)."""
+        hw = tuple(z_t.shape[-2:])
+        flat = z_t.permute(0, 2, 3, 1).reshape(-1, z_t.shape[1])
+        lab = labels_at(ctx.labels, hw).reshape(-1)
+        lab = torch.where(lab == ctx.ignore_index, torch.full_like(lab, -1), lab)
+        m_pl, n_pl = class_means(flat, lab, self.K)
+        m_tr, n_tr = class_means(flat, transfer_logits.argmax(1).reshape(-1), self.K)
+        self._pending = (m_pl, n_pl > 0, m_tr, n_tr > 0, p_s)
+
+    @torch.no_grad()
+    def after_update(self) -> None:
+        """Momentum head EMA; target prototypes and calibration bias from the stashed batch means."""
+        ema_(self.head_t, self.head, self.cfg.momentum)
+        if self._pending is None:
+            return
+        m_pl, seen, m_tr, seen_tr, p_s = self._pending
+        self._pending = None
+        m = self.cfg.proto_momentum
+        new = F.normalize(m_pl, dim=1)
+        upd = torch.where(self.valid_t[:, None], F.normalize(m * self.proto_t + (1 - m) * new, dim=1), new)
+        self.proto_t = torch.where(seen[:, None], upd, self.proto_t)
+        self.valid_t = self.valid_t | seen
+        mb = self.cfg.calibration_momentum
+        self.bias = torch.where(seen_tr[:, None], mb * self.bias + (1 - mb) * (m_tr - p_s), self.bias)
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "head_t": self.head_t.state_dict(), "src_feats": self.src_feats,
+                "src_labels": self.src_labels, "proto_t": self.proto_t, "valid_t": self.valid_t, "bias": self.bias}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.head_t.load_state_dict(state["head_t"])
+        dev = self.proto_t.device
+        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias"):
+            setattr(self, k, state[k].to(dev))
+
+
+def classifier_weight(model) -> torch.Tensor:
+    """(K, D) weight of a :class:`~segadapt.adapt.models.segmenter.Segmenter`'s final 1x1 classifier."""
+    c = model._classifier
+    conv = c if isinstance(c, torch.nn.Conv2d) else c.convolution
+    return conv.weight.detach()[:, :, 0, 0]

@@ -1,0 +1,194 @@
+"""RCCR: region-wise contrastive consistency (Zhou et al., ICME 2022; methods.md 2), source-free form.
+
+What the paper's code does (methods.md 2.2, [CODE]): a CutMix box pastes the target crop's region into a source crop;
+student embeddings (projection head, 128-d, L2-normalised) inside the box are anchors, the *positive* of each is the
+teacher's embedding (momentum projection head = EMA of the student's) at the same location of the un-augmented
+target, the negatives are entries of a FIFO memory bank of detached student and teacher embeddings whose label differs
+from the anchor's pseudo-label (class-filtered), InfoNCE with temperature 0.1, anchors gated by teacher confidence
+> 0.75, loss weight ramped as ``0.01 exp(-5 (1 - sqrt(t / T)))``.
+
+Source-free form [RECON, configurable in :class:`~segadapt.adapt.component_config.RCCRConfig`]:
+
+* No second student forward: the loop's strong view is target-to-target ClassMix + photometric, so every strong-view
+  pixel comes from one of two target frames at the *same* location (``augment.mix``). Its positive is the teacher's
+  weak-view embedding mixed with the same masks (``mix(e_T, m)``), i.e. the un-augmented teacher features of the frame
+  it came from. Decoder cells straddling a mask edge (pooled mask not 0 or 1) are not anchors.
+* Every pixel may be an anchor (``anchors="all"``; both images are target), or only the pasted region
+  (``anchors="pasted"``, the analogue of the box).
+* Bank labels are the teacher's argmax (no threshold), mixed like the strong view for student entries; the bank and
+  the samples per step are smaller than the code's 24000 / 4000 because our feature maps are small.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from segadapt.adapt.augment import mix
+from segadapt.adapt.component_config import RCCRConfig
+from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, momentum_copy
+
+__all__ = ["RCCR", "MemoryBank", "info_nce", "ramp_weight"]
+
+
+def ramp_weight(weight: float, step: int, steps: int, ramp: bool = True) -> float:
+    """RCCR's weight ramp ``w exp(-5 (1 - sqrt(t / T)))`` (methods.md 2.2 step 7); ``w`` when ``ramp`` is off."""
+    if not ramp:
+        return weight
+    t = min(max(step, 0) / max(steps, 1), 1.0)
+    return weight * math.exp(-5.0 * (1.0 - math.sqrt(t)))
+
+
+class MemoryBank:
+    """FIFO ring buffer of detached (N, E) embeddings and their int64 labels (methods.md 2.2 step 4).
+
+    ``push`` overwrites the oldest entries once ``size`` are held; ``features``/``labels`` return copies of the held
+    entries.
+    """
+
+    def __init__(self, size: int, dim: int, device="cpu"):
+        self.size = int(size)
+        self.feats = torch.zeros(self.size, dim, device=device)
+        self.labs = torch.full((self.size,), -1, dtype=torch.long, device=device)
+        self.ptr, self.count = 0, 0
+
+    def push(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append (n, E) float embeddings and (n,) labels (detached); with n > size only the last size are kept."""
+        feats, labels = feats.detach()[-self.size:], labels.detach()[-self.size:]
+        n = feats.shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.feats.device)) % self.size
+        self.feats[idx] = feats.to(self.feats)
+        self.labs[idx] = labels.to(self.labs)
+        self.ptr = (self.ptr + n) % self.size
+        self.count = min(self.count + n, self.size)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(count, E) copy of the held embeddings (a copy: the loss graph keeps it while the bank moves on)."""
+        return self.feats[:self.count].clone()
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.labs[:self.count].clone()
+
+    def to(self, device) -> "MemoryBank":
+        self.feats, self.labs = self.feats.to(device), self.labs.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"feats": self.feats.clone(), "labels": self.labs.clone(), "ptr": self.ptr, "count": self.count}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.feats.copy_(st["feats"])
+        self.labs.copy_(st["labels"])
+        self.ptr, self.count = int(st["ptr"]), int(st["count"])
+
+
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, anchor_labels: torch.Tensor, bank_feats: torch.Tensor,
+             bank_labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-anchor InfoNCE with one positive and the class-filtered bank as negatives (methods.md 2.2 steps 4-5).
+
+    Args:
+        anchors, positives: (N, E) unit vectors (positives detached); anchor_labels: (N,) int64.
+        bank_feats: (M, E) unit vectors; bank_labels: (M,) int64. Entries with the anchor's label are not negatives.
+
+    Returns:
+        (N,) float losses ``-log(exp(s+/t) / (exp(s+/t) + sum exp(s-/t)))`` (0 for an anchor without negatives).
+    """
+    s_pos = (anchors * positives).sum(1, keepdim=True) / temperature
+    s_neg = anchors @ bank_feats.t() / temperature
+    s_neg = s_neg.masked_fill(bank_labels[None, :] == anchor_labels[:, None], float("-inf"))
+    logits = torch.cat([s_pos, s_neg], 1)
+    return torch.logsumexp(logits, 1) - s_pos[:, 0]
+
+
+class RCCR(LossComponent):
+    """The RCCR loss component (module docstring). ``loss`` also pushes this step's embeddings into the bank after
+    computing the loss (they are negatives from the next step on); ``after_update`` moves the momentum head.
+
+    Args:
+        cfg: :class:`~segadapt.adapt.component_config.RCCRConfig`.
+        feature_channels: D of the decoder features.
+    """
+
+    name = "rccr"
+
+    def __init__(self, cfg: RCCRConfig, feature_channels: int):
+        self.cfg = cfg
+        self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
+        self.head_t = momentum_copy(self.head)
+        self.bank = MemoryBank(cfg.bank_size, cfg.proj_dim)
+
+    def to(self, device) -> "RCCR":
+        self.head.to(device)
+        self.head_t.to(device)
+        self.bank.to(device)
+        return self
+
+    def parameters(self):
+        return list(self.head.parameters())
+
+    def _targets(self, ctx: StepContext, hw: Tuple[int, int]):
+        """Teacher embeddings (B, E, h, w), label and confidence (B, h, w) of the weak view; positives, labels and
+        confidence mixed like the strong view; (B, h, w) bool cells that may be anchors (no crop padding in them);
+        (B, h, w) bool real (padding-free) cells of the weak and of the strong view."""
+        with torch.no_grad():
+            e_t = self.head_t(ctx.teacher_features.float())
+            conf, lab = torch.softmax(ctx.teacher_logits.float(), 1).max(1)
+            real = torch.ones_like(lab, dtype=torch.bool)[:, None]
+            if ctx.valid is not None:  # a cell is real when no input pixel in it is crop padding
+                real = F.adaptive_avg_pool2d(ctx.valid[:, None].float(), hw) > 1 - 1e-6
+            if ctx.mix_masks is None:
+                return e_t, lab, e_t, lab, conf, real[:, 0], real[:, 0], real[:, 0]
+            m = F.adaptive_avg_pool2d(ctx.mix_masks.float(), hw)  # (B, 1, h, w) share pasted
+            pure = (m < 1e-6) | (m > 1 - 1e-6)
+            mr = (m > 0.5).float()
+            real_s = mix(real, mr)[:, 0]
+            region = pure[:, 0] & real_s
+            if self.cfg.anchors == "pasted":
+                region &= mr[:, 0] > 0
+            return e_t, lab, mix(e_t, mr), mix(lab, mr), mix(conf, mr), region, real[:, 0], real_s
+
+    def loss(self, ctx: StepContext):
+        """Weighted InfoNCE over confident anchors; logs ``loss_rccr`` (unweighted), ``rccr_anchors`` and
+        ``rccr_weight``."""
+        cfg = self.cfg
+        e_s = self.head(ctx.student_features.float())  # (B, E, h, w)
+        hw = tuple(e_s.shape[-2:])
+        e_t, lab_t, e_pos, lab_m, conf_m, region, real, real_s = self._targets(ctx, hw)
+        valid = region & (conf_m > cfg.confidence)
+        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731 - (B, E, h, w) -> (Bhw, E)
+        idx = valid.reshape(-1).nonzero()[:, 0]
+        if idx.numel() > cfg.max_anchors:
+            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:cfg.max_anchors]]
+        if idx.numel():
+            per = info_nce(flat(e_s)[idx], flat(e_pos)[idx], lab_m.reshape(-1)[idx], self.bank.features,
+                           self.bank.labels, cfg.temperature)
+            raw = per.mean()
+        else:
+            raw = e_s.sum() * 0.0
+        w = ramp_weight(cfg.weight, ctx.step, ctx.steps, cfg.ramp)
+        r, rs = real.reshape(-1), real_s.reshape(-1)  # bank entries from real cells only
+        self._enqueue(flat(e_s.detach())[rs], lab_m.reshape(-1)[rs], flat(e_t)[r], lab_t.reshape(-1)[r])
+        return w * raw, {"loss_rccr": float(raw.detach()), "rccr_anchors": int(idx.numel()), "rccr_weight": w}
+
+    def _enqueue(self, fs, ls, ft, lt) -> None:
+        """Random ``bank_samples`` of the student's and of the teacher's embeddings of this step into the bank."""
+        n = self.cfg.bank_samples
+        for f, lab in ((fs, ls), (ft, lt)):
+            pick = torch.randperm(f.shape[0], device=f.device)[:n]
+            self.bank.push(f[pick], lab[pick])
+
+    def after_update(self) -> None:
+        ema_(self.head_t, self.head, self.cfg.momentum)
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "head_t": self.head_t.state_dict(), "bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.head_t.load_state_dict(state["head_t"])
+        self.bank.load_state_dict(state["bank"])

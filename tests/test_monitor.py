@@ -1,0 +1,170 @@
+"""The label-free adaptation monitor (issue #12): its numbers on hand-built maps, monitor.png and the jsonl keys of
+a tiny adaptation run, the stopping rule, and the pipeline report's link to the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from segadapt.adapt.config import AdaptConfig, MonitorConfig, RectifierConfig
+from segadapt.adapt.monitor import LabelFreeMonitor, MonitorStep, class_shares, mean_entropy, stop_reason
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _onehot(labels: torch.Tensor, k: int, p: float = 1.0) -> torch.Tensor:
+    """(B, H, W) labels -> (B, K, H, W) probabilities with ``p`` on the label and the rest spread evenly."""
+    oh = torch.nn.functional.one_hot(labels, k).permute(0, 3, 1, 2).float()
+    return oh * p + (1 - oh) * (1 - p) / (k - 1)
+
+
+def test_identical_maps_agree_fully_with_no_drift_and_known_entropy():
+    k = 4
+    labels = torch.tensor([[[0, 1, 2, 3], [0, 0, 1, 1]]])  # (1, 2, 4)
+    probs = _onehot(labels, k, p=0.7)
+    mon = LabelFreeMonitor(k, ignore_index=255)
+    r = mon.update(probs, probs.clone(), labels, None, step=5)
+    assert r["anchor_agreement"] == 1.0 and r["class_drift"] == 0.0 and r["drift_reference"] == "anchor"
+    # entropy of (0.7, 0.1, 0.1, 0.1) / log 4, the same at every pixel
+    h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1)) / math.log(4)
+    assert r["entropy"] == pytest.approx(h, abs=1e-4)
+    assert r["teacher_shares"] == [0.375, 0.375, 0.125, 0.125]
+    assert mon.history[-1].coverage == [0.375, 0.375, 0.125, 0.125] and mon.history[-1].step == 5
+    assert mean_entropy(torch.full((1, k, 2, 2), 1 / k)) == pytest.approx(1.0)  # uniform
+    assert mean_entropy(_onehot(labels, k)) == pytest.approx(0.0, abs=1e-6)  # one-hot
+
+
+def test_drift_agreement_and_padding_on_hand_built_maps():
+    k = 3
+    teacher_lab = torch.tensor([[[0, 0, 0, 0], [1, 1, 2, 2]]])
+    anchor_lab = torch.tensor([[[0, 0, 1, 1], [1, 1, 2, 2]]])
+    mon = LabelFreeMonitor(k, ignore_index=255)
+    r = mon.update(_onehot(teacher_lab, k), _onehot(anchor_lab, k), teacher_lab)
+    # teacher shares (4, 2, 2)/8, anchor (2, 4, 2)/8: TV = 0.5 * (2 + 2) / 8
+    assert r["class_drift"] == pytest.approx(0.25) and r["anchor_agreement"] == pytest.approx(6 / 8)
+    # padding (the two disagreeing pixels and one more) is excluded everywhere
+    valid = torch.ones_like(teacher_lab, dtype=torch.bool)
+    valid[0, 0, 1:] = False
+    r = mon.update(_onehot(teacher_lab, k), _onehot(anchor_lab, k), teacher_lab, valid)
+    assert r["anchor_agreement"] == 1.0 and r["class_drift"] == 0.0
+    assert r["teacher_shares"] == pytest.approx([0.2, 0.4, 0.4])
+    # rejected pseudo-labels count as uncovered; coverage is per valid pixel
+    pl = teacher_lab.clone()
+    pl[0, 1, 0] = 255
+    mon.update(_onehot(teacher_lab, k), None, pl, valid)
+    assert mon.history[-1].coverage == pytest.approx([0.2, 0.2, 0.4]) and mon.history[-1].anchor_agreement is None
+    with pytest.raises(ValueError, match="valid mask"):
+        class_shares(_onehot(teacher_lab, k), valid[0])
+
+
+def test_without_anchor_the_first_logged_step_is_the_reference():
+    k = 2
+    a = torch.tensor([[[0, 0, 0, 1]]])
+    b = torch.tensor([[[0, 1, 1, 1]]])
+    mon = LabelFreeMonitor(k, ignore_index=255)
+    r1 = mon.update(_onehot(a, k), None, a)
+    r2 = mon.update(_onehot(b, k), None, b)
+    assert r1["anchor_agreement"] is None and r1["class_drift"] == 0.0 and r1["drift_reference"] == "first_step"
+    assert r2["class_drift"] == pytest.approx(0.5)  # shares (0.75, 0.25) -> (0.25, 0.75)
+    assert [s.step for s in mon.history] == [1, 2]
+
+
+def test_stopping_rule_needs_patience_consecutive_violations():
+    cfg = MonitorConfig(stop=True, max_drift=0.2, min_agreement=0.5, patience=2)
+
+    def s(step, drift, agree):
+        return MonitorStep(step, [], 0.5, agree, drift, [])
+
+    assert stop_reason([s(1, 0.3, 0.9)], cfg) is None  # one violation, patience 2
+    assert stop_reason([s(1, 0.3, 0.9), s(2, 0.1, 0.9)], cfg) is None  # the last one is fine
+    assert stop_reason([s(1, 0.3, 0.9), s(2, 0.1, 0.9), s(3, 0.25, 0.9)], cfg) is None  # not consecutive
+    why = stop_reason([s(1, 0.1, 0.9), s(2, 0.3, 0.9), s(3, 0.05, 0.4)], cfg)
+    assert why is not None and "steps 2-3" in why and "agreement 0.400 < 0.5" in why
+    assert stop_reason([s(1, 0.1, None), s(2, 0.1, None)], MonitorConfig(min_agreement=1.0, patience=2)) is None
+
+
+@pytest.fixture()
+def tiny_adapt(tiny_checkpoint, tiny, tmp_path):
+    return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
+                       steps=3, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=100,
+                       rectifier=RectifierConfig(warmup_steps=1))
+
+
+def test_adapt_run_writes_monitor_png_and_jsonl_keys(tiny_adapt):
+    from segadapt.adapt.self_training import adapt
+
+    s = adapt(tiny_adapt, log=lambda *_: None)
+    out = Path(tiny_adapt.out)
+    png = out / "monitor.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    assert s["monitor_plot"] == str(png) and s["stopped_early"] is None and s["steps"] == 3
+    recs = [json.loads(line) for line in (out / "coverage.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["drift_reference"] == "anchor" and 0 <= r["class_drift"] <= 1 and 0 < r["entropy"] < 1
+        assert 0 <= r["anchor_agreement"] <= 1 and sum(r["teacher_shares"]) == pytest.approx(1, abs=1e-3)
+    # step 1: the teacher is still the AdaBN model, i.e. the anchor
+    assert recs[0]["anchor_agreement"] == 1.0 and recs[0]["class_drift"] == 0.0
+    assert s["monitor"]["last"]["step"] == 3 and s["monitor"]["logged_steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["monitor_plot"] == str(png)
+
+
+def test_stopping_rule_stops_a_run_and_says_why(tiny_adapt):
+    from segadapt.adapt.models.checkpoint import load_training_state
+    from segadapt.adapt.self_training import adapt
+
+    # thresholds that any change of the teacher violates; step 1 cannot (the teacher is still the anchor), so with
+    # patience 2 the run stops at step 3 of 6, between two checkpoints
+    tiny_adapt.monitor = MonitorConfig(stop=True, max_drift=0.0, min_agreement=1.0, patience=2)
+    tiny_adapt.steps = 6
+    tiny_adapt.lr, tiny_adapt.teacher.alpha = 5e-3, 0.0  # the teacher is the student: it leaves the anchor at once
+    s = adapt(tiny_adapt, log=lambda *_: None)
+    out = Path(tiny_adapt.out)
+    assert s["steps"] == 3 and "label-free stopping rule" in s["stopped_early"] and "steps 2-3" in s["stopped_early"]
+    assert json.loads((out / "summary.json").read_text())["stopped_early"] == s["stopped_early"]
+    assert load_training_state(out / "last")["step"] == s["steps"]  # the checkpoint of the stop step
+    assert (out / "monitor.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pipeline_report_records_and_embeds_the_monitor_plot(tmp_path):
+    from segadapt.pipeline import PIPELINE_PRESETS, PipelineConfig, build_report, report_markdown
+
+    out = tmp_path / "pipe"
+    plot = out / "adapt" / "monitor.png"
+    summary = {"steps": 40, "size": [120, 160], "monitor_plot": str(plot), "stopped_early": "label-free stopping "
+               "rule: 3 consecutive logged steps violated it (steps 20-40; last: class-share drift 0.310 > 0.2)",
+               "monitor": {"logged_steps": 3, "stop_rule": None,
+                           "last": {"step": 40, "entropy": 0.21, "anchor_agreement": 0.83, "class_drift": 0.31}}}
+    state = {"done": {"adapt": {"checkpoint": str(out / "adapt" / "adapted"), "summary": summary, "seconds": 1.0}}}
+    cfg = PipelineConfig(out=str(out), preset="quick")
+    rep = build_report(cfg, PIPELINE_PRESETS["quick"], state)
+    assert rep["files"]["monitor_plot"] == str(plot) and rep["adapt_monitor"]["last"]["class_drift"] == 0.31
+    md = report_markdown(rep)
+    assert "![adaptation monitor](adapt/monitor.png)" in md and "stopped early" in md
+    assert "drift 0.310, teacher-anchor agreement 0.830" in md
+    # a run from before the monitor: no section, no link
+    del summary["monitor"], summary["monitor_plot"]
+    rep = build_report(cfg, PIPELINE_PRESETS["quick"], state)
+    assert rep["adapt_monitor"] is None and "monitor" not in report_markdown(rep)
+
+
+def test_resumed_monitor_reads_its_history_and_reference_back(tmp_path):
+    k = 2
+    a, b = torch.tensor([[[0, 0, 0, 1]]]), torch.tensor([[[0, 1, 1, 1]]])
+    mon = LabelFreeMonitor(k, ignore_index=255)
+    log = tmp_path / "coverage.jsonl"
+    lines = []
+    for step, lab in ((10, a), (20, a)):
+        rec = {"step": step, "coverage": {"x": 0.0, "y": 0.0}, **mon.update(_onehot(lab, k), None, lab, step=step)}
+        lines.append(json.dumps(rec))
+    log.write_text("\n".join(lines) + "\n" + '{"step": 30, "cov')  # a line cut by a kill
+    again = LabelFreeMonitor(k, 255, MonitorConfig(max_drift=0.4, patience=2))
+    assert again.load_log(log) == 2 and [s.step for s in again.history] == [10, 20]
+    assert again.update(_onehot(b, k), None, b, step=30)["class_drift"] == pytest.approx(0.5)  # vs step 10's shares
+    assert again.stop_reason() is None  # one violation after the resume, patience 2
+    again.update(_onehot(b, k), None, b, step=40)
+    assert "steps 30-40" in again.stop_reason()
