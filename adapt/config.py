@@ -362,7 +362,7 @@ class AdaptConfig:
     """video targets: use every N-th frame"""
     video_max_frames: NonNegInt = 600
     """video targets: at most this many frames per video, spread evenly over it (0 = all)"""
-    video_skip_duplicates: Fraction = 0.0
+    video_skip_duplicates: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
     """video targets: skip a frame whose 32-pixel grayscale thumbnail differs from the last kept frame's by less than
     this mean absolute difference (fraction of 0-255, e.g. 0.01 for parked cameras; 0 = off; one decode pass per
     video when the run starts) [our design, untuned]"""
