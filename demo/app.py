@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import os
 import tempfile
+import uuid
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -94,7 +95,7 @@ def segment_clip(predictor: Predictor, video_path: Optional[str], out_dir: str, 
     p = Path(video_path)
     v = check_video_upload(p, caps)
     n = v.listed or v.present
-    out = Path(out_dir) / f"{p.stem}_segmented_{int(time.time() * 1000)}.mp4"
+    out = Path(out_dir) / f"{p.stem}_segmented_{uuid.uuid4().hex[:12]}.mp4"
 
     def cb(done, total):
         if progress is not None:
@@ -158,6 +159,24 @@ def create_demo(predictor: Predictor, reference: Optional[Predictor] = None, exa
     return demo
 
 
+def _result_file(tmp: Path, stem: str, image: np.ndarray) -> str:
+    """Write one result image (BGR or single-channel uint8) as a PNG under a name used once, and return its path.
+
+    The image outputs are handed to Gradio as files, never as arrays: Gradio 6 stores an array under a name taken
+    from its content and rewrites that file on every request, so while one client downloads an overlay another request
+    with the same frame truncates it and the download ends early ("peer closed connection without sending complete
+    message body", seen with 8 clients in ``tests/test_demo_load.py``). A file is copied into Gradio's cache once,
+    atomically, and left alone afterwards.
+
+    Raises:
+        DemoError: the PNG could not be written (disk full, folder gone).
+    """
+    path = tmp / f"{stem}_{uuid.uuid4().hex}.png"
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image)):
+        raise DemoError(f"{path}: could not write the result image")
+    return str(path)
+
+
 def _image_callback(predictor: Predictor, reference: Optional[Predictor], caps: UploadCaps, tmp: Path):
     """The ``/segment_image`` callback: (overlay, reference overlay, slider pair, legend, info, class-map PNG)."""
     import gradio as gr
@@ -169,14 +188,16 @@ def _image_callback(predictor: Predictor, reference: Optional[Predictor], caps: 
             ov, cm, shares, ms = segment_image(predictor, image, alpha, caps)
         except DemoError as e:
             raise gr.Error(str(e))
-        png = tmp / f"class_map_{int(time.time() * 1000)}.png"
-        cv2.imwrite(str(png), cm)
+        png = _result_file(tmp, "class_map", cm)
+        ov_png = _result_file(tmp, "overlay", ov[..., ::-1])
         info = f"**{ms:.1f} ms** on {predictor.backend.describe()}, input {predictor.size[0]}x{predictor.size[1]}"
-        ref_ov = None
+        ref_png = None
         if reference is not None:
             ref_ov, _, ref_shares, ref_ms = segment_image(reference, image, alpha)
+            ref_png = _result_file(tmp, "reference_overlay", ref_ov[..., ::-1])
             info += f" · reference {ref_ms:.1f} ms"
-        return ov, ref_ov, (ref_ov, ov) if ref_ov is not None else None, legend_html(predictor, shares), info, str(png)
+        return (ov_png, ref_png, (ref_png, ov_png) if ref_png is not None else None, legend_html(predictor, shares),
+                info, png)
 
     return run_image
 

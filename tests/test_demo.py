@@ -28,6 +28,23 @@ def _frame(tiny):
     return cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), f
 
 
+def test_image_endpoint_hands_out_a_new_file_per_request(predictor, tiny, tmp_path):
+    """The overlays leave the callback as files named once, never as arrays: Gradio rewrites an array's
+    content-named cache file on every request, which cut a concurrent client's download short (CI, 8 clients)."""
+    from segadapt.demo.app import _image_callback
+    from segadapt.demo.uploads import UploadCaps
+
+    img, _ = _frame(tiny)
+    run = _image_callback(predictor, predictor, UploadCaps(), tmp_path)
+    first, second = run(img, 0.5), run(img, 0.5)
+    ov, _, _, _ = segment_image(predictor, img, 0.5)
+    for out in (first, second):
+        ov_png, ref_png, pair, _, _, cm_png = out
+        assert all(isinstance(x, str) for x in (ov_png, ref_png, cm_png)) and pair == (ref_png, ov_png)
+        assert np.array_equal(cv2.imread(ov_png)[..., ::-1], ov)  # the PNG holds the RGB overlay exactly
+    assert len({*first[:2], first[5], *second[:2], second[5]}) == 6  # no file is written twice
+
+
 def test_segment_image_callback(predictor, tiny):
     img, _ = _frame(tiny)
     ov, cm, shares, ms = segment_image(predictor, img, 0.7)
