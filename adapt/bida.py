@@ -1,4 +1,4 @@
-"""BiDA: bi-directional pixel-prototype contrast (Lee et al., ECCV 2022; methods.md 4), source-free form.
+"""BiDA: bi-directional pixel-prototype contrast (Lee et al., ECCV 2022; methods.md 4), source-free and UDA forms.
 
 The paper (abstract, methods.md 4.1) pulls target pixel features toward the *source* prototype of their class and
 source pixel features toward the *target* prototypes, transfers labels to target pixels from the nearest source
@@ -21,6 +21,16 @@ prototype, and calibrates class-wise domain biases of the prototypes. Its code d
   ``reverse_weight`` CE over [head(source samples) . P^t / t] with their classes (source -> target prototypes; the
   gradient reaches the projection head only, the samples are stored features). Classes without a prototype on the
   other side are left out of the logits and the labels.
+
+UDA form (``--source-data``, :mod:`segadapt.adapt.uda`; methods.md 4.3 as in the paper, with source labels):
+
+* Source prototypes P^s_c: EMA (``proto_momentum``) of the mean momentum-head embedding of the EMA teacher's decoder
+  features on the step's source frames under their labels (nearest-downsampled; void skipped), updated at the start
+  of each step (before the vote, so that step 0 has prototypes) [RECON: teacher features, as for P^t]; no pass over
+  target frames, no stored source samples.
+* Source -> target-prototype term: CE over [head(student features on the source frames) . P^t / t] with the source
+  labels: the gradient reaches the student (the paper's T->S term), not only the head.
+* Target -> source-prototype term: on the strong view's target pixels only (DACS-pasted source pixels left out).
 """
 
 from __future__ import annotations
@@ -68,8 +78,11 @@ class BiDA(LossComponent):
 
     name = "bida"
 
-    def __init__(self, cfg: BiDAConfig, feature_channels: int, num_classes: int):
-        self.cfg, self.K = cfg, num_classes
+    def __init__(self, cfg: BiDAConfig, feature_channels: int, num_classes: int, uda: bool = False):
+        self.cfg, self.K, self.uda = cfg, num_classes, uda
+        self.proto_s = torch.zeros(num_classes, cfg.proj_dim)  # UDA form: (K, E) source prototypes (unit rows)
+        self.valid_s = torch.zeros(num_classes, dtype=torch.bool)
+        self._observed: Optional[int] = None  # UDA form: the step whose source batch P^s has seen
         self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
         self.head_t = momentum_copy(self.head)
         self.src_feats = torch.zeros(0, feature_channels)  # (Ns, D) source samples in decoder-feature space
@@ -82,7 +95,7 @@ class BiDA(LossComponent):
     def to(self, device) -> "BiDA":
         self.head.to(device)
         self.head_t.to(device)
-        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias"):
+        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias", "proto_s", "valid_s"):
             setattr(self, k, getattr(self, k).to(device))
         return self
 
@@ -131,6 +144,8 @@ class BiDA(LossComponent):
 
     def source_prototypes(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """((K, E) unit source prototypes under the momentum head, (K,) bool valid), no grad."""
+        if self.uda:
+            return self.proto_s, self.valid_s
         with torch.no_grad():
             z = self.head_t(self.src_feats[:, :, None, None])[:, :, 0, 0]
             means, counts = class_means(z, self.src_labels, self.K)
@@ -150,6 +165,7 @@ class BiDA(LossComponent):
         """(B, H, W) bool: False where the pseudo-label names a class with a source prototype and the nearest
         calibrated prototype (logits upsampled to the input size) names another; None when ``vote`` is off or before
         ``vote_start``."""
+        self.observe_source(ctx)
         if not self.cfg.vote or ctx.step < self.cfg.vote_start:
             return None
         _, logits, _, valid_s = self.transfer(ctx)
@@ -163,16 +179,21 @@ class BiDA(LossComponent):
     def loss(self, ctx: StepContext):
         """``weight * (L_t->s + reverse_weight * L_s->t)``; logs ``loss_bida_ts``, ``loss_bida_st`` (unweighted)."""
         cfg = self.cfg
+        self.observe_source(ctx)
         z_s = self.head(ctx.student_features.float())  # (B, E, h, w)
         hw = tuple(z_s.shape[-2:])
         z_t, tl, p_s, valid_s = self.transfer(ctx)
         lab = labels_at(ctx.strong_labels, hw)
         kept = labels_at((ctx.strong_weights > 0).long(), hw).bool() & (lab != ctx.ignore_index)
+        if self.uda and ctx.source is not None and ctx.source.paste_masks is not None:  # target pixels only
+            kept &= labels_at(ctx.source.paste_masks[:, 0].long(), hw) == 0
         lab = torch.where(kept & valid_s[lab.clamp(0, self.K - 1)], lab, torch.full_like(lab, -100))
         logits = prototype_logits(z_s, p_s, valid_s, cfg.temperature)
         l_ts = F.cross_entropy(logits, lab, ignore_index=-100) if (lab >= 0).any() else z_s.sum() * 0.0
         l_st = z_s.sum() * 0.0
-        if self.valid_t.any() and self.src_feats.shape[0]:
+        if self.uda:
+            l_st = self._source_to_target(ctx, l_st)
+        elif self.valid_t.any() and self.src_feats.shape[0]:
             z_src = self.head(self.src_feats[:, :, None, None])[:, :, 0, 0]
             ok = self.valid_t[self.src_labels]
             if ok.any():
@@ -181,6 +202,39 @@ class BiDA(LossComponent):
         self._stash(ctx, z_t, tl, p_s)
         total = cfg.weight * (l_ts + cfg.reverse_weight * l_st)
         return total, {"loss_bida_ts": float(l_ts.detach()), "loss_bida_st": float(l_st.detach())}
+
+    def _source_to_target(self, ctx: StepContext, zero: torch.Tensor) -> torch.Tensor:
+        """UDA form: CE over [head(student source features) . P^t / t] with the source labels (classes without a
+        target prototype and void left out); ``zero`` when nothing is left."""
+        src = ctx.source
+        if src is None or src.features is None or not self.valid_t.any():
+            return zero
+        z = self.head(src.features.float())  # (Bs, E, h, w)
+        lab = labels_at(src.labels, tuple(z.shape[-2:]))
+        ok = (lab >= 0) & (lab < self.K)
+        ok &= self.valid_t[lab.clamp(0, self.K - 1)]
+        if not ok.any():
+            return zero
+        lab = torch.where(ok, lab, torch.full_like(lab, -100))
+        return F.cross_entropy(prototype_logits(z, self.proto_t, self.valid_t, self.cfg.temperature), lab,
+                               ignore_index=-100)
+
+    @torch.no_grad()
+    def observe_source(self, ctx: StepContext) -> None:
+        """UDA form: update P^s from the step's source batch (EMA of the momentum-head embeddings of the teacher's
+        decoder features under the source labels), once per step; a no-op in the source-free form."""
+        if not self.uda or ctx.source is None or self._observed == ctx.step:
+            return
+        self._observed = ctx.step
+        src = ctx.source
+        _, f = src.teacher_forward(src.normalize(src.image))
+        z = self.head_t(f.float())
+        lab = labels_at(src.labels, tuple(z.shape[-2:])).reshape(-1)
+        means, counts = class_means(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab, self.K)
+        seen, new, m = counts > 0, F.normalize(means, dim=1), self.cfg.proto_momentum
+        upd = torch.where(self.valid_s[:, None], F.normalize(m * self.proto_s + (1 - m) * new, dim=1), new)
+        self.proto_s = torch.where(seen[:, None], upd, self.proto_s)
+        self.valid_s = self.valid_s | seen
 
     @torch.no_grad()
     def _stash(self, ctx: StepContext, z_t, transfer_logits, p_s) -> None:
@@ -211,14 +265,18 @@ class BiDA(LossComponent):
         self.bias = torch.where(seen_tr[:, None], mb * self.bias + (1 - mb) * (m_tr - p_s), self.bias)
 
     def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "head_t": self.head_t.state_dict(), "src_feats": self.src_feats,
-                "src_labels": self.src_labels, "proto_t": self.proto_t, "valid_t": self.valid_t, "bias": self.bias}
+        st = {"head": self.head.state_dict(), "head_t": self.head_t.state_dict(), "src_feats": self.src_feats,
+              "src_labels": self.src_labels, "proto_t": self.proto_t, "valid_t": self.valid_t, "bias": self.bias}
+        if self.uda:
+            st.update(proto_s=self.proto_s, valid_s=self.valid_s)
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.head_t.load_state_dict(state["head_t"])
         dev = self.proto_t.device
-        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias"):
+        uda = ("proto_s", "valid_s") if self.uda else ()
+        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias") + uda:
             setattr(self, k, state[k].to(dev))
 
 

@@ -23,7 +23,9 @@ class RCCRConfig:
     ``w * exp(-5 (1 - sqrt(t / T)))``, projection 128-d, momentum (EMA) projection head on the teacher. [RECON]:
     the CutMix box is replaced by the loop's target-to-target ClassMix (positives are the un-augmented teacher
     features at the same location of the image each pixel came from), the bank size and samples per step are scaled
-    down to our small feature maps, and every pixel can be an anchor (both images are target)."""
+    down to our small feature maps, and every pixel can be an anchor (both images are target). With ``--source-data``
+    (UDA mode) the paper's form runs instead: a source crop with a target box, one more student pass
+    (:mod:`segadapt.adapt.rccr`); ``anchors`` then does not apply."""
 
     enabled: bool = False
     """add the RCCR region contrastive loss (a projection head on the student, its EMA copy on the teacher)"""
@@ -65,7 +67,11 @@ class BiDAConfig:
     seeds): label-transfer accuracy 0.67-0.70 with features (316 source samples, from the classes the source model is
     confident on) vs 0.66-0.69 with the classifier, the teacher's argmax 0.709. The vote dropped 0.3 % (features) and
     0.05-0.9 % (classifier) of the confidence >= 0.9 pseudo-labels; those were right 57-63 % (features) vs 77-98 %
-    (classifier) of the time, the kept ones 88 %. The effect on mIoU after adaptation is not measured."""
+    (classifier) of the time, the kept ones 88 %. The effect on mIoU after adaptation is not measured.
+
+    With ``--source-data`` (UDA mode) the source prototypes are EMAs (``proto_momentum``) of the teacher's source
+    features under the source labels, as in the paper (:mod:`segadapt.adapt.bida`); ``source_prototypes``,
+    ``source_frames``, ``source_confidence`` and ``source_per_class`` then do not apply."""
 
     enabled: bool = False
     """add the BiDA prototype contrast (a projection head on the student, its EMA copy on the teacher)"""

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LossComponent", "ProjectionHead", "StepContext", "apply_votes", "build_components", "component_losses",
-           "ema_", "labels_at", "source_batches"]
+__all__ = ["LossComponent", "ProjectionHead", "SourceContext", "StepContext", "apply_votes", "build_components",
+           "component_losses", "ema_", "labels_at", "source_batches"]
 
 
 @dataclass
@@ -46,6 +46,25 @@ class StepContext:
     strong_weights: Optional[torch.Tensor] = None  # (B, H, W) float32 weights mixed like the strong view
     mix_masks: Optional[torch.Tensor] = None  # (B, 1, H, W) float {0, 1} ClassMix masks (None: no mix), see augment.mix
     valid: Optional[torch.Tensor] = None  # (B, H, W) bool weak view, False on crop padding (None: all real pixels)
+    source: Optional["SourceContext"] = None  # UDA mode (adapt/uda.py): the step's labelled source batch; None = SF
+
+
+@dataclass
+class SourceContext:
+    """UDA mode (:mod:`segadapt.adapt.uda`, ``--source-data``): the step's labelled source batch and what the paper
+    forms of the components need (RCCR's source-crop-with-target-box view, BiDA's source prototypes). Sizes as in
+    :class:`StepContext`; the source batch has the target batch's (H, W) and may hold another number Bs of frames."""
+
+    image: torch.Tensor  # (Bs, 3, H, W) float in [0, 1], source frames (geometric augmentation only)
+    labels: torch.Tensor  # (Bs, H, W) int64 source labels (ignore_index on void and crop padding)
+    valid: torch.Tensor  # (Bs, H, W) bool, False on crop padding
+    target_image: torch.Tensor  # (B, 3, H, W) float in [0, 1], the weak target view the teacher saw
+    prepare: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) [0, 1] -> normalised strong view (photometric)
+    student_forward: Callable  # normalised (N, 3, H, W) -> (logits (N, K, h, w), features (N, D, h, w)), with grad
+    teacher_forward: Callable  # normalised (N, 3, H, W) -> (logits, features) of the EMA teacher, no grad
+    normalize: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) [0, 1] -> normalised (no augmentation)
+    paste_masks: Optional[torch.Tensor] = None  # (B, 1, H, W) {0, 1}: source pixels of the strong view (DACS mix)
+    features: Optional[torch.Tensor] = None  # (Bs, D, h, w) student decoder features on the source frames, with grad
 
 
 class LossComponent:
@@ -171,16 +190,20 @@ def build_components(cfg, model: nn.Module, num_classes: int, device,
             ``forward_features`` and ``feature_channels``; read, not changed.
         source_frames: ``n -> iterable of normalised (B, 3, H, W) batches`` of up to n target frames.
         fresh: False when resuming (the components' state comes from the training state; no source pass).
+
+    With ``cfg.source_data`` (UDA mode) both run in their paper forms and BiDA's source side comes from the labelled
+    source batches (no pass over target frames here).
     """
     from segadapt.adapt.bida import BiDA
     from segadapt.adapt.rccr import RCCR
 
+    uda = bool(getattr(cfg, "source_data", ""))
     out: List[LossComponent] = []
     if cfg.rccr.enabled:
-        out.append(RCCR(cfg.rccr, model.feature_channels).to(device))
+        out.append(RCCR(cfg.rccr, model.feature_channels, uda=uda).to(device))
     if cfg.bida.enabled:
-        b = BiDA(cfg.bida, model.feature_channels, num_classes).to(device)
-        if fresh:
+        b = BiDA(cfg.bida, model.feature_channels, num_classes, uda=uda).to(device)
+        if fresh and not uda:
             b.init_source(model, source_frames(cfg.bida.source_frames))
         out.append(b)
     return out

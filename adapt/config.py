@@ -339,14 +339,26 @@ class MonitorConfig:
 
 @dataclass
 class AdaptConfig:
-    """Source-free adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted
-    checkpoint of the same architecture out. There is no field for source data or target labels."""
+    """Adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted checkpoint of
+    the same architecture out. There is no field for target labels. Source-free by default: with ``source_data``
+    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.uda`) labelled source frames add a
+    source cross-entropy and DACS's source->target ClassMix, and RCCR/BiDA run in their paper forms."""
 
     checkpoint: str = ""
     """the source model: segadapt checkpoint directory or local transformers directory (required)"""
     target: str = ""
     """unlabelled target footage: an image folder (<dir>/images or <dir>), a video file or a folder of video files
     (required)"""
+    source_data: str = ""
+    """UDA mode: a labelled source split (<dir>/images + <dir>/labels, the checkpoint's classes); empty = source-free
+    (nothing reads source data)"""
+    source_weight: NonNegFloat = 1.0
+    """UDA mode: weight of the source cross-entropy (DACS: 1)"""
+    source_batch_size: NonNegInt = 0
+    """UDA mode: source frames per step; 0 = --batch-size"""
+    source_mix: bool = True
+    """UDA mode: the strong view is DACS's source->target ClassMix (half the classes of a source frame pasted onto a
+    target frame); false = target-to-target ClassMix as without source data, plus the source cross-entropy"""
     out: str = "runs/adapt"
     """run directory (adapted/, last/, logs, debug grids)"""
     size: Size = (0, 0)
@@ -427,3 +439,6 @@ class AdaptConfig:
             raise ValueError("--size and --keep-aspect exclude each other; give one")
         check_size(self.crop, "--crop", zero_means="--size")
         check_device(self.device)
+        if self.source_data and self.depth.provider != "none":
+            raise ValueError("--source-data with --depth.provider: the UDA mode has no depth for source frames; "
+                             "use one of them")

@@ -1,4 +1,4 @@
-"""RCCR: region-wise contrastive consistency (Zhou et al., ICME 2022; methods.md 2), source-free form.
+"""RCCR: region-wise contrastive consistency (Zhou et al., ICME 2022; methods.md 2), source-free and UDA forms.
 
 What the paper's code does (methods.md 2.2, [CODE]): a CutMix box pastes the target crop's region into a source crop;
 student embeddings (projection head, 128-d, L2-normalised) inside the box are anchors, the *positive* of each is the
@@ -17,6 +17,15 @@ Source-free form [RECON, configurable in :class:`~segadapt.adapt.component_confi
   (``anchors="pasted"``, the analogue of the box).
 * Bank labels are the teacher's argmax (no threshold), mixed like the strong view for student entries; the bank and
   the samples per step are smaller than the code's 24000 / 4000 because our feature maps are small.
+
+UDA form (``--source-data``, :mod:`segadapt.adapt.uda`; methods.md 2.2 branch 2, the paper's code): per frame a
+CutMix box (area ratio r ~ U(0, 1) = Beta(1, 1), side ratio sqrt(r), on the decoder's grid: the code's 8-pixel grid
+is its output stride) of the weak target view replaces the same box of a source frame; colour jitter and blur; one
+more student pass on it. Anchors are the student's embeddings in the box (cells wholly inside, real, teacher
+confidence > ``confidence``), positives the teacher's at the same location of the un-augmented target; bank labels of
+the student entries are the source labels (nearest-downsampled; void ones kept, as in the code: they are negatives
+to every anchor) outside the box and the teacher's argmax inside. [RECON]: one box per frame (the code draws one per
+batch), crop padding never an anchor or a bank entry.
 """
 
 from __future__ import annotations
@@ -29,9 +38,27 @@ import torch.nn.functional as F
 
 from segadapt.adapt.augment import mix
 from segadapt.adapt.component_config import RCCRConfig
-from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, momentum_copy
+from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, labels_at, momentum_copy
 
-__all__ = ["RCCR", "MemoryBank", "info_nce", "ramp_weight"]
+__all__ = ["RCCR", "MemoryBank", "cutmix_boxes", "info_nce", "ramp_weight"]
+
+
+def cutmix_boxes(n: int, grid: Tuple[int, int], device="cpu") -> torch.Tensor:
+    """RCCR's CutMix boxes on a (h, w) grid (methods.md 2.2 branch 2 step 1): per frame an area ratio r ~ U(0, 1)
+    (Beta(1, 1)), sides floor(sqrt(r) * side) (at least 1 cell), a uniform position (global torch RNG).
+
+    Returns:
+        (n, h, w) bool, True inside each frame's box.
+    """
+    h, w = grid
+    r = torch.rand(n).sqrt()
+    bh, bw = (r * h).floor().clamp(1, h).long(), (r * w).floor().clamp(1, w).long()
+    y0 = (torch.rand(n) * (h - bh + 1)).floor().long()
+    x0 = (torch.rand(n) * (w - bw + 1)).floor().long()
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    box = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None]) &
+           (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return box.to(device)
 
 
 def ramp_weight(weight: float, step: int, steps: int, ramp: bool = True) -> float:
@@ -116,8 +143,8 @@ class RCCR(LossComponent):
 
     name = "rccr"
 
-    def __init__(self, cfg: RCCRConfig, feature_channels: int):
-        self.cfg = cfg
+    def __init__(self, cfg: RCCRConfig, feature_channels: int, uda: bool = False):
+        self.cfg, self.uda = cfg, uda
         self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
         self.head_t = momentum_copy(self.head)
         self.bank = MemoryBank(cfg.bank_size, cfg.proj_dim)
@@ -156,6 +183,8 @@ class RCCR(LossComponent):
         """Weighted InfoNCE over confident anchors; logs ``loss_rccr`` (unweighted), ``rccr_anchors`` and
         ``rccr_weight``."""
         cfg = self.cfg
+        if self.uda and ctx.source is not None:
+            return self._loss_uda(ctx)
         e_s = self.head(ctx.student_features.float())  # (B, E, h, w)
         hw = tuple(e_s.shape[-2:])
         e_t, lab_t, e_pos, lab_m, conf_m, region, real, real_s = self._targets(ctx, hw)
@@ -174,6 +203,42 @@ class RCCR(LossComponent):
         r, rs = real.reshape(-1), real_s.reshape(-1)  # bank entries from real cells only
         self._enqueue(flat(e_s.detach())[rs], lab_m.reshape(-1)[rs], flat(e_t)[r], lab_t.reshape(-1)[r])
         return w * raw, {"loss_rccr": float(raw.detach()), "rccr_anchors": int(idx.numel()), "rccr_weight": w}
+
+    def _loss_uda(self, ctx: StepContext):
+        """The paper form (module docstring): the source-crop-with-target-box view, one more student pass; logs as
+        :meth:`loss`."""
+        cfg, src = self.cfg, ctx.source
+        with torch.no_grad():
+            e_t = self.head_t(ctx.teacher_features.float())  # (B, E, h, w)
+            hw = tuple(e_t.shape[-2:])
+            conf, lab_t = torch.softmax(ctx.teacher_logits.float(), 1).max(1)
+            b, (hh, ww) = e_t.shape[0], src.target_image.shape[-2:]
+            idx = torch.arange(b, device=e_t.device) % src.image.shape[0]
+            box = F.interpolate(cutmix_boxes(b, hw, e_t.device)[:, None].float(), size=(hh, ww), mode="nearest")
+            x_m = box * src.target_image + (1 - box) * src.image[idx]
+            share = F.adaptive_avg_pool2d(box, hw)[:, 0]  # (B, h, w) share of each cell inside the box
+            inside, outside = share > 1 - 1e-6, share < 1e-6
+            real_t = torch.ones_like(inside) if ctx.valid is None else (
+                F.adaptive_avg_pool2d(ctx.valid[:, None].float(), hw)[:, 0] > 1 - 1e-6)
+            real_src = F.adaptive_avg_pool2d(src.valid[idx][:, None].float(), hw)[:, 0] > 1 - 1e-6
+            lab_m = torch.where(inside, lab_t, labels_at(src.labels[idx], hw))
+            real_m = torch.where(inside, real_t, real_src) & (inside | outside)
+        _, f_m = src.student_forward(src.prepare(x_m))
+        e_s = self.head(f_m.float())  # (B, E, h, w)
+        valid = inside & real_t & (conf > cfg.confidence)
+        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731 - (B, E, h, w) -> (Bhw, E)
+        sel = valid.reshape(-1).nonzero()[:, 0]
+        if sel.numel() > cfg.max_anchors:
+            sel = sel[torch.randperm(sel.numel(), device=sel.device)[:cfg.max_anchors]]
+        if sel.numel():
+            raw = info_nce(flat(e_s)[sel], flat(e_t)[sel], lab_t.reshape(-1)[sel], self.bank.features,
+                           self.bank.labels, cfg.temperature).mean()
+        else:
+            raw = e_s.sum() * 0.0
+        w = ramp_weight(cfg.weight, ctx.step, ctx.steps, cfg.ramp)
+        rm, rt = real_m.reshape(-1), real_t.reshape(-1)
+        self._enqueue(flat(e_s.detach())[rm], lab_m.reshape(-1)[rm], flat(e_t)[rt], lab_t.reshape(-1)[rt])
+        return w * raw, {"loss_rccr": float(raw.detach()), "rccr_anchors": int(sel.numel()), "rccr_weight": w}
 
     def _enqueue(self, fs, ls, ft, lt) -> None:
         """Random ``bank_samples`` of the student's and of the teacher's embeddings of this step into the bank."""

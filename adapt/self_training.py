@@ -2,7 +2,9 @@
 
 Inputs are a source checkpoint and unlabelled target footage, nothing else: the target dataset types
 (:class:`~segadapt.adapt.data.datasets.ImageFolder`, :class:`~segadapt.adapt.data.footage.VideoFootage`) have no
-label field, and the config has no field for source data.
+label field, and with ``source_data`` empty (the default) nothing reads source data. With ``--source-data`` (the
+UDA mode, :mod:`segadapt.adapt.uda`) each step adds the source cross-entropy and the strong view becomes DACS's
+source->target ClassMix.
 
 Per step (methods.md 0.2 source-free recipe + CrossMatch 1.3 + IR2F 5.3, the [RECON] parts configurable):
 
@@ -208,6 +210,12 @@ class _AdaptRun:
                                                       self.log)
         transform = train_transform(crop, size, tuple(cfg.scale), self.ignore)
         self.ds = target_dataset(cfg, size, transform, self.depth_provider)
+        self.uda = None  # UDA mode (--source-data, adapt/uda.py): the labelled source side, checked here
+        if cfg.source_data:
+            from segadapt.adapt.uda import UDASource
+
+            self.uda = UDASource(cfg, self.classes, size, crop, self.meta.mean, self.meta.std, self.device)
+            self.log(f"UDA mode: {len(self.uda.ds)} labelled source frames from {cfg.source_data}")
         self.log(f"target: {len(self.ds)} frames from {cfg.target} at {size[0]}x{size[1]}; depth: "
                  f"{cfg.depth.provider}; device: {self.device}")
         info = {"command": "adapt", "config": to_dict(cfg), "source_checkpoint": str(cfg.checkpoint),
@@ -315,6 +323,8 @@ class _AdaptRun:
         self.loader = resumable_loader(ds, self.cfg.batch_size, seed, start=consumed, rank=rank, world_size=world,
                                        num_workers=self.cfg.num_workers, collate_fn=collate)
         self.batches = iter(self.loader)
+        if self.uda is not None:  # one source batch per step: the steps done resume the source stream exactly
+            self.uda.start(self.start, distributed.rank(), distributed.world_size())
         # data-parallel: DDP around what trains (rank 0's weights everywhere; gradients averaged in backward), the
         # other trained parameters (loss components) averaged in update(); no-ops without torchrun
         self.student = distributed.wrap(self.student, self.device)
@@ -422,6 +432,8 @@ class _AdaptRun:
         img = batch["image"].to(self.device, non_blocking=True)
         depth = depth_input(batch, self.cfg.depth.validity_channel).to(self.device) if self.use_depth else None
         hw = tuple(img.shape[-2:])
+        if self.uda is not None:  # UDA mode: the step's labelled source batch and its DACS masks
+            self.uda.next()
         t = self.teacher_view(img, depth)
         if "valid" in batch and self.cfg.mask_padding:
             t.valid = batch["valid"].to(self.device)  # crop padding: never labelled
@@ -434,7 +446,10 @@ class _AdaptRun:
         loss_rect, r_full = self.rectifier_loss(t, hw)
         use_r = r_full is not None and step >= self.cfg.rectifier.warmup_steps
         sv = self.strong_view(img, pl, r_full, depth)
+        loss_src = self.uda.loss(self.student.forward_features, ctx) if self.uda is not None else None
         loss, logs = self.student_loss(sv, pl, t, loss_rect, use_r, hw, ctx)
+        if loss_src is not None:  # UDA mode: the source cross-entropy (adapt/uda.py)
+            loss, logs = loss + self.cfg.source_weight * loss_src, {**logs, "loss_src": float(loss_src.detach())}
         if self.use_depth:  # how far the two streams differ, and what the dual-head fusion drops (issue #12)
             logs.update(pl.stats or {})
             logs["stream_agreement"] = stream_agreement(t.probs, t.aux_probs, depth_valid_mask(depth))
@@ -524,6 +539,8 @@ class _AdaptRun:
     def strong_view(self, img: torch.Tensor, pl: _PseudoLabels, r_full: torch.Tensor | None,
                     depth: torch.Tensor | None) -> _StrongView:
         """3. Target-to-target ClassMix (labels, weights, r and depth mixed alike) + colour jitter and blur."""
+        if self.uda is not None and self.cfg.source_mix:  # UDA mode: DACS source->target ClassMix (adapt/uda.py)
+            return _StrongView(*self.uda.strong_view(img, pl.labels, pl.weights, r_full)[:4], None, None)
         x01 = img.float() / 255.0
         if self.cfg.class_mix and img.shape[0] > 1:
             m = class_mix_masks(pl.labels, self.ignore)
@@ -581,6 +598,8 @@ class _AdaptRun:
         ctx = StepContext(step=step, steps=self.cfg.steps, ignore_index=self.ignore, teacher_logits=t.logits.float(),
                           teacher_features=ft.float(), teacher_probs=t.probs, labels=pl.labels,
                           weights=pl.weights, mask=pl.mask, valid=getattr(pl, "valid", None))
+        if self.uda is not None:  # UDA mode: the source batch for the components' paper forms
+            ctx.source = self.uda.context(img, self.student.forward_features, self.teacher.forward_features)
         voted = apply_votes(self.components, ctx)
         if voted is not None:
             ctx.labels, ctx.mask, ctx.weights = voted

@@ -24,6 +24,13 @@ Ablations: the full method without one component, paired on the same seeds (a ro
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --rows self_training full \
         --ablate full-classmix:class_mix=false --ablate full-class_weights:pseudo.class_weight_power=0.0 \
         --work runs/bench3/adapt_ablate --json runs/bench3/ablate_camvid.json
+UDA mode (issue #13: labelled source frames join, --source-data; rows = the full method + source data, with and
+without RCCR/BiDA in their paper forms; source_mix=false = source CE with the source-free target-to-target mix):
+    S=../shared/data/camvid-day2dusk/source_train
+    python benchmarks/adaptation.py --checkpoint /work/runs/quick_s0_a/source/best --skip-baselines --rows \
+        --ablate uda:source_data=$S --ablate uda+rccr:source_data=$S,rccr.enabled=true \
+        --ablate uda+bida:source_data=$S,bida.enabled=true --steps 150 --seeds 0 1 2 \
+        --work runs/uda/adapt --json runs/uda/adaptation_uda.json
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw

@@ -461,7 +461,8 @@ _non_negative_float = _typed(float, lambda v: v >= 0.0, ">= 0")
 COMMANDS = {
     "data": ("download CamVid, or convert labelled frames, into the layout segadapt expects", _fill_data),
     "train-source": ("supervised training of the source model", _fill_train_source),
-    "adapt": ("source-free adaptation of a checkpoint to unlabelled target footage", _fill_adapt),
+    "adapt": ("source-free adaptation of a checkpoint to unlabelled target footage (--source-data: UDA mode)",
+              _fill_adapt),
     "evaluate": ("mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled split", _fill_evaluate),
     "export": ("checkpoint -> ONNX (FP32/FP16/INT8), TensorRT engine or Triton repository", _fill_export),
     "predict": ("segment an image, a folder, a video file or a camera with an exported model", _fill_predict),

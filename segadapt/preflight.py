@@ -106,7 +106,8 @@ def _target_frames(cfg):
 
 def adapt(cfg) -> None:
     """``segadapt adapt``: the source checkpoint, sizes against its stride, the run folder and its free space, then
-    the target frames (decoded, or a video's container) and depth for every frame."""
+    the target frames (decoded, or a video's container) and depth for every frame; with ``--source-data`` (UDA
+    mode) every source frame and label against the checkpoint's classes."""
     _required("--checkpoint", cfg.checkpoint, "the source model")
     _required("--target", cfg.target, "the unlabelled target footage, a folder or a video")
     info = check_checkpoint(cfg.checkpoint, "--checkpoint")
@@ -117,6 +118,9 @@ def adapt(cfg) -> None:
     check_free_space(cfg.out, 6 * info.weights_bytes, "--out", "the checkpoints")
     frames, video = _target_frames(cfg)
     check_depth_inputs(cfg.depth, frames, video)
+    if getattr(cfg, "source_data", ""):  # UDA mode: the labelled source split against the checkpoint's classes
+        classes = info.classes or _class_file_for(Path(cfg.source_data), "--source-data")
+        check_labelled_split(cfg.source_data, classes, "--source-data")
 
 
 def evaluate(ns: argparse.Namespace) -> None:
