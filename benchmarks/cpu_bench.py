@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--video", default="", help="a clip: also measure the video pipeline against the backend alone")
     ap.add_argument("--work", default="runs/bench/cpu_bench")
     ap.add_argument("--json", default="runs/bench/cpu_bench.json")
     ap.add_argument("--table", default="", help="only print the tables of this JSON (no measurement)")
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     both = {}
     for name, ck in (("DeepLabV3-MobileNetV2", a.dlv3), ("SegFormer-b0", seg)):
         rep = run_bench(ck, a.frames, size=a.size, batch=a.batch, iters=a.iters, out_dir=str(work / name),
-                        precisions=("fp32", "int8"), log=lambda s: print(s, flush=True))
+                        precisions=("fp32", "int8"), video=a.video, log=lambda s: print(s, flush=True))
         if name == "SegFormer-b0" and note:
             rep["note"] = note
         both[name] = rep
