@@ -77,6 +77,9 @@ class PipelineConfig:
     """random seed of every step"""
     until: Literal["train_source", "adapt", "evaluate", "export", "video"] = "video"
     """run the steps up to this one, then write the report (e.g. evaluate: no ONNX export and no video)"""
+    uda: bool = False
+    """UDA mode: adapt with the data root's labelled source_train as source data (source CE + DACS mix; RCCR and
+    BiDA in their paper forms); off = source-free, nothing reads source data during adaptation"""
     rccr: RCCRConfig = field(default_factory=RCCRConfig)
     bida: BiDAConfig = field(default_factory=BiDAConfig)
     seco: SecoConfig = field(default_factory=SecoConfig)
@@ -270,7 +273,8 @@ class _PipelineRun:
                            keep_aspect=self.cfg.keep_aspect, steps=p["adapt_steps"],
                            max_minutes=p["adapt_minutes"], batch_size=4, device=self.cfg.device, seed=self.cfg.seed,
                            resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4),
-                           rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor)
+                           rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor,
+                           source_data=str(self.data / "source_train") if self.cfg.uda else "")
         s = adapt(acfg, log=self.log)
         return {"checkpoint": str(self.out / "adapt" / "adapted"), "summary": s}
 
@@ -460,7 +464,10 @@ def _provenance_lines(rep: dict) -> List[str]:
 def report_markdown(rep: dict) -> str:
     """``report.md`` from :func:`build_report`'s dict: mIoU table, gain, per-class IoU, parity, video, timings,
     files."""
-    lines = ["# segadapt pipeline report", "", f"Preset `{rep['config']['preset']}`, data `{rep['config']['data']}`.",
+    mode = ("UDA (labelled `source_train` used during adaptation)" if rep["config"].get("uda")
+            else "source-free (no source data during adaptation)")
+    lines = ["# segadapt pipeline report", "",
+             f"Preset `{rep['config']['preset']}`, data `{rep['config']['data']}`, adaptation {mode}.",
              "", *_provenance_lines(rep), "", "| model | split | mIoU | pixel acc |", "|---|---|---|---|"]
     for key, v in rep["metrics"].items():
         model, split = key.split("/")

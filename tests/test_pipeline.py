@@ -171,3 +171,19 @@ def test_minutes_cap_is_reported_as_cut_short():
     assert st["source"] == {"planned": 800, "done": 312, "cut_short": True, "minutes_cap": 2.0}
     assert st["adapt"]["cut_short"] is False
     assert steps_done(preset, {"train_source": {"reused": True}}) == {"source": {"reused": True}}
+
+
+@pytest.mark.parametrize("uda", [False, True])
+def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeypatch, uda):
+    """`segadapt pipeline --uda` hands the data root's labelled source_train to the adaptation step (issue #13's
+    UDA mode); without it the adaptation config has no source data (source-free)."""
+    import segadapt.adapt.self_training as st
+    from segadapt.pipeline import _PipelineRun
+
+    seen = {}
+    monkeypatch.setattr(st, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
+    cfg = PipelineConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), uda=uda, device="cpu")
+    run = _PipelineRun(cfg, log=lambda *_: None)
+    run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
+    run.step_adapt()
+    assert seen["cfg"].source_data == (str(tmp_path / "data" / "source_train") if uda else "")
