@@ -175,6 +175,16 @@ def test_every_flag_has_a_help_line(command):
     (["adapt", "--batch-size", "0"], ["--batch-size", ">= 1"]),
     (["train-source", "--size", "-1", "240"], ["--size", ">= 0"]),
     (["export", "--batch", "0"], ["--batch", ">= 1"]),
+    # the flags of issues #12/#13's components (session 7 review: each bound checked at parse time)
+    (["adapt", "--rccr.temperature", "0"], ["--rccr.temperature", "> 0"]),
+    (["adapt", "--rccr.bank-size", "0"], ["--rccr.bank-size", ">= 1"]),
+    (["adapt", "--bida.momentum", "1.5"], ["--bida.momentum", "[0, 1)"]),
+    (["adapt", "--seco.purity", "2"], ["--seco.purity", "[0, 1]"]),
+    (["adapt", "--seco.merge", "bogus"], ["fill", "agree", "replace"]),
+    (["adapt", "--monitor.max-drift", "-0.1"], ["--monitor.max-drift", "[0, 1]"]),
+    (["adapt", "--depth.input-lr", "-1"], ["--depth.input-lr", "> 0"]),
+    (["adapt", "--source-weight", "-1"], ["--source-weight", ">= 0"]),
+    (["adapt", "--source-batch-size", "-2"], ["--source-batch-size", ">= 0"]),
 ])
 def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, names, capsys, monkeypatch):
     import segadapt.adapt.self_training as st
