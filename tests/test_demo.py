@@ -191,3 +191,14 @@ def test_demo_module_imports_no_torch_and_loads_nothing():
             "print('torch' in sys.modules, 'gradio' in sys.modules, 'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.split() == ["False", "False", "False"], out.stdout + out.stderr
+
+
+def test_result_image_that_cannot_be_written_is_a_readable_error(tmp_path):
+    """A full disk or a vanished temp folder: the user sees which file could not be written, not a traceback."""
+    from segadapt.demo.app import _result_file
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    assert cv2.imread(_result_file(tmp_path, "overlay", img)).shape == (8, 8, 3)
+    gone = tmp_path / "gone"
+    with pytest.raises(DemoError, match="gone.*could not write"):
+        _result_file(gone, "overlay", img)
