@@ -414,6 +414,9 @@ class AdaptConfig:
     seco: SecoConfig = field(default_factory=SecoConfig)
     save_every: PositiveInt = 250
     """write the resumable last/ checkpoint every N steps"""
+    keep_saves: bool = False
+    """also keep the adapted model of every save as ``saves/step_<N>/`` (to pick a step afterwards, e.g. by the
+    monitor's signals in coverage.jsonl; each copy is one model's weights)"""
     debug_every: NonNegInt = 100
     """write a debug grid (frame, pseudo-label, rectifier values) every N steps (0 = never)"""
     log_every: PositiveInt = 20

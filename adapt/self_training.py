@@ -425,6 +425,8 @@ class _AdaptRun:
         save_checkpoint(self.out / "last", student, self.out_meta, ts)
         keep = self.teacher.model if self.cfg.keep == "teacher" else student
         save_checkpoint(self.out / "adapted", keep, self.out_meta)
+        if self.cfg.keep_saves:
+            save_checkpoint(self.out / "saves" / f"step_{step:06d}", keep, self.out_meta)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def train_step(self, batch: dict, step: int) -> _StepResult:

@@ -168,3 +168,20 @@ def test_resumed_monitor_reads_its_history_and_reference_back(tmp_path):
     assert again.stop_reason() is None  # one violation after the resume, patience 2
     again.update(_onehot(b, k), None, b, step=40)
     assert "steps 30-40" in again.stop_reason()
+
+
+def test_keep_saves_keeps_each_saved_model_to_pick_a_step_afterwards(tiny_adapt):
+    from safetensors.torch import load_file
+
+    from segadapt.adapt.self_training import adapt
+
+    tiny_adapt.steps, tiny_adapt.save_every, tiny_adapt.keep_saves = 4, 2, True
+    tiny_adapt.lr, tiny_adapt.teacher.alpha = 5e-3, 0.0  # the kept (teacher) model changes every step
+    adapt(tiny_adapt, log=lambda *_: None)
+    out = Path(tiny_adapt.out)
+    saves = sorted(p.name for p in (out / "saves").iterdir())
+    assert saves == ["step_000002", "step_000004"]
+    w2, w4, final = (load_file(d / "model.safetensors") for d in
+                     (out / "saves" / saves[0], out / "saves" / saves[1], out / "adapted"))
+    assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # two different models, not one copied twice
+    assert all(torch.equal(w4[k], final[k]) for k in final)  # the last save is the adapted model
