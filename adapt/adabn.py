@@ -4,6 +4,12 @@ source-free adaptation.
 Only the BatchNorm running mean/variance change: they become the plain average over the target images (momentum
 None = cumulative average), everything else is untouched. Models without BatchNorm (SegFormer uses LayerNorm,
 except for one BatchNorm in its decoder) change only in those layers.
+
+``layers`` < 1 re-estimates only the first share of the BatchNorm layers in module order (the input side) and keeps
+the source statistics in the deeper ones [RECON: our option, not Li et al.; in the spirit of partial and blended
+BatchNorm adaptation such as Schneider et al. 2020, section 3]. Rationale: a lighting or sensor change shows in
+the early layers' statistics, while the deep layers' statistics also carry the target's class mix, which AdaBN
+then normalises away (docs/benchmarks.md, "AdaBN in part of the network").
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from segadapt.adapt.augment import normalize
 
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device,
-                    input_fn=None, max_batches: int = 0) -> int:
+                    input_fn=None, max_batches: int = 0, layers: float = 1.0) -> int:
     """Replace BatchNorm running statistics by those of the target images.
 
     Args:
@@ -27,11 +33,19 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device
         mean, std: RGB normalisation.
         input_fn: optional ``batch -> model input`` (the RGB-D stream concatenates depth); default: normalised RGB.
         max_batches: stop after this many batches (0 = all).
+        layers: share in [0, 1] of the BatchNorm layers, input side first, to re-estimate; the others keep their
+            statistics (and are used, in eval mode, while the first ones are measured).
 
     Returns:
         number of BatchNorm layers re-estimated.
+
+    Raises:
+        ValueError: ``layers`` outside [0, 1].
     """
+    if not 0.0 <= layers <= 1.0:
+        raise ValueError(f"AdaBN layers share {layers} is outside [0, 1]")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = bns[:round(layers * len(bns))]
     if not bns:
         return 0
     saved = [(m.momentum, m.training) for m in bns]

@@ -383,6 +383,9 @@ class AdaptConfig:
     epochs and runs; empty = decode every time"""
     adabn: bool = True
     """re-estimate BatchNorm statistics on the target first (AdaBN)"""
+    adabn_layers: Fraction = 1.0
+    """share of the BatchNorm layers (input side first) that AdaBN re-estimates; the deeper ones keep the source
+    statistics [RECON: our option; 1 = AdaBN as in Li et al. 2016]"""
     self_training: bool = True
     """then run EMA self-training (false = AdaBN only)"""
     keep: Literal["teacher", "student"] = "teacher"

@@ -239,7 +239,8 @@ class _AdaptRun:
             plain = target_dataset(cfg, size, Resize(size), self.depth_provider)
             loader = DataLoader(distributed.shard_batches(plain, 8), batch_size=8, shuffle=False, collate_fn=collate,
                                 num_workers=0)  # data-parallel: each rank its share of the batches
-            n = adapt_batchnorm(self.student, loader, self.meta.mean, self.meta.std, self.device)
+            n = adapt_batchnorm(self.student, loader, self.meta.mean, self.meta.std, self.device,
+                                layers=cfg.adabn_layers)
             distributed.pool_batchnorm(self.student)  # data-parallel: the statistics of every rank's frames
             self.log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
 
@@ -268,7 +269,7 @@ class _AdaptRun:
         stuff = self.classes.stuff_flags()
         plain = target_dataset(cfg, self.size, Resize(self.size), None)
         fp = {"source": self.out_meta.info.get("source_checkpoint_sha256") or str(cfg.checkpoint),
-              "size": list(self.size), "adabn": cfg.adabn, "frames": len(plain),
+              "size": list(self.size), "adabn": cfg.adabn, "adabn_layers": cfg.adabn_layers, "frames": len(plain),
               "names": [f.name for f in getattr(plain, "files", [])]}
         rng = rng_state()
         if distributed.is_main():  # data-parallel: one rank writes the labels, every rank reads them
@@ -287,7 +288,7 @@ class _AdaptRun:
         if self.cfg.adabn:
             plain = target_dataset(self.cfg, self.size, Resize(self.size), self.depth_provider)
             adapt_batchnorm(model, DataLoader(plain, batch_size=8, collate_fn=collate), self.meta.mean,
-                            self.meta.std, self.device)
+                            self.meta.std, self.device, layers=self.cfg.adabn_layers)
         return model
 
     def merge_fixed_labels(self, pl: _PseudoLabels, batch: dict) -> _PseudoLabels:
@@ -831,7 +832,8 @@ def load_run(run: str | Path):
     elif cfg.checkpoint and Path(cfg.checkpoint).exists() and not is_video(cfg.target):
         anchor, _ = load_segmenter(cfg.checkpoint)
         plain = ImageFolder(cfg.target, transform=Resize(tuple(meta.input_size)))
-        adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu")
+        adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu",
+                        layers=cfg.adabn_layers)
     if "rectifier" in st:
         # runs made before the anchor existed have no such config key: read the rectifier's input width instead
         d_in = rectifier_feature_channels(student, cfg.rectifier)

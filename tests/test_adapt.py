@@ -244,6 +244,25 @@ def test_adabn_sets_target_statistics():
     assert not m.training
 
 
+def test_adabn_on_the_first_layers_only_keeps_the_source_statistics_deeper():
+    from segadapt.adapt.adabn import adapt_batchnorm
+
+    torch.manual_seed(0)
+    m = tiny_model("deeplabv3-mobilenetv2")
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+    for b in bns:  # source statistics that no target batch could produce
+        b.running_mean.fill_(7.0)
+        b.running_var.fill_(3.0)
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    n = adapt_batchnorm(m, [{"image": imgs}], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cpu", layers=0.5)
+    assert n == round(0.5 * len(bns)) and 0 < n < len(bns)
+    assert all(not torch.all(b.running_mean == 7.0) for b in bns[:n])  # re-estimated on the target
+    assert all(torch.all(b.running_mean == 7.0) and torch.all(b.running_var == 3.0) for b in bns[n:])
+    assert all(not b.training for b in bns) and not m.training
+    with pytest.raises(ValueError, match="outside"):
+        adapt_batchnorm(m, [{"image": imgs}], (0.5,) * 3, (0.25,) * 3, "cpu", layers=1.5)
+
+
 @pytest.fixture()
 def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
     return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
