@@ -185,3 +185,27 @@ def test_keep_saves_keeps_each_saved_model_to_pick_a_step_afterwards(tiny_adapt)
                      (out / "saves" / saves[0], out / "saves" / saves[1], out / "adapted"))
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # two different models, not one copied twice
     assert all(torch.equal(w4[k], final[k]) for k in final)  # the last save is the adapted model
+
+
+def test_stop_rule_benchmark_picks_the_saves_its_rules_name():
+    """benchmarks/stop_rule.py on hand-built saves and log records: window means per save, the relative entropy
+    floor's first save under F x the first window's entropy, the drift rule's first save at or after it fires."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "stop_rule.py"
+    spec = importlib.util.spec_from_file_location("stop_rule", path)
+    sr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sr)
+
+    ent = {10: 0.30, 20: 0.30, 30: 0.20, 40: 0.20, 50: 0.10, 60: 0.10}
+    drift = {10: 0.0, 20: 0.0, 30: 0.5, 40: 0.5, 50: 0.5, 60: 0.5}
+    recs = [{"step": s, "entropy": ent[s], "anchor_agreement": 0.9, "class_drift": drift[s], "kept": 0.5,
+             "teacher_shares": [0.5, 0.5]} for s in ent]
+    steps = [20, 40, 60]
+    rows = [{"step": s, "miou": m, **w} for s, m, w in zip(steps, [30.0, 32.0, 28.0], sr.window_means(recs, steps))]
+    assert [r["entropy"] for r in rows] == pytest.approx([0.30, 0.20, 0.10])
+    picks = sr.picks(rows, recs, [0.8, 0.5, 0.1], MonitorConfig(max_drift=0.2, min_agreement=0.5, patience=2))
+    assert picks["final"]["step"] == 60 and picks["best (labels)"] == {"step": 40, "miou": 32.0}
+    assert picks["entropy_rel 0.8"]["step"] == 40 and picks["entropy_rel 0.5"]["step"] == 60
+    assert picks["entropy_rel 0.1"]["fired"] is False and picks["entropy_rel 0.1"]["step"] == 60
+    assert picks["drift_agreement"]["fired_at"] == 40 and picks["drift_agreement"]["step"] == 40
