@@ -19,6 +19,10 @@ and the mask of real (non-padding) pixels -- and records:
 The new ``coverage.jsonl`` keys are ``entropy``, ``anchor_agreement``, ``class_drift``, ``drift_reference`` and
 ``teacher_shares`` (K floats; a resumed run reads its monitor history back from them).
 
+Relative entropy floor [RECON, ``monitor.entropy_floor``, off by default]: the run also stops when the teacher's
+mean entropy over the last ``patience`` logged steps has fallen to that share of its mean over the first ones
+(:func:`entropy_floor_reason`; measured in docs/benchmarks.md, "Where a long run should stop").
+
 Stopping rule [RECON: our design, no paper proposes it; thresholds unmeasured, off by default]: a logged step
 *violates* when ``class_drift > max_drift`` or (with an anchor) ``anchor_agreement < min_agreement``; with
 ``monitor.stop`` the run stops, saving its checkpoint, after ``patience`` consecutive violating logged steps, and
@@ -43,8 +47,8 @@ import torch
 from segadapt.adapt.config import MonitorConfig
 from segadapt.runtime.files import write_atomic
 
-__all__ = ["LabelFreeMonitor", "MonitorConfig", "class_shares", "mean_entropy", "stop_reason", "total_variation",
-           "write_monitor_plot"]
+__all__ = ["LabelFreeMonitor", "MonitorConfig", "class_shares", "entropy_floor_reason", "mean_entropy", "stop_reason",
+           "total_variation", "write_monitor_plot"]
 
 #: the coverage.jsonl keys the monitor adds
 RECORD_KEYS = ("entropy", "anchor_agreement", "class_drift", "drift_reference", "teacher_shares")
@@ -202,11 +206,32 @@ def _violation(s: MonitorStep, cfg: MonitorConfig) -> Optional[str]:
     return None
 
 
+def entropy_floor_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> Optional[str]:
+    """The relative entropy floor [RECON: our rule, measured in docs/benchmarks.md "Where a long run should stop"]:
+    a reason when the teacher's mean entropy over the last ``cfg.patience`` logged steps is at most
+    ``cfg.entropy_floor`` times its mean over the first ``cfg.patience`` logged steps, else None (also when
+    ``cfg.entropy_floor`` is 0 = off, or fewer than 2 x patience steps are logged). Relative, so that it does not
+    depend on a domain's entropy level."""
+    n = cfg.patience
+    if cfg.entropy_floor <= 0 or len(history) < 2 * n:
+        return None
+    first = sum(s.entropy for s in history[:n]) / n
+    last = sum(s.entropy for s in history[-n:]) / n
+    if last > cfg.entropy_floor * first:
+        return None
+    return (f"label-free stopping rule: teacher entropy {last:.4f} (mean of steps {history[-n].step}-"
+            f"{history[-1].step}) <= {cfg.entropy_floor} x {first:.4f} (steps {history[0].step}-{history[n - 1].step})")
+
+
 def stop_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> Optional[str]:
     """The label-free stopping rule [RECON, module docstring]: a reason when each of the last ``cfg.patience``
-    logged steps violates (drift above ``cfg.max_drift`` or anchor agreement below ``cfg.min_agreement``), else
+    logged steps violates (drift above ``cfg.max_drift`` or anchor agreement below ``cfg.min_agreement``), or when
+    the relative entropy floor is reached (:func:`entropy_floor_reason`, with ``cfg.entropy_floor`` > 0), else
     None."""
     n = cfg.patience
+    floor = entropy_floor_reason(history, cfg)
+    if floor is not None:
+        return floor
     if len(history) < n:
         return None
     reasons = [_violation(s, cfg) for s in history[-n:]]

@@ -9,8 +9,9 @@ drift, kept share). Then it says which save each label-free rule picks and what 
   final              the last save (what a run without a rule returns)
   drift_agreement    the monitor's rule with ``--max-drift/--min-agreement/--patience`` (MonitorConfig defaults):
                      the first save at or after the step where it fires
-  entropy_rel F      the first save whose window-mean entropy is at most F x the first window's (a relative floor,
-                     so that it does not depend on a domain's entropy level) [RECON: a candidate rule]
+  entropy_floor F    ``--monitor.entropy-floor F`` alone: the teacher's mean entropy over the last ``patience``
+                     logged steps is at most F x its mean over the first ``patience`` (relative, so that it does not
+                     depend on a domain's entropy level) [RECON]: the first save at or after it fires
   best (labels)      the save with the highest mIoU: the ceiling, not a rule
 
     python benchmarks/stop_rule.py --run runs/long/dusk/full_s0 --json runs/long/stop_dusk.json
@@ -52,8 +53,9 @@ def window_means(recs: list, steps: list) -> list:
     return out
 
 
-def drift_rule_step(recs: list, cfg: MonitorConfig) -> int | None:
-    """The logged step where the monitor's drift/agreement rule would fire, or None."""
+def rule_step(recs: list, cfg: MonitorConfig) -> int | None:
+    """The logged step where the monitor's stopping rule (:func:`segadapt.adapt.monitor.stop_reason` with ``cfg``)
+    would have stopped the run, or None."""
     hist = []
     for r in recs:
         if r.get("entropy") is None:
@@ -67,21 +69,22 @@ def drift_rule_step(recs: list, cfg: MonitorConfig) -> int | None:
 
 
 def picks(rows: list, recs: list, fractions: list, cfg: MonitorConfig) -> dict:
-    """Which save each rule picks: {rule: {"step", "miou"}}."""
+    """Which save each rule picks: {rule: {"step", "miou", "fired_at"}}. A rule that fires at step s picks the first
+    save at or after s (the run itself would save at s; saves are ``--save-every`` apart); one that never fires
+    picks the last save."""
     def at_or_after(step):
         if step is None:
             return rows[-1]
         return next((r for r in rows if r["step"] >= step), rows[-1])
 
-    out = {"final": rows[-1], "best (labels)": max(rows, key=lambda r: r["miou"])}
-    fired = drift_rule_step(recs, cfg)
-    out["drift_agreement"] = {**at_or_after(fired), "fired_at": fired}
-    e0 = rows[0]["entropy"]
-    for f in fractions:
-        hit = next((r for r in rows if r["entropy"] is not None and r["entropy"] <= f * e0), None)
-        out[f"entropy_rel {f}"] = {**(hit or rows[-1]), "fired": hit is not None}
-    return {k: {"step": v["step"], "miou": v["miou"], **{x: v[x] for x in ("fired_at", "fired") if x in v}}
-            for k, v in out.items()}
+    out = {"final": (rows[-1], None), "best (labels)": (max(rows, key=lambda r: r["miou"]), None)}
+    fired = rule_step(recs, cfg)
+    out["drift_agreement"] = (at_or_after(fired), fired)
+    for f in fractions:  # the entropy floor alone: drift and agreement thresholds that cannot fire
+        fired = rule_step(recs, MonitorConfig(max_drift=1.0, min_agreement=0.0, patience=cfg.patience,
+                                              entropy_floor=f))
+        out[f"entropy_floor {f}"] = (at_or_after(fired), fired)
+    return {k: {"step": r["step"], "miou": r["miou"], "fired_at": f} for k, (r, f) in out.items()}
 
 
 def main(argv=None) -> int:

@@ -188,8 +188,8 @@ def test_keep_saves_keeps_each_saved_model_to_pick_a_step_afterwards(tiny_adapt)
 
 
 def test_stop_rule_benchmark_picks_the_saves_its_rules_name():
-    """benchmarks/stop_rule.py on hand-built saves and log records: window means per save, the relative entropy
-    floor's first save under F x the first window's entropy, the drift rule's first save at or after it fires."""
+    """benchmarks/stop_rule.py on hand-built saves and log records: window means per save; each rule picks the first
+    save at or after the logged step where the monitor's rule fires (the entropy floor over ``patience`` steps)."""
     import importlib.util
 
     path = Path(__file__).parents[1] / "benchmarks" / "stop_rule.py"
@@ -204,8 +204,20 @@ def test_stop_rule_benchmark_picks_the_saves_its_rules_name():
     steps = [20, 40, 60]
     rows = [{"step": s, "miou": m, **w} for s, m, w in zip(steps, [30.0, 32.0, 28.0], sr.window_means(recs, steps))]
     assert [r["entropy"] for r in rows] == pytest.approx([0.30, 0.20, 0.10])
-    picks = sr.picks(rows, recs, [0.8, 0.5, 0.1], MonitorConfig(max_drift=0.2, min_agreement=0.5, patience=2))
-    assert picks["final"]["step"] == 60 and picks["best (labels)"] == {"step": 40, "miou": 32.0}
-    assert picks["entropy_rel 0.8"]["step"] == 40 and picks["entropy_rel 0.5"]["step"] == 60
-    assert picks["entropy_rel 0.1"]["fired"] is False and picks["entropy_rel 0.1"]["step"] == 60
+    picks = sr.picks(rows, recs, [0.7, 0.5, 0.1], MonitorConfig(max_drift=0.2, min_agreement=0.5, patience=2))
+    assert picks["final"]["step"] == 60 and picks["best (labels)"]["step"] == 40
+    # first 2 logged steps: mean 0.30; last 2 at step 40: 0.20 <= 0.7 x 0.30; at step 60: 0.10 <= 0.5 x 0.30
+    assert picks["entropy_floor 0.7"] == {"step": 40, "miou": 32.0, "fired_at": 40}
+    assert picks["entropy_floor 0.5"]["fired_at"] == 60 and picks["entropy_floor 0.1"]["fired_at"] is None
     assert picks["drift_agreement"]["fired_at"] == 40 and picks["drift_agreement"]["step"] == 40
+
+
+def test_entropy_floor_stops_on_the_relative_drop_only_when_switched_on():
+    from segadapt.adapt.monitor import entropy_floor_reason
+
+    hist = [MonitorStep(s, [], e, 0.9, 0.0, []) for s, e in zip(range(1, 7), [0.4, 0.4, 0.3, 0.3, 0.2, 0.2])]
+    assert stop_reason(hist, MonitorConfig(patience=2)) is None  # off by default
+    assert entropy_floor_reason(hist[:3], MonitorConfig(patience=2, entropy_floor=0.9)) is None  # too few steps
+    assert entropy_floor_reason(hist[:4], MonitorConfig(patience=2, entropy_floor=0.7)) is None  # 0.3 > 0.28
+    why = stop_reason(hist, MonitorConfig(patience=2, entropy_floor=0.5))  # 0.2 <= 0.5 x 0.4
+    assert why is not None and "entropy 0.2000" in why and "steps 5-6" in why and "steps 1-2" in why
