@@ -33,8 +33,10 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device
         mean, std: RGB normalisation.
         input_fn: optional ``batch -> model input`` (the RGB-D stream concatenates depth); default: normalised RGB.
         max_batches: stop after this many batches (0 = all).
-        layers: share in [0, 1] of the BatchNorm layers, input side first, to re-estimate; the others keep their
-            statistics (and are used, in eval mode, while the first ones are measured).
+        layers: share in [0, 1] of the BatchNorm layers, input side first (module order, which is the forward
+            order of both architectures), to re-estimate: ``round(layers * count)`` of them, at least one when
+            ``layers`` > 0; the others keep their statistics (and are used, in eval mode, while the first ones are
+            measured).
 
     Returns:
         number of BatchNorm layers re-estimated.
@@ -45,7 +47,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device
     if not 0.0 <= layers <= 1.0:
         raise ValueError(f"AdaBN layers share {layers} is outside [0, 1]")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    bns = bns[:round(layers * len(bns))]
+    bns = bns[:max(1, round(layers * len(bns))) if layers > 0 else 0]
     if not bns:
         return 0
     saved = [(m.momentum, m.training) for m in bns]

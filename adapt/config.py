@@ -336,8 +336,8 @@ class MonitorConfig:
     patience: PositiveInt = 3
     """stopping rule: consecutive violating logged steps (--log-every apart) before the run stops"""
     entropy_floor: Fraction = 0.0
-    """stopping rule: also stop when the teacher's mean entropy over the last ``patience`` logged steps is at most
-    this share of its mean over the first ``patience`` (0 = off) [RECON: measured on two domains only]"""
+    """stopping rule (acts only with ``stop``): also stop when the teacher's mean entropy over the last ``patience``
+    logged steps is at most this share of its mean over the first ``patience`` (0 = off) [RECON: our rule]"""
 
 
 @dataclass

@@ -203,7 +203,8 @@ def pool_class_thresholds(thresholds: torch.Tensor, counts: torch.Tensor) -> tup
 
 def pool_batchnorm(model: nn.Module) -> int:
     """Pool the BatchNorm running statistics that :func:`~segadapt.adapt.adabn.adapt_batchnorm` estimated on each
-    rank's frames into the statistics over every rank's frames, the same on every rank.
+    rank's frames into the statistics over every rank's frames, the same on every rank (layers it left alone,
+    ``adabn_layers`` < 1, hold the same source statistics on every rank and pool to themselves).
 
     Each rank's ``running_mean``/``running_var`` is the average over its ``num_batches_tracked`` batches; the
     pooled value is the batch-count-weighted mean (= the average over all ranks' batches, what one process holding

@@ -21,7 +21,8 @@ The new ``coverage.jsonl`` keys are ``entropy``, ``anchor_agreement``, ``class_d
 
 Relative entropy floor [RECON, ``monitor.entropy_floor``, off by default]: the run also stops when the teacher's
 mean entropy over the last ``patience`` logged steps has fallen to that share of its mean over the first ones
-(:func:`entropy_floor_reason`; measured in docs/benchmarks.md, "Where a long run should stop").
+(:func:`entropy_floor_reason`; measured in docs/benchmarks.md, "Where a long run should stop"). Like the rule
+below it acts only with ``monitor.stop``; both rules are then checked.
 
 Stopping rule [RECON: our design, no paper proposes it; thresholds unmeasured, off by default]: a logged step
 *violates* when ``class_drift > max_drift`` or (with an anchor) ``anchor_agreement < min_agreement``; with
@@ -217,7 +218,7 @@ def entropy_floor_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> 
         return None
     first = sum(s.entropy for s in history[:n]) / n
     last = sum(s.entropy for s in history[-n:]) / n
-    if last > cfg.entropy_floor * first:
+    if not last <= cfg.entropy_floor * first:  # also None when a window's entropy is NaN (a step without pixels)
         return None
     return (f"label-free stopping rule: teacher entropy {last:.4f} (mean of steps {history[-n].step}-"
             f"{history[-1].step}) <= {cfg.entropy_floor} x {first:.4f} (steps {history[0].step}-{history[n - 1].step})")

@@ -247,7 +247,8 @@ class _AdaptRun:
     def finish_adabn_only(self) -> dict:
         """``self_training`` off: the AdaBN model is the adapted checkpoint."""
         save_checkpoint(self.out / "adapted", self.student, self.out_meta)
-        summary = {"steps": 0, "adabn": self.cfg.adabn, "adapted": str(self.out / "adapted"), "size": list(self.size)}
+        summary = {"steps": 0, "adabn": self.cfg.adabn, "adabn_layers": self.cfg.adabn_layers,
+                   "adapted": str(self.out / "adapted"), "size": list(self.size)}
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
@@ -269,8 +270,10 @@ class _AdaptRun:
         stuff = self.classes.stuff_flags()
         plain = target_dataset(cfg, self.size, Resize(self.size), None)
         fp = {"source": self.out_meta.info.get("source_checkpoint_sha256") or str(cfg.checkpoint),
-              "size": list(self.size), "adabn": cfg.adabn, "adabn_layers": cfg.adabn_layers, "frames": len(plain),
+              "size": list(self.size), "adabn": cfg.adabn, "frames": len(plain),
               "names": [f.name for f in getattr(plain, "files", [])]}
+        if cfg.adabn and cfg.adabn_layers < 1:  # only then: labels of earlier runs stay reusable
+            fp["adabn_layers"] = cfg.adabn_layers
         rng = rng_state()
         if distributed.is_main():  # data-parallel: one rank writes the labels, every rank reads them
             run_seco(self._seco_model, plain, self.out, cfg.seco, stuff, self.ignore, self.meta.mean, self.meta.std,
@@ -423,11 +426,11 @@ class _AdaptRun:
         if self.components:
             ts["components"] = {c.name: c.state_dict() for c in self.components}
         self.out_meta.info.update(step=step)
-        save_checkpoint(self.out / "last", student, self.out_meta, ts)
         keep = self.teacher.model if self.cfg.keep == "teacher" else student
-        save_checkpoint(self.out / "adapted", keep, self.out_meta)
-        if self.cfg.keep_saves:
+        if self.cfg.keep_saves:  # before last/: a kill after last/ cannot lose this step's copy
             save_checkpoint(self.out / "saves" / f"step_{step:06d}", keep, self.out_meta)
+        save_checkpoint(self.out / "last", student, self.out_meta, ts)
+        save_checkpoint(self.out / "adapted", keep, self.out_meta)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def train_step(self, batch: dict, step: int) -> _StepResult:

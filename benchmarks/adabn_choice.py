@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ def blend(source: nn.Module, target: nn.Module, alpha: float, first: float = 1.0
     first ``first`` share of its BatchNorm layers (module order: input side first) and the source's in the rest."""
     out = copy.deepcopy(source)
     layers = list(zip(bn_layers(out), bn_layers(source), bn_layers(target)))
-    for m, s, t in layers[:round(first * len(layers))]:
+    for m, s, t in layers[:max(1, round(first * len(layers))) if first > 0 else 0]:
         m.running_mean.copy_((1 - alpha) * s.running_mean + alpha * t.running_mean)
         m.running_var.copy_((1 - alpha) * s.running_var + alpha * t.running_var)
     return out.eval()

@@ -221,3 +221,5 @@ def test_entropy_floor_stops_on_the_relative_drop_only_when_switched_on():
     assert entropy_floor_reason(hist[:4], MonitorConfig(patience=2, entropy_floor=0.7)) is None  # 0.3 > 0.28
     why = stop_reason(hist, MonitorConfig(patience=2, entropy_floor=0.5))  # 0.2 <= 0.5 x 0.4
     assert why is not None and "entropy 0.2000" in why and "steps 5-6" in why and "steps 1-2" in why
+    nan = [MonitorStep(1, [], float("nan"), 0.9, 0.0, [])] + hist[1:]  # a step without valid pixels
+    assert entropy_floor_reason(nan, MonitorConfig(patience=2, entropy_floor=0.5)) is None
