@@ -186,6 +186,7 @@ def test_every_flag_has_a_help_line(command):
     (["adapt", "--source-weight", "-1"], ["--source-weight", ">= 0"]),
     (["adapt", "--source-batch-size", "-2"], ["--source-batch-size", ">= 0"]),
     (["adapt", "--adabn-layers", "1.5"], ["--adabn-layers", "[0, 1]"]),
+    (["adapt", "--monitor.entropy-floor", "-0.5"], ["--monitor.entropy-floor", "[0, 1]"]),
 ])
 def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, names, capsys, monkeypatch):
     import segadapt.adapt.self_training as st
