@@ -261,27 +261,31 @@ class DepthConfig:
 
 @dataclass
 class RectifierConfig:
-    """IR2F rectifier [RECON]. Its source-free training signal is the agreement of observable predictions with the
-    EMA teacher's label (a binary target, BCE); the enabled signals are combined by AND, and with depth the RGB and
-    RGB-D teachers' agreement always joins. The anchor signal (default), measured on CamVid dusk with a fixed
-    adapted teacher: AUROC for "pseudo-label is right" 0.840 vs 0.830 for the teacher's max-softmax; in 150-step
-    runs 0.829 vs 0.820 over 6 runs, while the flip target averaged 0.774 vs 0.817 (docs/benchmarks.md).
+    """Rectification values r for the pseudo-labels, used in IR2F's rectification-aware mixture loss
+    ``-log(r p(y|x) + (1 - r) / K)`` (Gong et al. CVPR 2023; methods.md 5.1, our form of it in 5.3 [RECON]).
+    By default r is the **teacher-anchor confidence prior** alone [RECON]: per pixel, the mean of the EMA teacher's
+    and the frozen anchor's (the source model after AdaBN) probability of the pseudo-label, a (B, H, W) float in
+    [0, 1] that nothing learns. ``inr`` adds IR2F's learned part: an implicit neural head on the teacher's features
+    that corrects the prior, ``r = sigmoid(logit(prior) + INR output)`` with the INR's last layer starting at zero,
+    trained by BCE toward an observable agreement target (the enabled targets are combined by AND; with depth the
+    RGB and RGB-D teachers' agreement always joins). Without ``inr`` only ``enabled``, ``prior`` and
+    ``warmup_steps`` act; the other fields configure the INR.
 
-    ``prior`` [RECON]: ``r = sigmoid(logit(prior) + INR output)`` with the INR's last layer starting at zero.
-    Measured (docs/benchmarks.md, run 3): AUROC 0.01-0.04 above the plain INR in every paired run, mIoU unchanged;
-    in the full method 0.864-0.870 vs max-softmax 0.838-0.845, about the prior's own AUROC (seed 0: prior 0.869,
-    rectifier 0.870).
+    Why the prior alone is the default (issue #12, docs/benchmarks.md, 150-step runs, paired seeds): with the
+    stronger 180x240 source model on CamVid dusk the prior alone is +0.47 mIoU over prior + INR (3 seeds, better
+    on each) and runs 2.5x faster; with the quick 120x160 model the two tie (dusk +0.03 over 3 seeds, KITTI -0.12
+    over 2). The INR's AUROC for "pseudo-label is right" was within 0.001-0.02 of its own prior's (dusk 0.886 vs
+    0.885 with the stronger model; on KITTI below it), so its learned correction does not earn its cost here.
 
-    Issue #12 options [RECON]: ``features`` stride4/stride8 gives the implicit head a latent grid that can show
+    INR options [RECON]: ``features`` stride4/stride8 gives the implicit head a latent grid that can show
     boundaries (decoder + backbone features); ``view_consensus`` is a target the head cannot compute from its inputs
     (agreement with the teacher under an upscaled and a flipped photometric view it never sees; use it with
-    ``anchor_consistency`` off, whose target is a function of the anchor probabilities in the latent grid); ``inr``
-    off leaves r = the confidence prior alone. In quick 100-step checks (one seed) prior + INR ranked pixels above
-    both the prior alone and max-softmax with each target, the anchor target by the widest margin, so the defaults
-    stay prior + INR, decoder features, anchor target until a multi-seed run says otherwise."""
+    ``anchor_consistency`` off, whose target is a function of the anchor probabilities in the latent grid). The
+    anchor target measured best of the targets in quick checks (AUROC 0.829 vs max-softmax 0.820 over 6 runs, the
+    flip target 0.774)."""
 
     enabled: bool = True
-    """train the rectifier and use its values in the rectification-aware mixture loss"""
+    """weight the pseudo-label loss by r (the rectification-aware mixture loss); false: plain weighted CE"""
     latent_dim: PositiveInt = 64
     """channels of the latent grid the implicit head reads"""
     hidden: PositiveInt = 128
@@ -303,9 +307,11 @@ class RectifierConfig:
     photometric_consistency: bool = False
     """target: ... under the strong view's colour jitter and blur (one more teacher pass)"""
     prior: Literal["teacher_anchor", "teacher", "none"] = "teacher_anchor"
-    """what the implicit head corrects: mean of teacher and anchor probability of the label, the teacher's, or none"""
-    inr: bool = True
-    """learn the implicit head's correction of the prior; false: r is the prior alone (nothing trained, no target)"""
+    """r's prior: mean of the teacher's and the anchor's probability of the label, the teacher's alone, or none
+    (none needs ``inr``: r is then the implicit head's output alone)"""
+    inr: bool = False
+    """learn IR2F's implicit head (INR) that corrects the prior (the options below act only with it); false (the
+    default): r is the prior alone, nothing trained, no target"""
     features: Literal["decoder", "stride4", "stride8"] = "decoder"
     """the latent grid: the decoder features at the model's output stride, or those upsampled to the backbone's
     stride-4/8 grid and concatenated with its features there (boundary detail)"""

@@ -13,13 +13,14 @@ Per step (methods.md 0.2 source-free recipe + CrossMatch 1.3 + IR2F 5.3, the [RE
    depth, dual-head fusion of the RGB and RGB-D teachers (average softmax, keep agreeing pixels); crop padding
    (``batch["valid"]`` False) is never labelled and never counted in the statistics;
 3. strong view: target-to-target ClassMix + colour jitter + blur (image only);
-4. student loss: pixel-weighted CE on the pseudo-labels, or the rectification-aware mixture loss with the rectifier's
-   per-pixel reliability r; with depth, the RGB-D student learns the fused labels too, and each stream is trained
+4. student loss: pixel-weighted CE on the pseudo-labels, or the rectification-aware mixture loss with the per-pixel
+   rectification value r (by default the teacher-anchor confidence prior; ``rectifier.inr`` adds IR2F's learned
+   correction); with depth, the RGB-D student learns the fused labels too, and each stream is trained
    toward the other stream's weak-view pseudo-label (cross-modal consistency);
-5. rectifier loss: BCE toward what is observable on the target: by default the agreement of the teacher's label
-   with the *anchor* (a frozen copy of the source model after AdaBN, whose probabilities also enter the
-   rectifier), optionally flip/photometric stability, the consensus of views the rectifier never sees
-   (``rectifier.view_consensus``, issue #12), and with depth the RGB/RGB-D agreement;
+5. rectifier loss (only with ``rectifier.inr``): BCE toward what is observable on the target: by default the
+   agreement of the teacher's label with the *anchor* (a frozen copy of the source model after AdaBN, whose
+   probabilities also enter the rectifier), optionally flip/photometric stability, the consensus of views the
+   rectifier never sees (``rectifier.view_consensus``, issue #12), and with depth the RGB/RGB-D agreement;
 6. optimiser step, EMA update of the teacher(s).
 
 BatchNorm statistics are re-estimated on the target first (AdaBN) and then frozen in the student.

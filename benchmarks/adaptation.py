@@ -4,7 +4,8 @@ Rows (each self-training row for every seed; source-only and AdaBN are determini
   source_only      the source checkpoint as it is
   adabn            BatchNorm statistics re-estimated on the target images
   self_training    AdaBN + EMA teacher self-training, fixed confidence threshold, ClassMix, strong photometric view
-  + rectifier      the same with the IR2F rectifier's mixture loss
+  + rectifier      the same with IR2F's mixture loss, r = the teacher-anchor confidence prior (the default since
+                   session 10; --ablate full+inr:rectifier.inr=true adds the learned INR correction)
   full             + class-balanced (CBST) thresholds and class-frequency loss weights (the PseudoLabelConfig
                    defaults): the full method as far as it runs without depth
   full + depth     only with --depth: + CrossMatch RGB-D auxiliary stream (dual-head fusion, cross-modal consistency)
@@ -34,9 +35,10 @@ without RCCR/BiDA in their paper forms; source_mix=false = source CE with the so
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
-The rectifier's target and features (issue #12; each run prints r's AUROC next to its prior's and max-softmax's):
+The rectifier's INR, its target and features (issue #12; each run prints r's AUROC next to its prior's and
+max-softmax's):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
-        --set rectifier.features=stride4 --set rectifier.view_consensus=true \
+        --set rectifier.inr=true --set rectifier.features=stride4 --set rectifier.view_consensus=true \
         --set rectifier.anchor_consistency=false --work runs/bench3/adapt_views
 Any folder with depth (KITTI stereo here, a functional check on 5 frames):
     python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target ../shared/data/kitti5/image_2 \

@@ -267,7 +267,7 @@ def test_adabn_on_the_first_layers_only_keeps_the_source_statistics_deeper():
 def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
     return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                        steps=3, batch_size=4, num_workers=0, debug_every=2, log_every=1, save_every=2,
-                       rectifier=RectifierConfig(warmup_steps=1))
+                       rectifier=RectifierConfig(warmup_steps=1, inr=True))
 
 
 def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):

@@ -112,13 +112,14 @@ if __name__ == "__main__":
 
 
 def adapt_args(ckpt: Path, target: Path, out: Path, batch: int, *extra: str) -> list:
-    """A seeded tiny adaptation with the state-holding components on (EMA teacher, anchor, rectifier, class-balanced
-    thresholds, class-frequency weights) and the strong view's random draws off (ClassMix, colour jitter, blur), so
+    """A seeded tiny adaptation with the state-holding components on (EMA teacher, anchor, rectifier's INR,
+    class-balanced thresholds, class-frequency weights) and the strong view's random draws off (ClassMix, colour jitter, blur), so
     that a 1-process and a 2-process run see the same pixels."""
     return ["adapt", "--checkpoint", str(ckpt), "--target", str(target), "--out", str(out), "--size", "48", "64",
             "--steps", str(STEPS), "--batch-size", str(batch), "--save-every", "2", "--log-every", "1",
             "--debug-every", "0", "--num-workers", "0", "--seed", "7", "--device", "cpu",
-            "--rectifier.warmup-steps", "1", "--rectifier.hidden", "16", "--rectifier.latent-dim", "8",
+            "--rectifier.warmup-steps", "1", "--rectifier.inr", "true", "--rectifier.hidden", "16",
+            "--rectifier.latent-dim", "8",
             "--class-mix", "false", "--strong.jitter-p", "0", "--strong.blur-p", "0", *extra]
 
 

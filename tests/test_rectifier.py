@@ -156,7 +156,7 @@ def test_tiny_adaptation_with_view_consensus_target_and_low_level_features(tiny_
     from segadapt.adapt.rectifier_signals import rectifier_input
     from segadapt.adapt.self_training import adapt, load_run, rectification
 
-    rc = RectifierConfig(warmup_steps=1, features="stride8", view_consensus=True, anchor_consistency=False)
+    rc = RectifierConfig(warmup_steps=1, features="stride8", view_consensus=True, anchor_consistency=False, inr=True)
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                       steps=2, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=2, rectifier=rc)
     s = adapt(cfg, log=lambda *_: None)

@@ -38,7 +38,7 @@ def adapt_args(ckpt: Path, target: Path, out: Path, *extra: str):
     return ["adapt", "--checkpoint", str(ckpt), "--target", str(target), "--out", str(out), "--size", "48", "64",
             "--steps", str(STEPS), "--batch-size", "2", "--save-every", "2", "--log-every", "1", "--debug-every", "0",
             "--num-workers", "1", "--seed", "7", "--device", "cpu", "--rectifier.warmup-steps", "1",
-            "--rectifier.hidden", "16", "--rectifier.latent-dim", "8", *extra]
+            "--rectifier.inr", "true", "--rectifier.hidden", "16", "--rectifier.latent-dim", "8", *extra]
 
 
 def start(args, wrapper: str = "") -> subprocess.Popen:
