@@ -22,13 +22,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Literal, Tuple
+from typing import Annotated, Callable, Dict, List, Literal, Tuple
 
 from segadapt.adapt.component_config import BiDAConfig, RCCRConfig
 from segadapt.adapt.seco_config import SecoConfig
-from segadapt.adapt.config import (AdaptConfig, ModelConfig, MonitorConfig, SourceTrainConfig, check_device,
-                                   default_camvid_dir, default_data_root, to_dict)
-from segadapt.adapt.typed_config import NonNegFloat, NonNegInt, Size, check_size
+from segadapt.adapt.config import (AdaptConfig, ModelConfig, MonitorConfig, SourceTrainConfig, TeacherConfig,
+                                   check_device, default_camvid_dir, default_data_root, to_dict)
+from segadapt.adapt.typed_config import Bounds, NonNegFloat, NonNegInt, Size, check_size
 from segadapt.provenance import run_provenance, source_commit
 from segadapt.runtime.files import list_images, write_atomic
 
@@ -66,6 +66,10 @@ class PipelineConfig:
     """adaptation steps; 0 = the preset's"""
     adapt_minutes: NonNegFloat = 0.0
     """optional wall-clock cap on adaptation in minutes (0 = none); reported like --source-minutes"""
+    adapt_teacher_alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
+    """EMA momentum of the adaptation's teacher; 0 = the preset's (quick: 0.99 for its 150 steps, full: 0.999).
+    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md: 0.99 drifts after about 100
+    steps)"""
     target_split: str = "target_adapt"
     """target split folder under --data (images for adaptation; labels, if present, only to measure)"""
     video: str = ""
@@ -94,10 +98,11 @@ class PipelineConfig:
 PIPELINE_PRESETS = {
     # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (session 4 made 793 in
     # a 7-minute cap); the steps, not the minutes, are the preset (issue #20).
+    # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/benchmarks.md, session 10)
     "quick": {"size": (120, 160), "source_steps": 800, "source_minutes": 0.0, "batch_size": 8,
-              "adapt_steps": 150, "adapt_minutes": 0.0},
+              "adapt_steps": 150, "adapt_minutes": 0.0, "adapt_teacher_alpha": 0.99},
     "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,
-             "adapt_steps": 3000, "adapt_minutes": 0.0},
+             "adapt_steps": 3000, "adapt_minutes": 0.0, "adapt_teacher_alpha": 0.999},
 }
 
 
@@ -109,7 +114,7 @@ def _resolved(cfg: PipelineConfig) -> dict:
     if cfg.preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PIPELINE_PRESETS)}")
     p = dict(PIPELINE_PRESETS[cfg.preset])
-    for k in ("source_steps", "source_minutes", "adapt_steps", "adapt_minutes"):
+    for k in ("source_steps", "source_minutes", "adapt_steps", "adapt_minutes", "adapt_teacher_alpha"):
         if getattr(cfg, k):
             p[k] = getattr(cfg, k)
     if all(cfg.size):
@@ -273,6 +278,7 @@ class _PipelineRun:
                            out=str(self.out / "adapt"), size=(0, 0) if self.cfg.keep_aspect else p["size"],
                            keep_aspect=self.cfg.keep_aspect, steps=p["adapt_steps"],
                            max_minutes=p["adapt_minutes"], batch_size=4, device=self.cfg.device, seed=self.cfg.seed,
+                           teacher=TeacherConfig(alpha=p["adapt_teacher_alpha"]),
                            resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4),
                            rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor,
                            source_data=str(self.data / "source_train") if self.cfg.uda else "")

@@ -187,3 +187,23 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
     run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
     run.step_adapt()
     assert seen["cfg"].source_data == (str(tmp_path / "data" / "source_train") if uda else "")
+
+
+@pytest.mark.parametrize("preset, override, expected", [("quick", 0.0, 0.99), ("full", 0.0, 0.999),
+                                                         ("quick", 0.995, 0.995)])
+def test_pipeline_teacher_momentum_follows_the_preset_length(tmp_path, monkeypatch, preset, override, expected):
+    """The adaptation's EMA momentum is the preset's (0.99 for the quick preset's 150 steps, 0.999 for long runs;
+    issue #12) unless --adapt-teacher-alpha sets it; the CLI's own default (1000 steps) is 0.999."""
+    import segadapt.adapt.self_training as st
+    from segadapt.adapt.config import AdaptConfig
+    from segadapt.pipeline import _PipelineRun
+
+    seen = {}
+    monkeypatch.setattr(st, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
+    cfg = PipelineConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), preset=preset,
+                         adapt_teacher_alpha=override, device="cpu")
+    run = _PipelineRun(cfg, log=lambda *_: None)
+    run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
+    run.step_adapt()
+    assert seen["cfg"].teacher.alpha == expected
+    assert AdaptConfig().teacher.alpha == 0.999 and AdaptConfig().steps == 1000
