@@ -184,7 +184,8 @@ class TeacherConfig:
     (45.39 -> 41.24, AdaBN 42.53); with 0.999 the runs climb to their best save at steps 600-700 and end at 45.10
     +- 0.31 (3 seeds), +1.15 over the 150-step runs with 0.99. So 0.999 is the default for the CLI's 1000 steps,
     and the 150-step runs (the quick pipeline preset, benchmarks/adaptation.py) keep 0.99, where 0.999 would leave
-    the teacher near the AdaBN model (0.999 at step 100: 43.38-43.60 vs 45.39 with 0.99, seed 0)."""
+    the teacher near the AdaBN model (0.999 at step 100: 43.38-43.60 vs 45.39 with 0.99, seed 0). Not settled:
+    on KITTI (seed 0, 500 steps) 0.999 was 1.16 below 0.99 at step 500, with both still rising."""
 
     alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.999
     """EMA momentum of the teacher, in [0, 1): teacher = alpha * teacher + (1 - alpha) * student"""
