@@ -164,7 +164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--depth-model", default="")
     ap.add_argument("--work", default="runs/bench/adapt_work")
     ap.add_argument("--json", default=None)
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if not 0.0 <= a.teacher_alpha < 1.0:
+        ap.error(f"--teacher-alpha must be in [0, 1), got {a.teacher_alpha}")
+    return a
 
 
 def baseline_rows(a: argparse.Namespace, base: dict, ds_eval: LabeledImageFolder, size, work: Path) -> dict:

@@ -68,8 +68,8 @@ class PipelineConfig:
     """optional wall-clock cap on adaptation in minutes (0 = none); reported like --source-minutes"""
     adapt_teacher_alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
     """EMA momentum of the adaptation's teacher; 0 = the preset's (quick: 0.99 for its 150 steps, full: 0.999).
-    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md: 0.99 drifts after about 100
-    steps)"""
+    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md, session 10: with 0.99 a
+    1000-step run on CamVid dusk fell below AdaBN)"""
     target_split: str = "target_adapt"
     """target split folder under --data (images for adaptation; labels, if present, only to measure)"""
     video: str = ""

@@ -187,6 +187,7 @@ def test_every_flag_has_a_help_line(command):
     (["adapt", "--source-batch-size", "-2"], ["--source-batch-size", ">= 0"]),
     (["adapt", "--adabn-layers", "1.5"], ["--adabn-layers", "[0, 1]"]),
     (["adapt", "--monitor.entropy-floor", "-0.5"], ["--monitor.entropy-floor", "[0, 1]"]),
+    (["pipeline", "--adapt-teacher-alpha", "1"], ["--adapt-teacher-alpha", "[0, 1)"]),  # session 10's flag
 ])
 def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, names, capsys, monkeypatch):
     import segadapt.adapt.self_training as st
