@@ -11,6 +11,11 @@ BatchNorm adaptation such as Schneider et al. 2020, section 3]. Rationale: a lig
 the early layers' statistics, while the deep layers' statistics also carry the target's class mix, which AdaBN
 then normalises away (docs/benchmarks.md, "AdaBN: blends, AdaBN in part of the network, and label-free
 signals": on the full method it helped dusk and cost KITTI, so the default stays 1).
+
+``alpha`` < 1 blends the statistics instead of replacing them: ``mean = (1 - alpha) * mean_source + alpha *
+mean_target``, the same for the variance [RECON: the alpha-BN form of Schneider et al. 2020 ("Improving robustness
+against common corruptions by covariate shift adaptation", section 3, which blends with a prior strength N); our
+option; 1 = AdaBN as in Li et al. 2016, the default].
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from segadapt.adapt.augment import normalize
 
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device,
-                    input_fn=None, max_batches: int = 0, layers: float = 1.0) -> int:
+                    input_fn=None, max_batches: int = 0, layers: float = 1.0, alpha: float = 1.0) -> int:
     """Replace BatchNorm running statistics by those of the target images.
 
     Args:
@@ -38,20 +43,25 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device
             order of both architectures), to re-estimate: ``round(layers * count)`` of them, at least one when
             ``layers`` > 0; the others keep their statistics (and are used, in eval mode, while the first ones are
             measured).
+        alpha: weight in [0, 1] of the target statistics in each re-estimated layer: running mean and variance
+            become ``(1 - alpha) * source + alpha * target`` (1 = AdaBN, 0 = the source statistics unchanged).
 
     Returns:
         number of BatchNorm layers re-estimated.
 
     Raises:
-        ValueError: ``layers`` outside [0, 1].
+        ValueError: ``layers`` or ``alpha`` outside [0, 1].
     """
     if not 0.0 <= layers <= 1.0:
         raise ValueError(f"AdaBN layers share {layers} is outside [0, 1]")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"AdaBN blend alpha {alpha} is outside [0, 1]")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     bns = bns[:max(1, round(layers * len(bns))) if layers > 0 else 0]
     if not bns:
         return 0
     saved = [(m.momentum, m.training) for m in bns]
+    source = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the plain mean over all batches
@@ -65,8 +75,11 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[dict], mean, std, device
         n += 1
         if max_batches and n >= max_batches:
             break
-    for m, (mom, _) in zip(bns, saved):
+    for m, (mom, _), (mean_s, var_s) in zip(bns, saved, source):
         m.momentum = mom
+        if alpha < 1.0:
+            m.running_mean.mul_(alpha).add_((1.0 - alpha) * mean_s)
+            m.running_var.mul_(alpha).add_((1.0 - alpha) * var_s)
     model.eval()
     return len(bns)
 

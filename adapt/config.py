@@ -403,6 +403,9 @@ class AdaptConfig:
     adabn_layers: Fraction = 1.0
     """share of the BatchNorm layers (input side first) that AdaBN re-estimates; the deeper ones keep the source
     statistics [RECON: our option; 1 = AdaBN as in Li et al. 2016]"""
+    adabn_alpha: Fraction = 1.0
+    """weight of the target statistics in AdaBN: BatchNorm mean/variance = (1 - alpha) * source + alpha * target
+    [RECON: the alpha-BN blend of Schneider et al. 2020, our option; 1 = AdaBN as in Li et al. 2016]"""
     self_training: bool = True
     """then run EMA self-training (false = AdaBN only)"""
     keep: Literal["teacher", "student"] = "teacher"

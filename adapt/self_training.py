@@ -241,7 +241,7 @@ class _AdaptRun:
             loader = DataLoader(distributed.shard_batches(plain, 8), batch_size=8, shuffle=False, collate_fn=collate,
                                 num_workers=0)  # data-parallel: each rank its share of the batches
             n = adapt_batchnorm(self.student, loader, self.meta.mean, self.meta.std, self.device,
-                                layers=cfg.adabn_layers)
+                                layers=cfg.adabn_layers, alpha=cfg.adabn_alpha)
             distributed.pool_batchnorm(self.student)  # data-parallel: the statistics of every rank's frames
             self.log(f"AdaBN: re-estimated {n} BatchNorm layers on {len(plain)} target frames")
 
@@ -249,6 +249,7 @@ class _AdaptRun:
         """``self_training`` off: the AdaBN model is the adapted checkpoint."""
         save_checkpoint(self.out / "adapted", self.student, self.out_meta)
         summary = {"steps": 0, "adabn": self.cfg.adabn, "adabn_layers": self.cfg.adabn_layers,
+                   "adabn_alpha": self.cfg.adabn_alpha,
                    "adapted": str(self.out / "adapted"), "size": list(self.size)}
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
@@ -275,6 +276,8 @@ class _AdaptRun:
               "names": [f.name for f in getattr(plain, "files", [])]}
         if cfg.adabn and cfg.adabn_layers < 1:  # only then: labels of earlier runs stay reusable
             fp["adabn_layers"] = cfg.adabn_layers
+        if cfg.adabn and cfg.adabn_alpha < 1:
+            fp["adabn_alpha"] = cfg.adabn_alpha
         rng = rng_state()
         if distributed.is_main():  # data-parallel: one rank writes the labels, every rank reads them
             run_seco(self._seco_model, plain, self.out, cfg.seco, stuff, self.ignore, self.meta.mean, self.meta.std,
@@ -292,7 +295,8 @@ class _AdaptRun:
         if self.cfg.adabn:
             plain = target_dataset(self.cfg, self.size, Resize(self.size), self.depth_provider)
             adapt_batchnorm(model, DataLoader(plain, batch_size=8, collate_fn=collate), self.meta.mean,
-                            self.meta.std, self.device, layers=self.cfg.adabn_layers)
+                            self.meta.std, self.device, layers=self.cfg.adabn_layers,
+                            alpha=self.cfg.adabn_alpha)
         return model
 
     def merge_fixed_labels(self, pl: _PseudoLabels, batch: dict) -> _PseudoLabels:
@@ -837,7 +841,7 @@ def load_run(run: str | Path):
         anchor, _ = load_segmenter(cfg.checkpoint)
         plain = ImageFolder(cfg.target, transform=Resize(tuple(meta.input_size)))
         adapt_batchnorm(anchor, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu",
-                        layers=cfg.adabn_layers)
+                        layers=cfg.adabn_layers, alpha=cfg.adabn_alpha)
     if "rectifier" in st:
         # runs made before the anchor existed have no such config key: read the rectifier's input width instead
         d_in = rectifier_feature_channels(student, cfg.rectifier)

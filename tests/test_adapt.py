@@ -263,6 +263,31 @@ def test_adabn_on_the_first_layers_only_keeps_the_source_statistics_deeper():
         adapt_batchnorm(m, [{"image": imgs}], (0.5,) * 3, (0.25,) * 3, "cpu", layers=1.5)
 
 
+def test_adabn_alpha_blends_source_and_target_statistics():
+    from segadapt.adapt.adabn import adapt_batchnorm
+
+    torch.manual_seed(0)
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    stats = {}
+    for alpha in (0.0, 0.25, 1.0):
+        torch.manual_seed(0)
+        m = tiny_model("deeplabv3-mobilenetv2")
+        bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+        for b in bns:  # source statistics that no target batch could produce
+            b.running_mean.fill_(7.0)
+            b.running_var.fill_(3.0)
+        adapt_batchnorm(m, [{"image": imgs}], (0.5,) * 3, (0.25,) * 3, "cpu", alpha=alpha)
+        stats[alpha] = bns[0].running_mean.clone(), bns[0].running_var.clone()
+    # alpha 0 keeps the source statistics; alpha 0.25 is exactly (1 - alpha) * source + alpha * AdaBN's statistics
+    # (the pass normalises with batch statistics, so every alpha measures the same target statistics)
+    assert torch.all(stats[0.0][0] == 7.0) and torch.all(stats[0.0][1] == 3.0)
+    assert not torch.allclose(stats[1.0][0], stats[0.0][0])
+    assert torch.allclose(stats[0.25][0], 0.75 * 7.0 + 0.25 * stats[1.0][0], atol=1e-5)
+    assert torch.allclose(stats[0.25][1], 0.75 * 3.0 + 0.25 * stats[1.0][1], atol=1e-5)
+    with pytest.raises(ValueError, match="alpha 1.5 is outside"):
+        adapt_batchnorm(m, [{"image": imgs}], (0.5,) * 3, (0.25,) * 3, "cpu", alpha=1.5)
+
+
 @pytest.fixture()
 def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
     return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),

@@ -186,6 +186,7 @@ def test_every_flag_has_a_help_line(command):
     (["adapt", "--source-weight", "-1"], ["--source-weight", ">= 0"]),
     (["adapt", "--source-batch-size", "-2"], ["--source-batch-size", ">= 0"]),
     (["adapt", "--adabn-layers", "1.5"], ["--adabn-layers", "[0, 1]"]),
+    (["adapt", "--adabn-alpha", "-0.25"], ["--adabn-alpha", "[0, 1]"]),
     (["adapt", "--monitor.entropy-floor", "-0.5"], ["--monitor.entropy-floor", "[0, 1]"]),
     (["pipeline", "--adapt-teacher-alpha", "1"], ["--adapt-teacher-alpha", "[0, 1)"]),  # session 10's flag
 ])
