@@ -15,7 +15,8 @@ signals": on the full method it helped dusk and cost KITTI, so the default stays
 ``alpha`` < 1 blends the statistics instead of replacing them: ``mean = (1 - alpha) * mean_source + alpha *
 mean_target``, the same for the variance [RECON: the alpha-BN form of Schneider et al. 2020 ("Improving robustness
 against common corruptions by covariate shift adaptation", section 3, which blends with a prior strength N); our
-option; 1 = AdaBN as in Li et al. 2016, the default].
+option; 1 = AdaBN as in Li et al. 2016, this function's default; ``segadapt adapt`` uses 0.75 by default,
+``AdaptConfig.adabn_alpha``].
 """
 
 from __future__ import annotations

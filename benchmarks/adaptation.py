@@ -171,9 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def baseline_rows(a: argparse.Namespace, base: dict, ds_eval: LabeledImageFolder, size, work: Path) -> dict:
-    """The deterministic rows: the source checkpoint as it is, and AdaBN only."""
+    """The deterministic rows: the source checkpoint as it is, and AdaBN only (alpha 1: Li et al.'s AdaBN, whatever
+    the default blend)."""
     rows = {"source_only": {"runs": [measure(a.checkpoint, ds_eval, size)]}}
-    cfg = AdaptConfig(**copy.deepcopy(base), out=str(work / "adabn"), self_training=False)
+    cfg = AdaptConfig(**copy.deepcopy(base), out=str(work / "adabn"), self_training=False, adabn_alpha=1.0)
     adapt(cfg, log=lambda *_: None)
     rows["adabn"] = {"runs": [measure(work / "adabn" / "adapted", ds_eval, size)]}
     print(f"source-only {rows['source_only']['runs'][0]['miou']:.2f}, "
@@ -188,8 +189,8 @@ def row_variants(a: argparse.Namespace) -> dict:
 
     plain = PseudoLabelConfig(class_balanced=False, class_weight_power=0.0)  # one fixed threshold, no class weights
     variants = {
-        "self_training": dict(pseudo=plain, rectifier=RectifierConfig(enabled=False)),
-        "+rectifier": dict(pseudo=plain, rectifier=rectifier_on()),
+        "self_training": dict(pseudo=plain, rectifier=RectifierConfig(enabled=False), adabn_alpha=1.0),  # on AdaBN
+        "+rectifier": dict(pseudo=plain, rectifier=rectifier_on(), adabn_alpha=1.0),
         "full": dict(pseudo=PseudoLabelConfig(), rectifier=rectifier_on()),  # the defaults: CBST + class weights
     }
     if a.depth != "none":

@@ -285,7 +285,8 @@ def test_ranks_hold_identical_models_and_statistics_and_only_rank0_writes(adapt_
 
 def test_two_processes_match_one_process_with_double_batch(adapt_runs):
     """Same seed, same frames (rank r takes samples r, r + 2 of each batch of 4). Tolerances: the step-1 rectifier
-    loss (independent of the thresholds) to 1e-4 relative; AdaBN statistics to 1e-5; the class-balanced thresholds
+    loss (independent of the thresholds) to 3e-4 relative (measured 1.5e-4 with the default AdaBN blend 0.75, which
+    each rank applies before the statistics are pooled; it was within 1e-4 with plain AdaBN); AdaBN statistics to 1e-5; the class-balanced thresholds
     to 0.02 and the kept share to 0.03 at every step (each rank's per-class quantile, pooled as a count-weighted mean,
     is not the quantile over both batches), the step-1 pseudo-label loss to 5 %; after 4 AdamW steps the student
     differs from the 1-process one by less than 35 % of how far it moved (measured: 13 %; Adam's first steps move
@@ -296,7 +297,7 @@ def test_two_processes_match_one_process_with_double_batch(adapt_runs):
     one, two = adapt_runs["root"] / "one", adapt_runs["root"] / "two"
     la, lb = coverage_log(one), coverage_log(two)
     assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, STEPS + 1))
-    assert abs(la[0]["loss_rect"] - lb[0]["loss_rect"]) <= 1e-4 * la[0]["loss_rect"]
+    assert abs(la[0]["loss_rect"] - lb[0]["loss_rect"]) <= 3e-4 * la[0]["loss_rect"]
     assert abs(la[0]["loss_pl"] - lb[0]["loss_pl"]) <= 0.05 * la[0]["loss_pl"]
     for a, b in zip(la, lb):
         assert max(abs(x - y) for x, y in zip(a["thresholds"], b["thresholds"])) <= 0.02, (a["step"], a, b)
