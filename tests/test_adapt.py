@@ -244,15 +244,21 @@ def test_adabn_sets_target_statistics():
     assert not m.training
 
 
-def test_adabn_on_the_first_layers_only_keeps_the_source_statistics_deeper():
-    from segadapt.adapt.adabn import adapt_batchnorm
-
+def _tiny_model_with_fixed_source_statistics():
+    """A tiny DeepLabV3 whose BatchNorm layers hold source statistics no target batch could produce (7, 3)."""
     torch.manual_seed(0)
     m = tiny_model("deeplabv3-mobilenetv2")
     bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
-    for b in bns:  # source statistics that no target batch could produce
+    for b in bns:
         b.running_mean.fill_(7.0)
         b.running_var.fill_(3.0)
+    return m, bns
+
+
+def test_adabn_on_the_first_layers_only_keeps_the_source_statistics_deeper():
+    from segadapt.adapt.adabn import adapt_batchnorm
+
+    m, bns = _tiny_model_with_fixed_source_statistics()
     imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     n = adapt_batchnorm(m, [{"image": imgs}], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cpu", layers=0.5)
     assert n == round(0.5 * len(bns)) and 0 < n < len(bns)
@@ -270,12 +276,7 @@ def test_adabn_alpha_blends_source_and_target_statistics():
     imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     stats = {}
     for alpha in (0.0, 0.25, 1.0):
-        torch.manual_seed(0)
-        m = tiny_model("deeplabv3-mobilenetv2")
-        bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
-        for b in bns:  # source statistics that no target batch could produce
-            b.running_mean.fill_(7.0)
-            b.running_var.fill_(3.0)
+        m, bns = _tiny_model_with_fixed_source_statistics()
         adapt_batchnorm(m, [{"image": imgs}], (0.5,) * 3, (0.25,) * 3, "cpu", alpha=alpha)
         stats[alpha] = bns[0].running_mean.clone(), bns[0].running_var.clone()
     # alpha 0 keeps the source statistics; alpha 0.25 is exactly (1 - alpha) * source + alpha * AdaBN's statistics
