@@ -407,7 +407,8 @@ class AdaptConfig:
     """weight of the target statistics in AdaBN: BatchNorm mean/variance = (1 - alpha) * source + alpha * target
     [RECON: the alpha-BN blend of Schneider et al. 2020, our option; 1 = AdaBN as in Li et al. 2016]. Default 0.75
     (session 11, docs/benchmarks.md "Session 11"): against 1 it cost 0.2 on CamVid dusk (3 seeds; -0.18 at 1000
-    steps) and gained +1.07 on KITTI (2 seeds) and +1.44 / +0.28 with the quick source model (dusk / KITTI, 1 seed)"""
+    steps) and gained +1.07 on KITTI (2 seeds) and +1.44 / +0.28 with the quick source model (dusk / KITTI, 1 seed);
+    on the quick pipeline over 3 seeds it tied (-0.06 on dusk)"""
     self_training: bool = True
     """then run EMA self-training (false = AdaBN only)"""
     keep: Literal["teacher", "student"] = "teacher"
