@@ -5,8 +5,8 @@ reported by name while what earlier steps wrote stays in place):
 
 1. ``train_source``: train the source model on ``source_train``, select on ``source_val`` (or reuse
    ``--source-checkpoint``).
-2. ``adapt``: source-free adaptation on the target split's images (AdaBN blended 0.75 + EMA self-training + teacher-anchor
-   pseudo-label weights; no labels).
+2. ``adapt``: source-free adaptation on the target split's images (AdaBN blended 0.75 + EMA self-training +
+   teacher-anchor pseudo-label weights; no labels).
 3. ``evaluate``: source-only and adapted mIoU on ``source_val`` and on the target split (labels for measuring only).
 4. ``export``: the adapted RGB segmenter (and the source model, as the demo's reference) to ONNX, FP32 and FP16,
    with metadata and parity.
