@@ -288,10 +288,11 @@ def test_two_processes_match_one_process_with_double_batch(adapt_runs):
     loss (independent of the thresholds) to 3e-4 relative (measured 1.5e-4 with the default AdaBN blend 0.75, which
     each rank applies before the statistics are pooled; it was within 1e-4 with plain AdaBN); AdaBN statistics to
     1e-5; the class-balanced thresholds to 0.02 and the kept share to 0.03 at every step (each rank's per-class
-    quantile, pooled as a count-weighted mean, is not the quantile over both batches), the step-1 pseudo-label loss to 5 %; after 4 AdamW steps the student
-    differs from the 1-process one by less than 35 % of how far it moved (measured: 13 %; Adam's first steps move
-    each weight by about +-lr whatever the gradient's size, so the pixels the thresholds decide differently flip
-    small components) and the rectifier by less than 1 % of its norm (measured 0.02 %)."""
+    quantile, pooled as a count-weighted mean, is not the quantile over both batches), the step-1 pseudo-label loss
+    to 5 %; after 4 AdamW steps the student differs from the 1-process one by less than 35 % of how far it moved
+    (measured: 13 %; Adam's first steps move each weight by about +-lr whatever the gradient's size, so the pixels
+    the thresholds decide differently flip small components) and the rectifier by less than 1 % of its norm
+    (measured 0.02 %)."""
     adapt_runs["wait"]("one")
     adapt_runs["wait"]("two")
     one, two = adapt_runs["root"] / "one", adapt_runs["root"] / "two"
