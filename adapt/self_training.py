@@ -829,6 +829,7 @@ def load_run(run: str | Path):
     saved = meta.info["config"]
     saved.setdefault("rectifier", {}).setdefault("prior", "none")  # runs from before the prior option had none
     saved["rectifier"].setdefault("features", "decoder")  # runs from before issue #12 read the decoder features
+    saved.setdefault("adabn_alpha", 1.0)  # runs from before session 11 used plain AdaBN (the anchor rebuilt below)
     cfg = from_dict(AdaptConfig, saved)
     teacher = copy.deepcopy(student)
     teacher.load_state_dict(st["teacher"])
