@@ -189,6 +189,11 @@ class TeacherConfig:
 
     alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.999
     """EMA momentum of the teacher, in [0, 1): teacher = alpha * teacher + (1 - alpha) * student"""
+    flip: bool = False
+    """pseudo-label from the mean of the teacher's softmax on the weak view and on its horizontal mirror (flipped
+    back), (B, K, H, W) [RECON: our option, the flip test-time augmentation that UDA codebases commonly use when they
+    make pseudo-labels; not in the five papers]. One more teacher forward per step, no gradients. The rectifier's
+    prior and the label-free monitor read the averaged probabilities too"""
 
 
 @dataclass

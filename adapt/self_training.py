@@ -468,8 +468,9 @@ class _AdaptRun:
         return _StepResult(loss, logs, pl, img, r_full, depth, view=t)
 
     def teacher_view(self, img: torch.Tensor, depth: torch.Tensor | None) -> _TeacherView:
-        """1. The EMA teacher(s) and the anchor on the weak view; the teacher on the flipped and photometric views
-        when the rectifier's target uses them."""
+        """1. The EMA teacher(s) and the anchor on the weak view; the teacher on the mirrored view when
+        ``teacher.flip`` averages it in (probs is then the mean of both) or the rectifier's target uses it, and on the
+        photometric views when the rectifier's target uses them."""
         cfg, hw, rect = self.cfg, tuple(img.shape[-2:]), self.rect
         x_w = normalize(img, self.meta.mean, self.meta.std)
         with torch.no_grad(), autocast(self.device, cfg.amp):
@@ -486,8 +487,12 @@ class _AdaptRun:
             if self.anchor is not None:
                 ln = self.anchor(x_w).float()
                 pn = F.softmax(upsample_logits(ln, hw), 1)
-            if rect is not None and cfg.rectifier.flip_consistency:
+            if cfg.teacher.flip or (rect is not None and cfg.rectifier.flip_consistency):
                 pt_flip = F.softmax(upsample_logits(self.teacher(x_w.flip(-1)).float(), hw), 1).flip(-1)
+            if cfg.teacher.flip:  # flip-averaged pseudo-labeller (TeacherConfig.flip)
+                pt = 0.5 * (pt + pt_flip)
+            if rect is None or not cfg.rectifier.flip_consistency:
+                pt_flip = None
             if rect is not None and cfg.rectifier.photometric_consistency:
                 x_p = normalize_float(photometric(img.float() / 255.0, cfg.strong), self.meta.mean, self.meta.std)
                 pt_photo = F.softmax(upsample_logits(self.teacher(x_p).float(), hw), 1)

@@ -202,3 +202,17 @@ def test_kept_fraction_curriculum():
     assert kept_fraction(0, 0.5, 0.2, 100) == pytest.approx(0.2)
     assert kept_fraction(50, 0.5, 0.2, 100) == pytest.approx(0.35)
     assert kept_fraction(100, 0.5, 0.2, 100) == pytest.approx(0.5) == kept_fraction(1000, 0.5, 0.2, 100)
+
+
+def test_flip_averaged_teacher_is_mirror_equivariant(run, tiny):
+    """``teacher.flip``: the pseudo-labeller's probabilities on a mirrored batch are the mirror of its probabilities
+    on the batch (which the plain teacher's are not), and they are the mean of the plain teacher's on both views."""
+    img = _padded_batch(tiny, n=2, seed=2)["image"]
+    plain, plain_m = run.teacher_view(img, None).probs, run.teacher_view(img.flip(-1), None).probs
+    assert not torch.allclose(plain_m.flip(-1), plain, atol=1e-4)  # the check can fail: the model is not symmetric
+    run.cfg.teacher.flip = True
+    t, t_m = run.teacher_view(img, None), run.teacher_view(img.flip(-1), None)
+    assert torch.allclose(t_m.probs.flip(-1), t.probs, atol=1e-6)
+    assert torch.allclose(t.probs, 0.5 * (plain + plain_m.flip(-1)), atol=1e-6)
+    assert torch.allclose(t.probs.sum(1), torch.ones(()), atol=1e-5)
+    assert t.flip_probs is None  # the rectifier's flip-consistency target stays off unless it is asked for
