@@ -144,7 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "rounded to the model's stride (KITTI: 120 -> 120 400)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=6e-5)
+    ap.add_argument("--lr", type=float, default=AdaptConfig.lr,
+                    help="backbone learning rate (default: the CLI's, 2e-5 since session 12; every table in "
+                         "docs/benchmarks.md before session 12 used 6e-5)")
     ap.add_argument("--teacher-alpha", type=float, default=0.99,
                     help="EMA momentum of the teacher: 0.99 for the 150-step rows (the quick preset's, what every "
                          "150-step table in docs/benchmarks.md used); the CLI's 1000-step default is 0.999")
