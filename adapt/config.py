@@ -429,7 +429,9 @@ class AdaptConfig:
     6e-5, DAFormer's value for a transformer, never measured here before): with the stronger DeepLabV3-MobileNetV2
     source model on CamVid dusk, 150 steps, it gained +0.87 mIoU over 6e-5 (3 seeds: +1.17, +1.04, +0.39), +0.30 at
     1000 steps (seed 0); KITTI -0.06 (2 seeds: +0.08, -0.20), the quick source model +0.16 on dusk and +0.23 on
-    KITTI (seed 0); 2e-4 lost 2.53 and 6e-4 collapsed (18.71): docs/benchmarks.md, section "Session 12\""""
+    KITTI (seed 0); 2e-4 lost 2.53 and 6e-4 collapsed (18.71). 6e-5 with ``head_lr_mult`` 1 (the head at 6e-5, not
+    6e-4) gained as much at 150 steps (+0.93, 3 seeds), so the head's rate is likely what mattered; that form was
+    not measured at 1000 steps or on KITTI. docs/benchmarks.md, section "Session 12\""""
     head_lr_mult: PositiveFloat = 10.0
     """learning-rate multiplier of the decode head"""
     weight_decay: NonNegFloat = 0.01
