@@ -194,7 +194,7 @@ class TeacherConfig:
     back), (B, K, H, W) [RECON: our option, the flip test-time augmentation that UDA codebases commonly use when they
     make pseudo-labels; not in the five papers]. One more teacher forward per step, no gradients. The rectifier's
     prior and the label-free monitor read the averaged probabilities too. Off by default: measured (session 12,
-    docs/benchmarks.md; the stronger source model, 150 steps, EMA 0.99) +0.14 mIoU on CamVid dusk (3 seeds: +0.63,
+    docs/benchmarks.md; the stronger source model, 150 steps, EMA 0.99) +0.14 mIoU on CamVid dusk (3 seeds: +0.64,
     -0.08, -0.13) and -0.53 on KITTI (seed 0)"""
 
 
