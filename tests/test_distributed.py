@@ -11,8 +11,9 @@ segadapt adapt ...``):
   an audit hook);
 - the 2-process run with per-rank batch 2 matches a 1-process run with batch 4 (same seed, same frames, random
   augmentation of the strong view off): per-step losses and final weights within the tolerances stated there;
-- a 2-process run killed (SIGKILL to the launcher and both ranks) after its first checkpoint and started again with
-  ``--resume`` under torchrun ends bit-identical to the uninterrupted run; ``--resume`` under another number of
+- a 2-process run killed (SIGKILL to the launcher and both ranks, sent by rank 0 right after its first checkpoint, so
+  that the kill lands at the same point however loaded the machine is) and started again with ``--resume`` under
+  torchrun ends bit-identical to the uninterrupted run; ``--resume`` under another number of
   processes is refused;
 - ``train-source`` with 2 processes: identical weights on both ranks, only rank 0 writes.
 """
@@ -25,8 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +73,19 @@ def dump_after_run(cls, what, path):
     cls.run = run
 
 
+def kill_after_save(at_step):
+    """SIGKILL the launcher's whole process group (the launcher and both ranks, as when a machine goes down) once rank 0
+    has written the checkpoint of step ``at_step``; rank 1 is then at most one step ahead (each save gathers the RNG
+    states of every rank)."""
+    real = self_training._AdaptRun.save
+
+    def save(self, step, elapsed):
+        real(self, step, elapsed)
+        if step == at_step and distributed.is_main():
+            os.killpg(0, signal.SIGKILL)
+    self_training._AdaptRun.save = save
+
+
 def rank_main(rank, world, port, argv):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -85,6 +97,8 @@ def rank_main(rank, world, port, argv):
         "tracker": r.tracker.value, "class_freq": r.class_weights.freq}, rec / f"rank{rank}.pt")
     dump_after_run(train_source._SourceRun, lambda r: {"model": distributed.unwrap(r.model).state_dict()},
                    rec / f"rank{rank}.pt")
+    if os.environ.get("SEGADAPT_KILL_AFTER_SAVE"):
+        kill_after_save(int(os.environ["SEGADAPT_KILL_AFTER_SAVE"]))
     rc = main(argv)
     (rec / f"writes{rank}.json").write_text(json.dumps(writes))
     sys.exit(rc)
@@ -130,12 +144,16 @@ def torchrun(args: list) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def launch(args: list, launcher: Path, records: Path) -> subprocess.Popen:
-    """Two ranks from :data:`LAUNCHER` (written to ``launcher``), their records in ``records``."""
+def launch(args: list, launcher: Path, records: Path, kill_after_save: int = 0) -> subprocess.Popen:
+    """Two ranks from :data:`LAUNCHER` (written to ``launcher``), their records in ``records``; with
+    ``kill_after_save`` > 0 the launcher and its ranks (a process group of their own) are SIGKILLed right after the
+    checkpoint of that step."""
     records.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, str(launcher), *args], cwd=ROOT,
-                            env={**ENV, "SEGADAPT_RANK_RECORDS": str(records)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {**ENV, "SEGADAPT_RANK_RECORDS": str(records)}
+    if kill_after_save:
+        env["SEGADAPT_KILL_AFTER_SAVE"] = str(kill_after_save)
+    return subprocess.Popen([sys.executable, str(launcher), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=bool(kill_after_save))
 
 
 def one_process(args: list) -> subprocess.Popen:
@@ -145,7 +163,16 @@ def one_process(args: list) -> subprocess.Popen:
 
 
 def finish(p: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = p.communicate(timeout=timeout)
+    """Wait for ``p`` and return its output; a run still going after ``timeout`` s is SIGKILLed with its whole process
+    tree (a rank stuck in a collective would otherwise outlive the test) and fails with what it printed."""
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in reversed(process_tree(p.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"still running after {timeout:.0f} s (killed): {out[-4000:]}")
     assert p.returncode == 0, out[-4000:]
     return out
 
@@ -204,7 +231,8 @@ def checkpoint(tmp_path_factory, tiny, tiny_classes):
 @pytest.fixture(scope="module")
 def adapt_runs(tmp_path_factory, checkpoint, tiny):
     """Started at once, in the background: the 1-process run with batch 4 (``one``), the 2-process run with batch 2
-    (``two``, its per-rank records in ``rec``) and a 2-process run to be killed (``killed``).
+    (``two``, its per-rank records in ``rec``) and a 2-process run killed after its first checkpoint (``killed``,
+    step 2).
     ``runs["wait"](name)`` waits for a run and returns its output."""
     root = tmp_path_factory.mktemp("dist")
     launcher = root / "launcher.py"
@@ -212,22 +240,21 @@ def adapt_runs(tmp_path_factory, checkpoint, tiny):
     target = tiny / "target"
     procs = {"one": one_process(adapt_args(checkpoint, target, root / "one", 4)),
              "two": launch(adapt_args(checkpoint, target, root / "two", 2), launcher, root / "rec"),
-             "killed": launch(adapt_args(checkpoint, target, root / "killed", 2), launcher, root / "rec_killed")}
+             "killed": launch(adapt_args(checkpoint, target, root / "killed", 2), launcher, root / "rec_killed",
+                              kill_after_save=2)}
     outs: dict = {}
-    killer = threading.Thread(target=kill_after_first_checkpoint, args=(procs["killed"], root / "killed"))
-    killer.start()
 
     def wait(name: str) -> str:
         if name == "killed":
-            killer.join()
-            return procs[name].communicate()[0]
+            out = procs[name].communicate(timeout=600)[0]
+            assert procs[name].returncode == -signal.SIGKILL, out[-4000:]
+            return out
         if name not in outs:
             outs[name] = finish(procs[name])
         return outs[name]
 
     yield {"root": root, "wait": wait, "args": lambda out, *x: adapt_args(checkpoint, target, out,
                                                                                           2, *x)}
-    killer.join()
     for p in procs.values():
         for pid in reversed(process_tree(p.pid)) if p.poll() is None else []:
             with contextlib.suppress(ProcessLookupError):
@@ -250,16 +277,6 @@ def process_tree(pid: int) -> list:
         tree.append(todo.pop())
         todo += children.get(tree[-1], [])
     return tree
-
-
-def kill_after_first_checkpoint(p: subprocess.Popen, out: Path) -> None:
-    """SIGKILL the launcher and both ranks (as when a machine goes down) once ``out/last`` is complete (step 2)."""
-    t0 = time.time()
-    while not (out / "last" / "manifest.json").is_file() and p.poll() is None and time.time() - t0 < 600:
-        time.sleep(0.02)
-    for pid in reversed(process_tree(p.pid)):  # the ranks first: without their agent they would carry on
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_ranks_hold_identical_models_and_statistics_and_only_rank0_writes(adapt_runs):
