@@ -176,9 +176,11 @@ def test_minutes_cap_is_reported_as_cut_short():
 @pytest.mark.parametrize("uda", [False, True])
 def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeypatch, uda):
     """`segadapt pipeline --uda` hands the data root's labelled source_train to the adaptation step (issue #13's
-    UDA mode); without it the adaptation config has no source data (source-free)."""
+    UDA mode) and adapts at the UDA learning rate; without it the adaptation config has no source data
+    (source-free) and the adaptation's default learning rate."""
     import segadapt.adapt.self_training as st
-    from segadapt.pipeline import _PipelineRun
+    from segadapt.adapt.config import AdaptConfig
+    from segadapt.pipeline import UDA_LR, _PipelineRun
 
     seen = {}
     monkeypatch.setattr(st, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
@@ -187,6 +189,7 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
     run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
     run.step_adapt()
     assert seen["cfg"].source_data == (str(tmp_path / "data" / "source_train") if uda else "")
+    assert seen["cfg"].lr == (UDA_LR if uda else AdaptConfig.lr) and UDA_LR != AdaptConfig.lr
 
 
 @pytest.mark.parametrize("preset, override, expected", [("quick", 0.0, 0.99), ("full", 0.0, 0.999),
