@@ -376,7 +376,7 @@ class AdaptConfig:
     source_data: str = ""
     """UDA mode: a labelled source split (<dir>/images + <dir>/labels, the checkpoint's classes); empty = source-free
     (nothing reads source data). With it, ``--lr 6e-5`` measured better than the default 2e-5 (+0.65 mIoU on dusk,
-    3 seeds; +1.12 on KITTI, 2 seeds; docs/benchmarks.md "Session 13")"""
+    3 seeds; +1.08 on KITTI, 3 seeds; docs/benchmarks.md "Session 13")"""
     source_weight: NonNegFloat = 1.0
     """UDA mode: weight of the source cross-entropy (DACS: 1)"""
     source_batch_size: NonNegInt = 0
@@ -435,7 +435,7 @@ class AdaptConfig:
     (same model): KITTI over 3 seeds -0.20 against 6e-5 (+0.08, -0.21, -0.47), at 1000 steps (EMA 0.999, seed 0)
     31.93 against 32.42; 6e-5 with ``head_lr_mult`` 1 on KITTI -0.54 against 2e-5 (3 seeds), so the head's rate
     alone does not explain the dusk result. With ``source_data`` (the UDA mode) 6e-5 measured
-    better: +0.65 on dusk (3 seeds), +1.12 on KITTI (2 seeds: +1.02, +1.23); pass ``--lr 6e-5`` there.
+    better: +0.65 on dusk (3 seeds), +1.08 on KITTI (3 seeds: +1.02, +1.23, +1.00); pass ``--lr 6e-5`` there.
     docs/benchmarks.md, section "Session 13\""""
     head_lr_mult: PositiveFloat = 10.0
     """learning-rate multiplier of the decode head"""

@@ -97,7 +97,7 @@ class PipelineConfig:
 
 
 # The adaptation's learning rate in the UDA mode (`--uda`): 6e-5 measured above the source-free default 2e-5 there,
-# +0.65 mIoU on CamVid dusk (3 seeds) and +1.12 on KITTI (2 seeds), docs/benchmarks.md "Session 13".
+# +0.65 mIoU on CamVid dusk (3 seeds) and +1.08 on KITTI (3 seeds), docs/benchmarks.md "Session 13".
 UDA_LR = 6e-5
 
 PIPELINE_PRESETS = {
