@@ -14,8 +14,7 @@ segadapt adapt ...``):
 - a 2-process run killed (SIGKILL to the launcher and both ranks, sent by rank 0 right after its first checkpoint, so
   that the kill lands at the same point however loaded the machine is) and started again with ``--resume`` under
   torchrun ends bit-identical to the uninterrupted run, and a second ``--resume`` of the finished run exits without a
-  step;
-  ``--resume`` under another number of processes is refused;
+  step; ``--resume`` under another number of processes is refused;
 - ``train-source`` with 2 processes: identical weights on both ranks, only rank 0 writes.
 """
 
@@ -354,7 +353,7 @@ def test_killed_run_resumes_bit_identically_under_the_same_world_size(adapt_runs
     assert [r["step"] for r in coverage_log(out)] == list(range(1, STEPS + 1))
     adapt_runs["wait"]("two")
     assert assert_same_checkpoints(root / "two", out) > 1000
-    # --resume of the finished run: no step, every rank exits (none left waiting in a collective), checkpoints unchanged
+    # --resume of the finished run: no step, every rank exits (none waits in a collective), checkpoints unchanged
     log = finish(torchrun(adapt_runs["args"](out, "--resume")), timeout=300)
     assert f"resuming from {out / 'last'} at step {STEPS}" in log
     assert [r["step"] for r in coverage_log(out)] == list(range(1, STEPS + 1))
