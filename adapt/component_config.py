@@ -70,8 +70,9 @@ class BiDAConfig:
     0.05-0.9 % (classifier) of the confidence >= 0.9 pseudo-labels; those were right 57-63 % (features) vs 77-98 %
     (classifier) of the time, the kept ones 88 %. After adaptation (docs/benchmarks.md, session 11's model, 150
     steps, 3 seeds): classifier prototypes -1.64 mIoU against features on dusk (session 12, lr 6e-5), so features
-    stay the default; BiDA against the full method at today's defaults -0.24 on dusk, +0.26 on KITTI, and -0.23
-    on dusk without the vote (session 14): within the seed spread, so it is off by default.
+    stay the default; BiDA against the full method at today's defaults -0.24 on dusk, +0.26 on KITTI, and without
+    the vote -0.23 / -0.21 (session 14): within the seed spread, so it is off by default. The vote is worth +0.47
+    on KITTI (+0.82, +0.13, +0.46) and nothing on dusk (-0.01).
 
     With ``--source-data`` (UDA mode) the source prototypes are EMAs (``proto_momentum``) of the teacher's source
     features under the source labels, as in the paper (:mod:`segadapt.adapt.bida`); ``source_prototypes``,
