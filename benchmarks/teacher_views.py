@@ -38,6 +38,7 @@ from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.metrics import ConfusionMatrix
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.models.segmenter import Segmenter
+from segadapt.runtime.files import write_atomic
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -74,7 +75,19 @@ def at_output_stride(model: Segmenter, output_stride: int) -> Segmenter:
 
 @torch.no_grad()
 def view_probs(model: nn.Module, x: torch.Tensor, views: list, out_hw: tuple, cache: dict) -> torch.Tensor:
-    """Mean softmax (B, K, *out_hw) over ``views`` [(scale, mirrored)] of the normalised frames x (B, 3, H, W)."""
+    """Mean softmax over ``views`` of normalised frames.
+
+    Args:
+        model: returns logits (B, K, h, w) for frames (B, 3, H', W').
+        x: (B, 3, H, W) float32, normalised RGB.
+        views: [(scale, mirrored)]: each view is x resized by ``scale`` (bilinear), mirrored left-right if asked;
+            a mirrored view's logits are mirrored back before the softmax.
+        out_hw: (H_out, W_out) the logits are resized to (bilinear) before the softmax.
+        cache: per-frame store of each view's probabilities, shared by the view sets scored on the same frame.
+
+    Returns:
+        (B, K, H_out, W_out) float32 probabilities (each pixel sums to 1).
+    """
     total = 0.0
     for scale, mirrored in views:
         if (scale, mirrored) not in cache:
@@ -113,12 +126,20 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default=str(Path(default_camvid_dir()) / "target_adapt"))
     ap.add_argument("--keep-aspect", type=int, default=0)
     ap.add_argument("--adabn-alpha", type=float, default=0.75, help="AdaBN blend of the teacher's start (0 = none)")
-    ap.add_argument("--strides", type=int, nargs="*", default=[8], help="other output strides to score (one pass)")
+    ap.add_argument("--strides", type=int, nargs="*", default=[8], choices=[8, 16, 32],
+                    help="other output strides to score (one pass; deeplabv3-mobilenetv2 only)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
-    source, meta = load_segmenter(a.checkpoint)
+    if not 0.0 <= a.adabn_alpha <= 1.0:
+        ap.error(f"--adabn-alpha must be in [0, 1], got {a.adabn_alpha}")
     target_dir = Path(a.target)
-    image_dir = target_dir / "images" if (target_dir / "images").is_dir() else target_dir
+    for d in (target_dir / "images", target_dir / "labels"):
+        if not d.is_dir():
+            ap.error(f"{d}: no such folder (--target needs images/ and labels/)")
+    source, meta = load_segmenter(a.checkpoint)
+    if any(s != source.output_stride for s in a.strides) and source.model_type != "mobilenet_v2":
+        ap.error(f"{a.checkpoint}: {source.arch} has a fixed output stride; pass --strides with no value")
+    image_dir = target_dir / "images"
     size = resolve_size((0, 0), a.keep_aspect, image_dir, meta.input_size, source.arch, source.output_stride)
     loader = DataLoader(ImageFolder(image_dir, transform=Resize(size)), batch_size=8, shuffle=False,
                         collate_fn=collate)
@@ -146,7 +167,7 @@ def main(argv=None) -> int:
            "rows": rows, "seconds": round(time.time() - t0, 1)}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        write_atomic(a.json, json.dumps(rep, indent=1).encode(), what="report")
     return 0
 
 

@@ -48,3 +48,19 @@ def test_mirrored_view_is_flipped_back_before_averaging():
     # its mirrored pass flipped back is (not flipping back would give the one pass again)
     assert not torch.allclose(one, one.flip(-1), atol=1e-4)
     assert torch.allclose(both, both.flip(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adabn-alpha", "2"], "--adabn-alpha must be in [0, 1]"),
+    (["--target", "{tmp}"], "labels: no such folder"),
+    (["--strides", "5"], "invalid choice"),
+])
+def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, args, message):
+    (tmp_path / "images").mkdir()  # images/ without labels/
+    tv = _load()
+    argv = ["--checkpoint", str(tmp_path / "no_checkpoint")] + [x.format(tmp=tmp_path) for x in args]
+    with pytest.raises(SystemExit) as e:
+        tv.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err
