@@ -90,3 +90,40 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def adabn_source_model(checkpoint, frames, device, alpha: float = 1.0, layers: float = 1.0, enabled: bool = True,
+                       batch_size: int = 8, loaded=None):
+    """The source model as adaptation starts: loaded from ``checkpoint``, then (``enabled``) AdaBN with the blend
+    ``alpha`` over the ``layers`` share on ``frames`` in order. The one place the product and the benchmarks build
+    it (the student's and the EMA teacher's step-0 weights, the anchor, SeCo's and BiDA's labeller).
+
+    Under torchrun each rank reads its share of the batches and the statistics are pooled over the ranks (the
+    result equals one process reading every batch); otherwise that is a no-op.
+
+    Args:
+        checkpoint: a segadapt checkpoint or local transformers directory.
+        frames: a dataset of target frames resized to the run's size without augmentation (items ``image``
+            (3, H, W) uint8).
+        device: where the model goes.
+        loaded: ``(model, meta)`` already read from ``checkpoint`` (changed in place), to skip reading it again.
+
+    Returns:
+        (model in eval mode, its :class:`~segadapt.adapt.models.checkpoint.CheckpointMeta`).
+
+    Raises:
+        FileNotFoundError / ValueError: a bad checkpoint; ValueError: ``alpha`` or ``layers`` outside [0, 1].
+    """
+    from torch.utils.data import DataLoader
+
+    from segadapt.adapt.data.datasets import collate
+    from segadapt.adapt.models.checkpoint import load_segmenter
+    from segadapt.adapt.training import distributed
+
+    model, meta = loaded if loaded is not None else load_segmenter(checkpoint, map_location=device)
+    if enabled:
+        loader = DataLoader(distributed.shard_batches(frames, batch_size), batch_size=batch_size, shuffle=False,
+                            collate_fn=collate, num_workers=0)
+        adapt_batchnorm(model, loader, meta.mean, meta.std, device, layers=layers, alpha=alpha)
+        distributed.pool_batchnorm(model)
+    return model.eval(), meta

@@ -16,14 +16,18 @@ from typing import Annotated, Any, Literal, Tuple
 
 from segadapt.adapt.typed_config import (Bounds, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Size,
                                          check_config, check_size, from_dict, hints, to_dict)
-from segadapt.adapt.component_config import BiDAConfig, RCCRConfig  # noqa: F401 - re-exported
-from segadapt.adapt.seco_config import SecoConfig  # noqa: F401 - re-exported
+from segadapt.adapt.methods.config import (BiDAConfig, DepthConfig, RCCRConfig, RectifierConfig,  # noqa: F401
+                                           SecoConfig)  # re-exported: the adaptation config's sections
 
 __all__ = ["AdaptConfig", "DepthConfig", "ModelConfig", "MonitorConfig", "PhotometricConfig", "PseudoLabelConfig",
            "RectifierConfig", "SourceTrainConfig", "TeacherConfig", "check_config", "check_device",
-           "default_camvid_dir", "default_data_root", "from_dict", "hints", "parse_size", "to_dict"]
+           "default_camvid_dir", "default_data_root", "from_dict", "hints", "parse_size", "to_dict", "SOURCE_FREE_LR",
+           "UDA_LR"]
 
 DEFAULT_DATA_ENV = "SEGADAPT_DATA"
+#: adaptation learning rates by mode, measured on CamVid dusk and KITTI over 3 seeds (docs: results, changelog)
+SOURCE_FREE_LR = 2e-5
+UDA_LR = 6e-5
 Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
 Scale = Annotated[Tuple[float, float], Bounds(0, lo_open=True)]
 
@@ -234,112 +238,6 @@ class PseudoLabelConfig:
 
 
 @dataclass
-class DepthConfig:
-    """CrossMatch auxiliary RGB-D stream (training only)."""
-
-    provider: Literal["none", "files", "stereo", "model"] = "none"
-    """depth source: none, files (maps beside the images), stereo (OpenCV SGBM on right views), model (local dir)"""
-    directory: str = ""
-    """files: folder of depth/disparity maps named like the images"""
-    right_dir: str = ""
-    """stereo: folder of right views named like the (left) images"""
-    model_dir: str = ""
-    """model: local transformers depth-estimation directory (from_pretrained, no download)"""
-    file_kind: Literal["disparity", "depth"] = "disparity"
-    """files: what the maps hold"""
-    png_scale: PositiveFloat = 256.0
-    """files: 16-bit PNG value per unit (KITTI: 256 per pixel of disparity)"""
-    focal_px: PositiveFloat = 721.5
-    """stereo/files disparity: focal length in pixels"""
-    baseline_m: PositiveFloat = 0.54
-    """stereo/files disparity: stereo baseline in metres"""
-    require_agreement: bool = True
-    """dual-head denoising: keep only pixels where the RGB and RGB-D teachers agree [RECON]"""
-    cross_modal_weight: NonNegFloat = 1.0
-    """weight of the cross-modal consistency loss (each stream toward the other's weak-view pseudo-label)"""
-    input_lr: PositiveFloat = 1e-3
-    """learning rate of the RGB-D stem's depth-input weights (their own AdamW group, no weight decay; they start at
-    zero, and at the backbone's rate they barely move in a short run) [RECON]"""
-    validity_channel: bool = True
-    """feed a depth-validity channel (1 = measured, 0 = missing) next to depth, so missing depth is not read as
-    'infinitely far' [RECON]"""
-    cache_dir: str = ""
-    """folder of per-frame depth (.npz), computed once before training and reused by later runs; empty =
-    <out>/depth_cache"""
-
-    def check(self) -> None:
-        need = {"files": ("directory", self.directory), "stereo": ("right_dir", self.right_dir),
-                "model": ("model_dir", self.model_dir)}.get(self.provider)
-        if need and not need[1]:
-            raise ValueError(f"--depth.provider {self.provider} needs --depth.{need[0].replace('_', '-')}")
-
-
-@dataclass
-class RectifierConfig:
-    """Rectification values r for the pseudo-labels, used in IR2F's rectification-aware mixture loss
-    ``-log(r p(y|x) + (1 - r) / K)`` (Gong et al. CVPR 2023; methods.md 5.1, our form of it in 5.3 [RECON]).
-    By default r is the **teacher-anchor confidence prior** alone [RECON]: per pixel, the mean of the EMA teacher's
-    and the frozen anchor's (the source model after AdaBN) probability of the pseudo-label, a (B, H, W) float in
-    [0, 1] that nothing learns. ``inr`` adds IR2F's learned part: an implicit neural head on the teacher's features
-    that corrects the prior, ``r = sigmoid(logit(prior) + INR output)`` with the INR's last layer starting at zero,
-    trained by BCE toward an observable agreement target (the enabled targets are combined by AND; with depth the
-    RGB and RGB-D teachers' agreement always joins). Without ``inr`` only ``enabled``, ``prior`` and
-    ``warmup_steps`` act; the other fields configure the INR.
-
-    Why the prior alone is the default (issue #12, docs/benchmarks.md, 150-step runs, paired seeds): with the
-    stronger 180x240 source model on CamVid dusk the prior alone is +0.47 mIoU over prior + INR (3 seeds, better
-    on each) and runs 2.5x faster; with the quick 120x160 model the two tie (dusk +0.03 over 3 seeds, KITTI -0.12
-    over 2). The INR's AUROC for "pseudo-label is right" was within 0.001-0.02 of its own prior's (dusk 0.886 vs
-    0.885 with the stronger model; on KITTI below it), so its learned correction does not earn its cost here.
-
-    INR options [RECON]: ``features`` stride4/stride8 gives the implicit head a latent grid that can show
-    boundaries (decoder + backbone features); ``view_consensus`` is a target the head cannot compute from its inputs
-    (agreement with the teacher under an upscaled and a flipped photometric view it never sees; use it with
-    ``anchor_consistency`` off, whose target is a function of the anchor probabilities in the latent grid). The
-    anchor target measured best of the targets in quick checks (AUROC 0.829 vs max-softmax 0.820 over 6 runs, the
-    flip target 0.774)."""
-
-    enabled: bool = True
-    """weight the pseudo-label loss by r (the rectification-aware mixture loss); false: plain weighted CE"""
-    latent_dim: PositiveInt = 64
-    """channels of the latent grid the implicit head reads"""
-    hidden: PositiveInt = 128
-    """hidden width of the implicit head's MLP"""
-    layers: PositiveInt = 3
-    """MLP layers of the implicit head"""
-    query_stride: PositiveInt = 2
-    """r is predicted on a grid this many times coarser than the crop, then upsampled"""
-    lr: PositiveFloat = 1e-3
-    """learning rate of the rectifier"""
-    loss_weight: NonNegFloat = 1.0
-    """weight of the rectifier's BCE loss"""
-    warmup_steps: NonNegInt = 50
-    """steps before its values enter the mixture loss"""
-    anchor_consistency: bool = True
-    """target: the anchor (frozen AdaBN source model) agrees with the teacher; its probabilities join the latent grid"""
-    flip_consistency: bool = False
-    """target: the teacher's label is stable under a horizontal flip of the weak view"""
-    photometric_consistency: bool = False
-    """target: ... under the strong view's colour jitter and blur (one more teacher pass)"""
-    prior: Literal["teacher_anchor", "teacher", "none"] = "teacher_anchor"
-    """r's prior: mean of the teacher's and the anchor's probability of the label, the teacher's alone, or none
-    (none needs ``inr``: r is then the implicit head's output alone)"""
-    inr: bool = False
-    """learn IR2F's implicit head (INR) that corrects the prior (the options below act only with it); false (the
-    default): r is the prior alone, nothing trained, no target"""
-    features: Literal["decoder", "stride4", "stride8"] = "decoder"
-    """the latent grid: the decoder features at the model's output stride, or those upsampled to the backbone's
-    stride-4/8 grid and concatenated with its features there (boundary detail)"""
-    view_consensus: bool = False
-    """target: the teacher's weak-view label equals the argmax of its mean probability over views the rectifier
-    never sees (an upscaled view and a flipped photometric view; extra teacher passes, no gradients)"""
-    view_scale: Annotated[float, Bounds(0)] = 1.5
-    """view_consensus: scale factor of the upscaled view; 0 = no scaled view"""
-    view_flip_photometric: bool = True
-    """view_consensus: include the flipped view with the strong view's colour jitter and blur"""
-
-
-@dataclass
 class MonitorConfig:
     """Label-free monitor of an adaptation run and its optional stopping rule [RECON: our design, not from a paper;
     the thresholds are unmeasured guesses, the rule is off by default]; see :mod:`segadapt.adapt.monitor`. At each
@@ -365,7 +263,7 @@ class MonitorConfig:
 class AdaptConfig:
     """Adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted checkpoint of
     the same architecture out. There is no field for target labels. Source-free by default: with ``source_data``
-    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.uda`) labelled source frames add a
+    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.methods.uda`) labelled source frames add a
     source cross-entropy and DACS's source->target ClassMix, and RCCR/BiDA run in their paper forms."""
 
     checkpoint: str = ""
@@ -375,8 +273,7 @@ class AdaptConfig:
     (required)"""
     source_data: str = ""
     """UDA mode: a labelled source split (<dir>/images + <dir>/labels, the checkpoint's classes); empty = source-free
-    (nothing reads source data). With it, ``--lr 6e-5`` measured better than the default 2e-5 (+0.65 mIoU on dusk,
-    3 seeds; +1.08 on KITTI, 3 seeds; docs/benchmarks.md "Session 13")"""
+    (nothing reads source data)"""
     source_weight: NonNegFloat = 1.0
     """UDA mode: weight of the source cross-entropy (DACS: 1)"""
     source_batch_size: NonNegInt = 0
@@ -425,18 +322,9 @@ class AdaptConfig:
     """self-training steps"""
     batch_size: PositiveInt = 4
     """target frames per step"""
-    lr: PositiveFloat = 2e-5
-    """backbone learning rate (AdamW; the decode head's is ``head_lr_mult`` times it). 2e-5 since session 12 (was
-    6e-5, DAFormer's value for a transformer, never measured here before): with the stronger DeepLabV3-MobileNetV2
-    source model on CamVid dusk, 150 steps, it gained +0.87 mIoU over 6e-5 (3 seeds: +1.17, +1.04, +0.39), +0.30 at
-    1000 steps (seed 0); KITTI -0.06 (2 seeds: +0.08, -0.20), the quick source model +0.16 on dusk and +0.23 on
-    KITTI (seed 0); 2e-4 lost 2.53 and 6e-4 collapsed (18.71). 6e-5 with ``head_lr_mult`` 1 (the head at 6e-5, not
-    6e-4) gained as much on dusk at 150 steps (+0.93, 3 seeds). docs/benchmarks.md, section "Session 12". Session 13
-    (same model): KITTI over 3 seeds -0.20 against 6e-5 (+0.08, -0.21, -0.47), at 1000 steps (EMA 0.999, seed 0)
-    31.93 against 32.42; 6e-5 with ``head_lr_mult`` 1 on KITTI -0.54 against 2e-5 (3 seeds), so the head's rate
-    alone does not explain the dusk result. With ``source_data`` (the UDA mode) 6e-5 measured
-    better: +0.65 on dusk (3 seeds), +1.08 on KITTI (3 seeds: +1.02, +1.23, +1.00); pass ``--lr 6e-5`` there.
-    docs/benchmarks.md, section "Session 13\""""
+    lr: NonNegFloat = 0.0
+    """backbone learning rate (AdamW; the decode head's is ``head_lr_mult`` times it); 0 = the measured default of
+    the mode: 2e-5 source-free, 6e-5 with ``--source-data`` (:meth:`learning_rate`)"""
     head_lr_mult: PositiveFloat = 10.0
     """learning-rate multiplier of the decode head"""
     weight_decay: NonNegFloat = 0.01
@@ -467,6 +355,9 @@ class AdaptConfig:
     """log losses and pseudo-label coverage every N steps"""
     max_minutes: NonNegFloat = 0.0
     """wall-clock budget in minutes (0 = none)"""
+    grad_share_every: NonNegInt = 0
+    """every N steps (and at the last), log each loss term's gradient norm on the student's backbone relative to
+    the pseudo-label loss's as ``grad_share`` in coverage.jsonl (one extra backward pass per term; 0 = off)"""
     amp: bool = True
     """mixed precision on GPU; ignored on CPU"""
     device: Device = "auto"
@@ -478,6 +369,13 @@ class AdaptConfig:
     resume: Literal[False, True, "auto"] = False
     """continue from <out>/last (or last.prev after a kill while saving) with the exact state of the run; an error
     when there is nothing to resume; auto: resume when possible, else start fresh"""
+
+    def learning_rate(self) -> float:
+        """The backbone learning rate this run uses: ``lr``, or for 0 :data:`SOURCE_FREE_LR` (source-free) or
+        :data:`UDA_LR` (with ``source_data``)."""
+        if self.lr > 0:
+            return self.lr
+        return UDA_LR if self.source_data else SOURCE_FREE_LR
 
     def check(self) -> None:
         _check_range(self.scale, "--scale")

@@ -3,7 +3,7 @@
 A user adapting to footage without labels cannot see whether a long run (the CLI's 1000 steps, the ``full``
 preset's 3000) drifted. At each logged step (``--log-every``) the monitor reads only what the loop already computed
 on the weak view -- the EMA teacher's probabilities, the frozen AdaBN anchor's when the run keeps one
-(:func:`segadapt.adapt.self_training.uses_anchor`: no extra forward pass is made for the monitor), the pseudo-labels
+(:func:`segadapt.adapt.engine.uses_anchor`: no extra forward pass is made for the monitor), the pseudo-labels
 and the mask of real (non-padding) pixels -- and records:
 
 - ``coverage`` per class: share of valid pixels carrying each class's pseudo-label (the plot's first panel; the

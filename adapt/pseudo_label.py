@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from segadapt.adapt.distributed import all_reduce_sum, pool_class_thresholds
+from segadapt.adapt.training.distributed import all_reduce_sum, pool_class_thresholds
 
 
 def class_balanced_thresholds(probs: torch.Tensor, fraction: float = 0.5, cap: float = 0.9,

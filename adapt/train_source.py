@@ -5,7 +5,7 @@ the crop, photometric augmentation on the image (a source model must not hinge o
 CUDA, periodic validation on the source validation split, ``best`` and ``last`` checkpoints, and ``--resume`` from
 ``last`` (weights, optimizer, schedule, RNG, elapsed time).
 
-Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.distributed`): DDP (with SyncBatchNorm on GPUs),
+Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.training.distributed`): DDP (with SyncBatchNorm on GPUs),
 each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segadapt.adapt import distributed
+from segadapt.adapt.training import distributed
 from segadapt.adapt.augment import normalize_float, photometric
 from segadapt.adapt.config import SourceTrainConfig, to_dict
 from segadapt.adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
@@ -29,8 +29,8 @@ from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.models.checkpoint import CheckpointMeta, load_checkpoint, load_training_state, save_checkpoint
 from segadapt.adapt.models.segmenter import build_segmenter, upsample_logits
 from segadapt.adapt.data.sampling import data_state, resumable_loader
-from segadapt.adapt.resume import resume_from
-from segadapt.adapt.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
+from segadapt.adapt.training.resume import resume_from
+from segadapt.adapt.training.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
                                warmup_poly)
 from segadapt.runtime.classes import ClassInfo
 from segadapt.runtime.files import write_atomic

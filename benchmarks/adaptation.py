@@ -71,8 +71,8 @@ from segadapt.adapt.metrics import auroc
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.models.rectifier import confidence_prior
 from segadapt.adapt.models.segmenter import upsample_logits
-from segadapt.adapt.rectifier_signals import rectifier_input
-from segadapt.adapt.self_training import adapt, load_run, rectification
+from segadapt.adapt.methods.rectifier_signals import rectifier_input
+from segadapt.adapt.engine import adapt, load_run, rectification
 
 
 def measure(ckpt, ds, size) -> dict:

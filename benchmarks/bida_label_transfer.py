@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from segadapt.adapt.adabn import adapt_batchnorm
 from segadapt.adapt.augment import normalize
-from segadapt.adapt.bida import BiDA, class_means
-from segadapt.adapt.component_config import BiDAConfig
-from segadapt.adapt.components import StepContext, source_batches
+from segadapt.adapt.methods.bida import BiDA, class_means
+from segadapt.adapt.methods.config import BiDAConfig
+from segadapt.adapt.methods.base import StepContext, source_batches
 from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, collate
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.models.checkpoint import load_segmenter

@@ -45,8 +45,8 @@ from segadapt.adapt.data.datasets import LabeledImageFolder
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.metrics import auroc
 from segadapt.adapt.models.rectifier import confidence_prior
-from segadapt.adapt.rectifier_signals import rectifier_input
-from segadapt.adapt.self_training import load_run, rectification
+from segadapt.adapt.methods.rectifier_signals import rectifier_input
+from segadapt.adapt.engine import load_run, rectification
 
 VIEWS = ("flip", "scale0.75", "scale1.25", "gamma0.7")
 

@@ -1,6 +1,6 @@
 """How good are SeCo's pseudo-labels? Per-class precision and coverage of each stage against the real labels.
 
-Runs SeCo's pass (methods.md 3; :mod:`segadapt.adapt.seco`) exactly as ``segadapt adapt --seco.enabled`` does it:
+Runs SeCo's pass (methods.md 3; :mod:`segadapt.adapt.methods.seco.labels`) exactly as ``segadapt adapt --seco.enabled`` does it:
 the source model after AdaBN on the target frames at the training size, the class-wise top fraction of its pixels,
 PSA over SAM masks (``--sam-dir``) or superpixels, SCC. Then, for measurement only, it reads the target split's
 labels (resized to the training size, nearest) and reports per class and stage ("argmax" = every pixel of the
@@ -33,8 +33,8 @@ from segadapt.adapt.config import default_camvid_dir
 from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, collate
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.models.checkpoint import load_segmenter
-from segadapt.adapt.seco import predict_frames, seco_labels
-from segadapt.adapt.seco_config import SecoConfig
+from segadapt.adapt.methods.seco.labels import predict_frames, seco_labels
+from segadapt.adapt.methods.config import SecoConfig
 
 
 def stage_scores(labels: np.ndarray, truth: np.ndarray, num_classes: int, ignore: int) -> dict:

@@ -334,27 +334,38 @@ def write_manifest(d: Path) -> None:
     write_file(d / MANIFEST, json.dumps({"files": files}, indent=1).encode())
 
 
-def is_complete(d: str | Path, verify_hashes: bool = False, legacy_ok: bool = False) -> bool:
-    """Whether folder ``d`` was completely written: its manifest reads and every file it lists has the recorded
-    size (and SHA-256 with ``verify_hashes``). ``legacy_ok``: a folder without a manifest (written before manifests
-    existed, under its final name) counts as complete."""
+def manifest_problem(d: str | Path, verify_hashes: bool = False, legacy_ok: bool = False) -> Optional[str]:
+    """Why folder ``d`` is not completely written, in one phrase naming the file, or None when it is: its manifest
+    reads and every file it lists has the recorded size (and SHA-256 with ``verify_hashes``). ``legacy_ok``: a
+    folder without a manifest (written before manifests existed, under its final name) counts as complete."""
     d = Path(d)
     if not d.is_dir():
-        return False
+        return f"{d} does not exist"
     m = d / MANIFEST
     if not m.is_file():
-        return legacy_ok
+        return None if legacy_ok else f"{m} is missing (the folder was not completely written)"
     try:
         files = json.loads(m.read_text())["files"]
-        for rel, rec in files.items():
-            p = d / rel
-            if not p.is_file() or p.stat().st_size != rec["bytes"]:
-                return False
+        items = list(files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{m} is corrupt ({type(e).__name__})"
+    for rel, rec in items:
+        p = d / rel
+        try:
+            if not p.is_file():
+                return f"{p} is missing ({m} lists it)"
+            if p.stat().st_size != rec["bytes"]:
+                return f"{p} has {p.stat().st_size} bytes, {m} says {rec['bytes']}"
             if verify_hashes and _file_digest(p) != rec["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+                return f"{p} does not match its SHA-256 in {m}"
+        except (OSError, KeyError, TypeError) as e:
+            return f"{m} is corrupt ({type(e).__name__} at {rel!r})"
+    return None
+
+
+def is_complete(d: str | Path, verify_hashes: bool = False, legacy_ok: bool = False) -> bool:
+    """Whether folder ``d`` was completely written (:func:`manifest_problem` finds nothing)."""
+    return manifest_problem(d, verify_hashes, legacy_ok) is None
 
 
 def sibling(path: str | Path, tag: str) -> Path:

@@ -76,7 +76,7 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
     cfg = _resolved_config(AdaptConfig, ns)
     if cfg is not None:
         _preflight("adapt", cfg)
-        from segadapt.adapt.self_training import adapt
+        from segadapt.adapt.engine import adapt
         from segadapt.console import log
 
         summary = adapt(cfg, log=log)

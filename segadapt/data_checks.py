@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from segadapt.runtime.classes import ClassInfo
-from segadapt.runtime.files import read_json_object
+from segadapt.runtime.files import manifest_problem, read_json_object
 from segadapt.runtime.inputs import InputError, image_sizes
 
 CHECKPOINT_FORMAT = "segadapt-checkpoint"  # segadapt.adapt.models.checkpoint.FORMAT (that module imports torch)
@@ -176,6 +176,9 @@ def check_checkpoint(path: str | Path, flag: str) -> CheckpointInfo:
 
 def _check_segadapt_checkpoint(p: Path, cfg: dict, flag: str) -> CheckpointInfo:
     cfg_path = p / "config.json"
+    problem = manifest_problem(p, legacy_ok=True)  # sizes only: cheap; a corrupt or mismatched manifest is named
+    if problem:
+        raise InputError(_flag(f"{p}: not a complete checkpoint: {problem}", flag))
     if int(cfg.get("format_version", 0)) > 1:
         raise InputError(_flag(f"{cfg_path}: checkpoint format version {cfg['format_version']} is newer than this "
                                f"segadapt reads (1)", flag))

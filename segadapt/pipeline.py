@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Dict, List, Literal, Tuple
 
-from segadapt.adapt.component_config import BiDAConfig, RCCRConfig
-from segadapt.adapt.seco_config import SecoConfig
+from segadapt.adapt.methods.config import BiDAConfig, RCCRConfig
+from segadapt.adapt.methods.config import SecoConfig
 from segadapt.adapt.config import (AdaptConfig, ModelConfig, MonitorConfig, SourceTrainConfig, TeacherConfig,
                                    check_device, default_camvid_dir, default_data_root, to_dict)
 from segadapt.adapt.typed_config import Bounds, NonNegFloat, NonNegInt, Size, check_size
@@ -276,7 +276,7 @@ class _PipelineRun:
         return {"checkpoint": str(self.out / "source" / "best"), "summary": s}
 
     def step_adapt(self) -> dict:
-        from segadapt.adapt.self_training import adapt
+        from segadapt.adapt.engine import adapt
 
         p = self.p
         acfg = AdaptConfig(checkpoint=self.done("train_source")["checkpoint"], target=str(self.target),

@@ -119,8 +119,17 @@ def adapt(cfg) -> None:
     frames, video = _target_frames(cfg)
     check_depth_inputs(cfg.depth, frames, video)
     if getattr(cfg, "source_data", ""):  # UDA mode: the labelled source split against the checkpoint's classes
-        classes = info.classes or _class_file_for(Path(cfg.source_data), "--source-data")
-        check_labelled_split(cfg.source_data, classes, "--source-data")
+        src = Path(cfg.source_data)
+        split = _class_file_for(src, "--source-data") if find_class_file(src) is not None else None
+        if split is not None and info.classes is not None:  # the split's own class file must name the same classes
+            where = str(find_class_file(src))
+            compare_classes(info.classes.names, str(cfg.checkpoint), split.names, where, "--source-data")
+            if list(split.names) != list(info.classes.names):  # training on them would teach the wrong classes
+                raise InputError(f"{where}: its class names {list(split.names)} differ from the checkpoint's "
+                                 f"{list(info.classes.names)} (--source-data: source labels must use the "
+                                 "checkpoint's class ids)")
+        check_labelled_split(cfg.source_data, info.classes or split or _class_file_for(src, "--source-data"),
+                             "--source-data")
 
 
 def evaluate(ns: argparse.Namespace) -> None:

@@ -14,11 +14,11 @@ from conftest import tiny_model
 
 @pytest.mark.parametrize("arch", ["segformer", "deeplabv3-mobilenetv2"])
 def test_auxiliary_stream_starts_equal_to_source(arch, tiny):
-    from segadapt.adapt.models.aux_stream import depth_input_weight, make_auxiliary_stream
+    from segadapt.adapt.models.rgbd_segmenter import depth_input_weight, make_rgbd_segmenter
 
     torch.manual_seed(0)
     src = tiny_model(arch).eval()
-    aux = make_auxiliary_stream(src).eval()
+    aux = make_rgbd_segmenter(src).eval()
     assert aux.in_channels == 4
     x = torch.randn(2, 3, 64, 96)
     d = torch.rand(2, 1, 64, 96)
@@ -151,7 +151,7 @@ def test_rectifier_prior_starts_at_the_observable_confidence_and_learns_a_correc
 
 
 def test_mixture_loss_downweights_unreliable_pixels():
-    from segadapt.adapt.models.rectifier import mixture_loss, weighted_ce
+    from segadapt.adapt.losses import mixture_loss, weighted_ce
 
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 3, 3, requires_grad=True)
@@ -299,7 +299,7 @@ def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
 def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
     from segadapt.adapt.adabn import adapt_batchnorm  # noqa: F401 - documents what the reference below applies
     from segadapt.adapt.models.checkpoint import load_checkpoint, load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     adapt_cfg.teacher.alpha = 0.5
     adapt_cfg.steps = 1
@@ -333,7 +333,7 @@ def test_adaptation_steps_change_student_and_teacher_is_ema(adapt_cfg):
 def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch, seco):
     import segadapt.adapt.data.datasets as dsmod
     from segadapt.adapt.config import SecoConfig
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     if seco:  # SeCo's pass (methods.md 3) labels the frames itself and must not open target labels either
         adapt_cfg.seco = SecoConfig(enabled=True, scc_iterations=5, scc_batch=8, scc_crop=(32, 64))
@@ -360,7 +360,7 @@ def test_adapt_never_reads_target_labels(adapt_cfg, monkeypatch, seco):
 
 def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
     from segadapt.adapt.models.checkpoint import load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     adapt(adapt_cfg, log=lambda *_: None)
     anchor_before = load_training_state(Path(adapt_cfg.out) / "last")["anchor"]
@@ -409,7 +409,7 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     from segadapt.adapt.data.datasets import ImageFolder, collate
     from segadapt.adapt.data.transforms import Resize
     from segadapt.adapt.models.checkpoint import load_checkpoint
-    from segadapt.adapt.self_training import adapt, load_run
+    from segadapt.adapt.engine import adapt, load_run
 
     spec = importlib.util.spec_from_file_location("reliability_signals",
                                                   Path(__file__).parents[1] / "benchmarks" / "reliability_signals.py")

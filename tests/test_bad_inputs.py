@@ -23,7 +23,7 @@ import pytest
 
 from segadapt.cli import main
 
-IMPL_MODULES = ("segadapt.adapt.train_source", "segadapt.adapt.self_training", "segadapt.adapt.evaluate",
+IMPL_MODULES = ("segadapt.adapt.train_source", "segadapt.adapt.engine", "segadapt.adapt.evaluate",
                 "segadapt.adapt.metrics", "segadapt.adapt.models.checkpoint", "segadapt.adapt.models.segmenter",
                 "segadapt.export.onnx_export", "segadapt.export.bench", "segadapt.export.tensorrt_build",
                 "segadapt.export.triton", "segadapt.demo.app", "segadapt.adapt.data.camvid")

@@ -124,7 +124,7 @@ def test_keep_aspect_for_evaluate_and_adapt(tiny_checkpoint, shared_data, tmp_pa
     from segadapt.adapt.config import AdaptConfig, RectifierConfig
     from segadapt.adapt.evaluate import evaluate_checkpoint
     from segadapt.adapt.models.checkpoint import load_segmenter
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     assert keep_aspect_size(120, 621 / 187, 16) == (120, 400) and keep_aspect_size(120, 0.5, 8) == (240, 120)
     src = shared_data / "kitti-semantics" / "target_adapt"

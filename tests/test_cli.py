@@ -191,7 +191,7 @@ def test_every_flag_has_a_help_line(command):
     (["pipeline", "--adapt-teacher-alpha", "1"], ["--adapt-teacher-alpha", "[0, 1)"]),  # session 10's flag
 ])
 def test_bad_values_exit_2_naming_flag_and_choices_before_any_model_loads(args, names, capsys, monkeypatch):
-    import segadapt.adapt.self_training as st
+    import segadapt.adapt.engine as st
     import segadapt.adapt.train_source as ts
 
     def must_not_run(*a, **k):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from segadapt.adapt.augment import mix
-from segadapt.adapt.bida import BiDA, class_means
-from segadapt.adapt.component_config import BiDAConfig, RCCRConfig
-from segadapt.adapt.components import ProjectionHead, StepContext, apply_votes
+from segadapt.adapt.methods.bida import BiDA, class_means
+from segadapt.adapt.methods.config import BiDAConfig, RCCRConfig
+from segadapt.adapt.methods.base import ProjectionHead, StepContext, apply_votes
 from segadapt.adapt.config import AdaptConfig, RectifierConfig
-from segadapt.adapt.rccr import RCCR, MemoryBank, info_nce, ramp_weight
+from segadapt.adapt.methods.rccr import RCCR, MemoryBank, info_nce, ramp_weight
 
 K, D, B, H, W, h, w = 5, 16, 4, 32, 48, 8, 12
 
@@ -207,7 +207,7 @@ def _adapt_cfg(ckpt, tiny, out, steps, resume=False, **components):
 
 def test_tiny_adapt_run_with_rccr_and_bida_resumes_exactly(tiny_checkpoint, tiny, tmp_path):
     from segadapt.adapt.models.checkpoint import load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     comps = dict(rccr=RCCRConfig(enabled=True, weight=1.0, ramp=False, confidence=0.0, bank_size=64, bank_samples=16),
                  bida=BiDAConfig(enabled=True, source_confidence=0.3))
@@ -235,7 +235,7 @@ def test_tiny_adapt_run_with_rccr_and_bida_resumes_exactly(tiny_checkpoint, tiny
 
 
 def test_tiny_adapt_run_with_bida_classifier_prototypes_and_the_vote(tiny_checkpoint, tiny, tmp_path):
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     kept = {}
     for vote in (False, True):

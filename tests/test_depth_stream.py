@@ -59,7 +59,7 @@ def depth_cfg(ckpt, folder: Path, out: Path, **kw) -> AdaptConfig:
 
 def test_depth_input_weights_learn_in_their_own_group_and_steps_are_logged(tiny_checkpoint, depth_folder, tmp_path):
     from segadapt.adapt.models.checkpoint import load_checkpoint, load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     cfg = depth_cfg(tiny_checkpoint, depth_folder, tmp_path / "run")
     adapt(cfg, log=lambda *_: None)
@@ -95,8 +95,8 @@ def test_validity_channel_marks_missing_depth_and_reaches_the_output(tiny_checkp
     from segadapt.adapt.data.datasets import ImageFolder, collate
     from segadapt.adapt.data.depth import FileDepth
     from segadapt.adapt.data.transforms import Resize
-    from segadapt.adapt.depth_stream import depth_input
-    from segadapt.adapt.models.aux_stream import depth_input_weight, make_auxiliary_stream
+    from segadapt.adapt.methods.rgbd_stream import depth_input
+    from segadapt.adapt.models.rgbd_segmenter import depth_input_weight, make_rgbd_segmenter
     from segadapt.adapt.models.checkpoint import load_segmenter
 
     ds = ImageFolder(depth_folder / "images", transform=Resize((64, 208)),
@@ -112,7 +112,7 @@ def test_validity_channel_marks_missing_depth_and_reaches_the_output(tiny_checkp
 
     src, meta = load_segmenter(tiny_checkpoint)
     src.eval()
-    aux = make_auxiliary_stream(src, extra_channels=2).eval()
+    aux = make_rgbd_segmenter(src, extra_channels=2).eval()
     x = normalize(batch["image"], meta.mean, meta.std)
     flipped = extra.clone()
     flipped[:, 1] = 1 - flipped[:, 1]
@@ -166,7 +166,7 @@ def test_depth_cache_is_computed_once_in_the_main_process_and_reused(tiny_checkp
 
 
 def test_stream_statistics_on_known_maps():
-    from segadapt.adapt.depth_stream import fusion_removed, stream_agreement
+    from segadapt.adapt.methods.rgbd_stream import fusion_removed, stream_agreement
 
     p1 = torch.zeros(1, 3, 2, 2)
     p2 = torch.zeros(1, 3, 2, 2)

@@ -44,7 +44,7 @@ import json, multiprocessing, os, signal, socket, sys, time
 from pathlib import Path
 
 import torch
-from segadapt.adapt import distributed, self_training, train_source
+from segadapt.adapt.training import distributed, self_training, train_source
 from segadapt.cli import main
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

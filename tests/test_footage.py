@@ -216,7 +216,7 @@ def test_target_dataset_and_preflight_on_a_folder_of_videos(clips, tmp_path):
     from segadapt import preflight
     from segadapt.adapt.config import AdaptConfig
     from segadapt.adapt.data.transforms import Resize
-    from segadapt.adapt.self_training import target_dataset
+    from segadapt.adapt.engine import target_dataset
     from segadapt.runtime.inputs import InputError
 
     cfg = AdaptConfig(target=str(clips["folder"]), video_stride=2, video_max_frames=8)

@@ -95,7 +95,7 @@ def tiny_adapt(tiny_checkpoint, tiny, tmp_path):
 
 
 def test_adapt_run_writes_monitor_png_and_jsonl_keys(tiny_adapt):
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     s = adapt(tiny_adapt, log=lambda *_: None)
     out = Path(tiny_adapt.out)
@@ -115,7 +115,7 @@ def test_adapt_run_writes_monitor_png_and_jsonl_keys(tiny_adapt):
 
 def test_stopping_rule_stops_a_run_and_says_why(tiny_adapt):
     from segadapt.adapt.models.checkpoint import load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     # thresholds that any change of the teacher violates; step 1 cannot (the teacher is still the anchor), so with
     # patience 2 the run stops at step 3 of 6, between two checkpoints
@@ -173,7 +173,7 @@ def test_resumed_monitor_reads_its_history_and_reference_back(tmp_path):
 def test_keep_saves_keeps_each_saved_model_to_pick_a_step_afterwards(tiny_adapt):
     from safetensors.torch import load_file
 
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     tiny_adapt.steps, tiny_adapt.save_every, tiny_adapt.keep_saves = 4, 2, True
     tiny_adapt.lr, tiny_adapt.teacher.alpha = 5e-3, 0.0  # the kept (teacher) model changes every step

@@ -178,7 +178,7 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
     """`segadapt pipeline --uda` hands the data root's labelled source_train to the adaptation step (issue #13's
     UDA mode) and adapts at the UDA learning rate; without it the adaptation config has no source data
     (source-free) and the adaptation's default learning rate."""
-    import segadapt.adapt.self_training as st
+    import segadapt.adapt.engine as st
     from segadapt.adapt.config import AdaptConfig
     from segadapt.pipeline import UDA_LR, _PipelineRun
 
@@ -197,7 +197,7 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
 def test_pipeline_teacher_momentum_follows_the_preset_length(tmp_path, monkeypatch, preset, override, expected):
     """The adaptation's EMA momentum is the preset's (0.99 for the quick preset's 150 steps, 0.999 for long runs;
     issue #12) unless --adapt-teacher-alpha sets it; the CLI's own default (1000 steps) is 0.999."""
-    import segadapt.adapt.self_training as st
+    import segadapt.adapt.engine as st
     from segadapt.adapt.config import AdaptConfig
     from segadapt.pipeline import _PipelineRun
 

@@ -40,7 +40,7 @@ def test_transform_pipeline_marks_the_padding_invalid(tiny):
 
 @pytest.fixture()
 def run(tiny_checkpoint, tiny, tmp_path):
-    from segadapt.adapt.self_training import _AdaptRun
+    from segadapt.adapt.engine import _AdaptRun
 
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                       steps=1, batch_size=2, num_workers=0, adabn=False)
@@ -57,7 +57,7 @@ def _fresh_statistics(run):
 
 
 def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run, tiny, monkeypatch):
-    import segadapt.adapt.self_training as st
+    import segadapt.adapt.engine as st
     from segadapt.adapt.augment import class_mix_masks, mix
 
     b = _padded_batch(tiny, n=2, seed=1)

@@ -18,8 +18,8 @@ NO_PHOTOMETRIC = PhotometricConfig(brightness=0, contrast=0, saturation=0, hue=0
 @pytest.mark.parametrize("arch", ["segformer", "deeplabv3-mobilenetv2"])
 @pytest.mark.parametrize("features,stride", [("stride4", 4), ("stride8", 8)])
 def test_low_level_features_have_the_stride_and_feed_the_rectifier(arch, features, stride):
-    from segadapt.adapt.rectifier_signals import rectifier_feature_channels, rectifier_input
-    from segadapt.adapt.self_training import make_rectifier, rectification
+    from segadapt.adapt.methods.rectifier_signals import rectifier_feature_channels, rectifier_input
+    from segadapt.adapt.engine import make_rectifier, rectification
 
     torch.manual_seed(0)
     m = tiny_model(arch).eval()
@@ -65,7 +65,7 @@ class _ScaleFlipper(nn.Module):
 
 
 def test_view_consensus_target_is_not_a_function_of_the_rectifier_inputs():
-    from segadapt.adapt.rectifier_signals import agreement_target, view_consensus_probs
+    from segadapt.adapt.methods.rectifier_signals import agreement_target, view_consensus_probs
 
     teacher = _ScaleFlipper(native_w=16)
     img = torch.stack([torch.full((3, 12, 16), 230, dtype=torch.uint8), torch.full((3, 12, 16), 20, dtype=torch.uint8)])
@@ -84,7 +84,7 @@ def test_view_consensus_target_is_not_a_function_of_the_rectifier_inputs():
 
 
 def test_flipped_view_is_mapped_back_to_the_weak_view():
-    from segadapt.adapt.rectifier_signals import agreement_target, view_consensus_probs
+    from segadapt.adapt.methods.rectifier_signals import agreement_target, view_consensus_probs
 
     torch.manual_seed(0)
     teacher = nn.Conv2d(3, 4, 1)  # per-pixel classifier: flip-equivariant
@@ -98,7 +98,7 @@ def test_flipped_view_is_mapped_back_to_the_weak_view():
 
 
 def _run_stub(cfg: AdaptConfig, rect):
-    from segadapt.adapt.self_training import _AdaptRun
+    from segadapt.adapt.engine import _AdaptRun
 
     run = object.__new__(_AdaptRun)  # only what rectifier_loss reads
     run.cfg, run.rect, run.device = cfg, rect, torch.device("cpu")
@@ -106,8 +106,8 @@ def _run_stub(cfg: AdaptConfig, rect):
 
 
 def test_rectifier_bce_leaves_out_crop_padding():
-    from segadapt.adapt.rectifier_signals import masked_bce
-    from segadapt.adapt.self_training import make_rectifier
+    from segadapt.adapt.methods.rectifier_signals import masked_bce
+    from segadapt.adapt.engine import make_rectifier
 
     torch.manual_seed(0)
     r = torch.rand(2, 6, 8) * 0.98 + 0.01
@@ -153,8 +153,8 @@ def test_rectifier_bce_leaves_out_crop_padding():
 
 def test_tiny_adaptation_with_view_consensus_target_and_low_level_features(tiny_checkpoint, tiny, tmp_path):
     from segadapt.adapt.models.checkpoint import load_training_state
-    from segadapt.adapt.rectifier_signals import rectifier_input
-    from segadapt.adapt.self_training import adapt, load_run, rectification
+    from segadapt.adapt.methods.rectifier_signals import rectifier_input
+    from segadapt.adapt.engine import adapt, load_run, rectification
 
     rc = RectifierConfig(warmup_steps=1, features="stride8", view_consensus=True, anchor_consistency=False, inr=True)
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),

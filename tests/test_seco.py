@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from segadapt.adapt.seco_regions import paint_by_purity, psa_masks, psa_superpixels
-from segadapt.adapt.seco_scc import apply_decisions, extract_components, scc_decisions
+from segadapt.adapt.methods.seco.regions import paint_by_purity, psa_masks, psa_superpixels
+from segadapt.adapt.methods.seco.scc import apply_decisions, extract_components, scc_decisions
 
 IGN = 9  # ignore id for the hand-built maps (classes 0..3: 0, 1 stuff; 2, 3 things)
 STUFF = [True, True, False, False]
@@ -90,7 +90,7 @@ def test_scc_median_loss_drop_on_hand_built_components():
 def test_scc_classifier_gives_mislabelled_components_higher_early_loss():
     """Early-loss statistics on a synthetic set: red squares are class 0, blue ones class 1, and a fifth of the
     components carry the wrong PSA class; after a brief training their mean loss is above the clean ones'."""
-    from segadapt.adapt.seco_scc import train_and_score
+    from segadapt.adapt.methods.seco.scc import train_and_score
 
     rng = np.random.default_rng(0)
     images, maps = [], []
@@ -115,7 +115,7 @@ def test_scc_classifier_gives_mislabelled_components_higher_early_loss():
 
 
 def test_merge_modes():
-    from segadapt.adapt.seco import merge_fixed
+    from segadapt.adapt.methods.seco.labels import merge_fixed
 
     labels = torch.tensor([[[0, 1, IGN, IGN]]])
     mask = labels != IGN
@@ -139,7 +139,7 @@ def test_fixed_labels_follow_crop_padding_and_flip(tmp_path):
 
     from segadapt.adapt.data.datasets import Sample
     from segadapt.adapt.data.transforms import train_transform
-    from segadapt.adapt.seco import FixedLabels
+    from segadapt.adapt.methods.seco.labels import FixedLabels
 
     h, w = 12, 16
     cols = np.tile(np.arange(w, dtype=np.uint8), (h, 1))
@@ -184,7 +184,7 @@ def _tiny_sam(directory: Path) -> Path:
 
 
 def test_tiny_random_sam_from_a_local_directory_produces_regions(tmp_path):
-    from segadapt.adapt.seco_regions import SamRegions, thing_prompts
+    from segadapt.adapt.methods.seco.regions import SamRegions, thing_prompts
 
     sam = SamRegions(_tiny_sam(tmp_path / "sam"))
     rng = np.random.default_rng(0)
@@ -226,7 +226,7 @@ def test_stuff_flags_default_for_camvid_and_from_the_class_file(tiny_classes):
 
 def test_adapt_with_seco_writes_reuses_and_trains_on_the_labels(tiny_checkpoint, tiny, tmp_path):
     from segadapt.adapt.config import AdaptConfig, RectifierConfig, SecoConfig
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                       steps=1, batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from segadapt.adapt.component_config import BiDAConfig, RCCRConfig
+from segadapt.adapt.methods.config import BiDAConfig, RCCRConfig
 from segadapt.adapt.config import AdaptConfig, RectifierConfig
-from segadapt.adapt.uda import dacs_mix, paste_masks, source_ce
+from segadapt.adapt.methods.uda import dacs_mix, paste_masks, source_ce
 
 IGNORE = 11
 
@@ -99,7 +99,7 @@ def _spy_reads(monkeypatch) -> list:
 
 def test_source_free_mode_opens_no_source_file(tiny_checkpoint, tiny, tmp_path, monkeypatch):
     import segadapt.adapt.data.datasets as dsmod
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
 
     def no_labelled(*a, **k):
         raise AssertionError("a labelled dataset was built in the source-free mode")
@@ -118,7 +118,7 @@ def test_source_free_mode_opens_no_source_file(tiny_checkpoint, tiny, tmp_path, 
 def test_tiny_uda_run_logs_loss_src_reads_no_target_label_and_resumes_exactly(tiny_checkpoint, tiny, tmp_path,
                                                                               monkeypatch, capsys):
     from segadapt.adapt.models.checkpoint import load_training_state
-    from segadapt.adapt.self_training import adapt
+    from segadapt.adapt.engine import adapt
     from segadapt.cli import main
 
     opened = _spy_reads(monkeypatch)
@@ -170,7 +170,7 @@ def _bad_label_split(tiny: Path, root: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["missing", "no_labels", "bad_class"])
 def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, tmp_path, capsys, monkeypatch):
-    import segadapt.adapt.self_training as st
+    import segadapt.adapt.engine as st
     from segadapt.cli import main
 
     root = tmp_path / "src"
@@ -190,7 +190,7 @@ def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, 
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and str(root) in err, err
     assert {"missing": "no such", "no_labels": "labels", "bad_class": "[12]"}[case] in err, err
     # the library entry point checks too, before any step (one line naming the folder or file)
-    from segadapt.adapt.uda import source_dataset
+    from segadapt.adapt.methods.uda import source_dataset
     from segadapt.runtime.classes import ClassInfo
 
     with pytest.raises((FileNotFoundError, ValueError)) as e:

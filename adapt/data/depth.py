@@ -111,7 +111,9 @@ class StereoDepth:
         num_disparities: disparity search range in pixels (multiple of 16).
         block_size: matched block size (odd, 3-11).
 
-    Pixels without a confident match (left-right check, uniqueness, speckle filter) are invalid.
+    Pixels without a confident match (left-right check, uniqueness, speckle filter) are invalid, and so are the
+    left margin without the full disparity search range (the first ``num_disparities - 1`` columns) and matches
+    that would lie outside the right view.
     """
 
     right_dir: str
@@ -140,8 +142,10 @@ class StereoDepth:
         gl = cv2.cvtColor(left_rgb, cv2.COLOR_RGB2GRAY)
         gr = cv2.cvtColor(right_rgb, cv2.COLOR_RGB2GRAY)
         disp = self._sgbm.compute(gl, gr).astype(np.float32) / 16.0  # fixed point with 4 fractional bits
-        valid = disp > 0
-        valid[:, : self.num_disparities] &= disp[:, : self.num_disparities] > 0  # no match range at the left edge
+        # a column x can only be matched up to disparity x (the right view ends there): the first
+        # num_disparities - 1 columns lack the full search range, and a match past the right view's edge is wrong
+        cols = np.arange(disp.shape[1], dtype=np.float32)[None, :]
+        valid = (disp > 0) & (cols >= self.num_disparities - 1) & (disp <= cols)
         return np.where(valid, disp, 0.0).astype(np.float32), valid
 
     def depth_m(self, disparity: np.ndarray, valid: np.ndarray) -> np.ndarray:

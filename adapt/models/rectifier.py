@@ -3,7 +3,7 @@
 
 LIIF-style head (Chen et al., CVPR 2021): a latent grid (the teacher's features: its decoder features, or those
 upsampled to the backbone's stride-4/8 grid and concatenated with its features there, see
-:mod:`segadapt.adapt.rectifier_signals`; optionally concatenated with its class probabilities, projected to
+:mod:`segadapt.adapt.methods.rectifier_signals`; optionally concatenated with its class probabilities, projected to
 ``latent_dim`` channels) is queried at continuous image coordinates. For each
 query q the 4 nearest latents z_i contribute ``r_i = MLP([z_i, (q - v_i) * (h, w), cell * (h, w)])``; the local
 ensemble weights each r_i by the area of the rectangle diagonally opposite to it, and ``r(q) = sigmoid(sum w_i r_i)``
@@ -109,53 +109,26 @@ class ImplicitRectifier(nn.Module):
         return r.reshape(features.shape[0], H, W)
 
 
-def confidence_prior(teacher_probs: torch.Tensor, anchor_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The observable reliability the rectifier corrects [RECON]: the teacher's probability of its own pseudo-label,
-    averaged with the anchor's probability of that same label when ``anchor_probs`` is given.
+def confidence_prior(teacher_probs: torch.Tensor, anchor_probs: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The observable reliability of a pseudo-label (ours): the teacher's probability of that label, averaged with
+    the anchor's probability of the same label when ``anchor_probs`` is given.
 
     Args:
         teacher_probs: (B, K, H, W) float softmax probabilities of the EMA teacher.
         anchor_probs: optional (B, K, H, W) float softmax probabilities of the frozen AdaBN anchor.
+        labels: (B, H, W) int64 the labels the student trains on (values outside [0, K), e.g. the ignore index,
+            read the teacher's argmax); None = the teacher's argmax everywhere. Where the labelling rule, dual-head
+            fusion, SeCo or BiDA changed a label, this is the reliability of that label, not of the argmax's.
 
     Returns:
         (B, H, W) float in [0, 1].
     """
-    label = teacher_probs.argmax(1, keepdim=True)
+    label = teacher_probs.argmax(1)
+    if labels is not None:
+        label = torch.where((labels >= 0) & (labels < teacher_probs.shape[1]), labels, label)
+    label = label[:, None]
     p = teacher_probs.gather(1, label)[:, 0]
     if anchor_probs is not None:
         p = 0.5 * (p + anchor_probs.gather(1, label)[:, 0])
     return p
-
-
-def mixture_loss(logits: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, weights: torch.Tensor,
-                 ignore_index: int) -> torch.Tensor:
-    """Rectification-aware mixture loss [RECON of IR2F's RMM, methods.md 5.3].
-
-    The pseudo-label y is modelled as correct with probability r and uniform noise otherwise:
-    ``L = -log(r * p(y | x) + (1 - r) / K)`` per pixel, so pixels with small r contribute small gradients. r is used
-    with a stop-gradient (it is learned from its own signal, never pushed to 0 by this loss).
-
-    Args:
-        logits: (B, K, H, W) student logits.
-        labels: (B, H, W) int64 pseudo-labels (``ignore_index`` = no loss).
-        r: (B, H, W) rectification values in [0, 1].
-        weights: (B, H, W) per-pixel weights (e.g. the confidence mask).
-
-    Returns:
-        scalar loss: weighted mean over labelled pixels.
-    """
-    k = logits.shape[1]
-    valid = labels != ignore_index
-    lab = torch.where(valid, labels, torch.zeros_like(labels))
-    p = F.softmax(logits.float(), 1).gather(1, lab[:, None])[:, 0]
-    r = r.detach().clamp(0, 1)
-    nll = -torch.log(r * p + (1 - r) / k + 1e-8)
-    w = weights * valid.float()
-    return (nll * w).sum() / w.sum().clamp_min(1.0)
-
-
-def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Pixel-weighted cross-entropy: (B, K, H, W) logits, (B, H, W) labels and weights; mean over weighted pixels."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
-    w = weights * (labels != ignore_index).float()
-    return (ce * w).sum() / w.sum().clamp_min(1.0)

@@ -201,10 +201,16 @@ class Segmenter(nn.Module):
         up = F.interpolate(feats, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return out.logits, torch.cat([up, low.to(up.dtype)], 1)
 
+    HEAD_PREFIX = ("hf.decode_head.", "hf.segmentation_head.")
+
+    def backbone_parameters(self) -> list:
+        """The trainable parameters outside the decode head (the encoder), in module order."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(self.HEAD_PREFIX)]
+
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: float = 1.0) -> list:
         """AdamW parameter groups: no weight decay on biases and normalisation weights; the decoder/head gets
         ``lr * head_lr_mult`` (DAFormer uses 10x for the head, methods.md 0.2)."""
-        head_prefix = ("hf.decode_head.", "hf.segmentation_head.")
+        head_prefix = self.HEAD_PREFIX
         groups: Dict[Tuple[bool, bool], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:

@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 from segadapt.adapt.models.checkpoint import resumable_checkpoint
+from segadapt.runtime.files import manifest_problem
+
+
+def why(d: Path) -> str:
+    """Why checkpoint folder ``d`` cannot be resumed from, in one phrase naming the file."""
+    if not (d / "training_state.pt").is_file():
+        return f"{d / 'training_state.pt'} is missing"
+    return manifest_problem(d, verify_hashes=True, legacy_ok=True) or f"{d / 'config.json'} is not a checkpoint's"
 
 #: the values of the ``resume`` config field
 ResumeMode = Literal[False, True, "auto"]
@@ -37,12 +45,13 @@ def resume_from(out: Union[str, Path], mode: Union[bool, str], log: Callable[[st
         if mode == "auto":
             log(f"--resume auto: no complete checkpoint in {last}; starting fresh")
             return None
-        state = "is incomplete" if last.exists() else "does not exist"
-        raise ValueError(f"--resume: nothing to resume in {out}: {last} {state} and there is no complete "
+        state = f"is incomplete: {why(last)}" if last.exists() else "does not exist"
+        raise ValueError(f"--resume: nothing to resume in {out}: {last} {state}; and there is no complete "
                          f"{last.name}.prev (use --resume auto to start fresh when there is nothing)")
     if found != last:
-        log(f"{last} is missing or incomplete (the run was stopped while saving); resuming from the previous "
-            f"complete checkpoint {found}")
+        what = f"is incomplete ({why(last)})" if last.exists() else "is missing"
+        log(f"{last} {what}: the run was stopped while saving; resuming from the previous complete checkpoint "
+            f"{found}")
     return found
 
 

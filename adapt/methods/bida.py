@@ -22,7 +22,7 @@ prototype, and calibrates class-wise domain biases of the prototypes. Its code d
   gradient reaches the projection head only, the samples are stored features). Classes without a prototype on the
   other side are left out of the logits and the labels.
 
-UDA form (``--source-data``, :mod:`segadapt.adapt.uda`; methods.md 4.3 as in the paper, with source labels):
+UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; methods.md 4.3 as in the paper, with source labels):
 
 * Source prototypes P^s_c: EMA (``proto_momentum``) of the mean momentum-head embedding of the EMA teacher's decoder
   features on the step's source frames under their labels (nearest-downsampled; void skipped), updated at the start
@@ -40,8 +40,10 @@ from typing import Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from segadapt.adapt.component_config import BiDAConfig
-from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, labels_at, momentum_copy
+from segadapt.adapt.data.target import normalised_batches
+from segadapt.adapt.methods.base import Component, PseudoLabels, RunContext, Step
+from segadapt.adapt.methods.config import BiDAConfig
+from segadapt.adapt.methods.heads import ProjectionHead, ema_, labels_at, momentum_copy, real_cells
 
 __all__ = ["BiDA", "class_means", "prototype_logits"]
 
@@ -68,39 +70,46 @@ def prototype_logits(z: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor,
     return out.masked_fill(~valid[None, :, None, None], _ABSENT)
 
 
-class BiDA(LossComponent):
-    """The BiDA component (module docstring). Call :meth:`init_source` once before the first step of a fresh run.
+class BiDA(Component):
+    """The BiDA component (module docstring). The projection head trains with the student (the head's learning
+    rate); its momentum copy follows at the EMA teacher's momentum.
 
     Args:
-        cfg: :class:`~segadapt.adapt.component_config.BiDAConfig`.
-        feature_channels: D of the decoder features; num_classes: K.
+        cfg: the run's :class:`~segadapt.adapt.config.AdaptConfig` (``bida`` section; ``source_data`` = UDA form).
     """
 
     name = "bida"
 
-    def __init__(self, cfg: BiDAConfig, feature_channels: int, num_classes: int, uda: bool = False):
-        self.cfg, self.K, self.uda = cfg, num_classes, uda
-        self.proto_s = torch.zeros(num_classes, cfg.proj_dim)  # UDA form: (K, E) source prototypes (unit rows)
-        self.valid_s = torch.zeros(num_classes, dtype=torch.bool)
-        self._observed: Optional[int] = None  # UDA form: the step whose source batch P^s has seen
-        self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return cfg.bida.enabled
+
+    def __init__(self, cfg):
+        self.adapt_cfg, self.cfg, self.uda = cfg, cfg.bida, bool(cfg.source_data)
+        self.momentum = 0.999
+
+    def setup(self, run: RunContext) -> None:
+        """Heads, prototypes and bias; in a fresh source-free run the source samples from the source model after
+        AdaBN on ``bida.source_frames`` target frames."""
+        cfg, k, d = self.cfg, run.num_classes, run.teacher.model.feature_channels
+        self.K, self.momentum, self.ignore = k, run.teacher.alpha, run.ignore_index
+        self.head = ProjectionHead(d, cfg.proj_dim, cfg.proj_hidden).to(run.device)
         self.head_t = momentum_copy(self.head)
-        self.src_feats = torch.zeros(0, feature_channels)  # (Ns, D) source samples in decoder-feature space
-        self.src_labels = torch.zeros(0, dtype=torch.long)
-        self.proto_t = torch.zeros(num_classes, cfg.proj_dim)  # (K, E) target prototypes (unit rows where valid)
-        self.valid_t = torch.zeros(num_classes, dtype=torch.bool)
-        self.bias = torch.zeros(num_classes, cfg.proj_dim)  # (K, E) calibration bias
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=run.device)  # noqa: E731
+        self.proto_s, self.valid_s = zeros(k, cfg.proj_dim), zeros(k, dtype=torch.bool)  # UDA form: P^s
+        self._observed: Optional[int] = None  # UDA form: the step whose source batch P^s has seen
+        self.src_feats, self.src_labels = zeros(0, d), zeros(0, dtype=torch.long)  # source samples (Ns, D)
+        self.proto_t, self.valid_t = zeros(k, cfg.proj_dim), zeros(k, dtype=torch.bool)  # target prototypes
+        self.bias = zeros(k, cfg.proj_dim)  # (K, E) calibration bias
         self._pending: Optional[tuple] = None
+        if run.fresh and not self.uda:
+            self.init_source(run.source_model(), normalised_batches(run.frames(), run.mean, run.std, run.device,
+                                                                    cfg.source_frames))
 
-    def to(self, device) -> "BiDA":
-        self.head.to(device)
-        self.head_t.to(device)
-        for k in ("src_feats", "src_labels", "proto_t", "valid_t", "bias", "proto_s", "valid_s"):
-            setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def parameters(self):
-        return list(self.head.parameters())
+    def param_groups(self) -> list:
+        a = self.adapt_cfg
+        return [{"params": list(self.head.parameters()), "lr": a.learning_rate() * a.head_lr_mult,
+                 "weight_decay": a.weight_decay}]
 
     # ---- source side -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,60 +162,66 @@ class BiDA(LossComponent):
 
     # ---- label transfer ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def transfer(self, ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transfer(self, s: Step) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher embeddings (B, E, h, w), label-transfer logits (B, K, h, w) against the calibrated source
         prototypes, the (K, E) source prototypes and their (K,) validity."""
-        z_t = self.head_t(ctx.teacher_features.float())
+        z_t = self.head_t(s.view.features.float())
         p_s, valid_s = self.source_prototypes()
         cal = F.normalize(p_s + self.bias, dim=1)
         return z_t, prototype_logits(z_t, cal, valid_s, self.cfg.temperature), p_s, valid_s
 
-    def vote(self, ctx: StepContext) -> Optional[torch.Tensor]:
-        """(B, H, W) bool: False where the pseudo-label names a class with a source prototype and the nearest
-        calibrated prototype (logits upsampled to the input size) names another; None when ``vote`` is off or before
-        ``vote_start``."""
-        self.observe_source(ctx)
-        if not self.cfg.vote or ctx.step < self.cfg.vote_start:
-            return None
-        _, logits, _, valid_s = self.transfer(ctx)
-        hw = tuple(ctx.labels.shape[-2:])
-        nearest = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False).argmax(1)
-        lab = ctx.labels
-        judged = (lab != ctx.ignore_index) & valid_s[lab.clamp(0, self.K - 1)]
-        return ~judged | (nearest == lab)
+    def refine(self, s: Step, pl: PseudoLabels) -> PseudoLabels:
+        """Label transfer as a veto: drop the pixels whose pseudo-label names a class with a source prototype while
+        the nearest calibrated prototype (logits upsampled to the input size) names another (from ``vote_start``,
+        with ``vote``); logs ``bida_vetoed``, the share of real pixels dropped."""
+        self.observe_source(s)
+        if not self.cfg.vote or s.index < self.cfg.vote_start:
+            return pl
+        with torch.no_grad():
+            _, logits, _, valid_s = self.transfer(s)
+            nearest = F.interpolate(logits, size=tuple(pl.labels.shape[-2:]), mode="bilinear",
+                                    align_corners=False).argmax(1)
+        lab = pl.labels
+        judged = (lab != self.ignore) & valid_s[lab.clamp(0, self.K - 1)]
+        mask = pl.mask & (~judged | (nearest == lab))
+        real = pl.valid if pl.valid is not None else torch.ones_like(mask)
+        s.logs["bida_vetoed"] = float((pl.mask & ~mask & real).sum()) / max(1, int(real.sum()))
+        labels = torch.where(mask, lab, torch.full_like(lab, self.ignore))
+        return PseudoLabels(labels, mask, pl.weights * mask.float(), pl.threshold, pl.valid)
 
     # ---- loss and EMA ------------------------------------------------------------------------------------------
-    def loss(self, ctx: StepContext):
-        """``weight * (L_t->s + reverse_weight * L_s->t)``; logs ``loss_bida_ts``, ``loss_bida_st`` (unweighted)."""
+    def loss(self, s: Step) -> dict:
+        """``{"bida": weight * (L_t->s + reverse_weight * L_s->t)}``; logs ``bida_ts``, ``bida_st`` (unweighted)."""
         cfg = self.cfg
-        self.observe_source(ctx)
-        z_s = self.head(ctx.student_features.float())  # (B, E, h, w)
+        self.observe_source(s)
+        z_s = self.head(s.student_features.float())  # (B, E, h, w)
         hw = tuple(z_s.shape[-2:])
-        z_t, tl, p_s, valid_s = self.transfer(ctx)
-        lab = labels_at(ctx.strong_labels, hw)
-        kept = labels_at((ctx.strong_weights > 0).long(), hw).bool() & (lab != ctx.ignore_index)
-        if self.uda and ctx.source is not None and ctx.source.paste_masks is not None:  # target pixels only
-            kept &= labels_at(ctx.source.paste_masks[:, 0].long(), hw) == 0
+        with torch.no_grad():
+            z_t, tl, p_s, valid_s = self.transfer(s)
+        lab = labels_at(s.strong.labels, hw)
+        kept = labels_at((s.strong.weights > 0).long(), hw).bool() & (lab != self.ignore)
+        if self.uda and s.source is not None and s.source.paste_masks is not None:  # target pixels only
+            kept &= labels_at(s.source.paste_masks[:, 0].long(), hw) == 0
         lab = torch.where(kept & valid_s[lab.clamp(0, self.K - 1)], lab, torch.full_like(lab, -100))
         logits = prototype_logits(z_s, p_s, valid_s, cfg.temperature)
         l_ts = F.cross_entropy(logits, lab, ignore_index=-100) if (lab >= 0).any() else z_s.sum() * 0.0
         l_st = z_s.sum() * 0.0
         if self.uda:
-            l_st = self._source_to_target(ctx, l_st)
+            l_st = self._source_to_target(s, l_st)
         elif self.valid_t.any() and self.src_feats.shape[0]:
             z_src = self.head(self.src_feats[:, :, None, None])[:, :, 0, 0]
             ok = self.valid_t[self.src_labels]
             if ok.any():
                 lg = prototype_logits(z_src[ok][:, :, None, None], self.proto_t, self.valid_t, cfg.temperature)
                 l_st = F.cross_entropy(lg[:, :, 0, 0], self.src_labels[ok])
-        self._stash(ctx, z_t, tl, p_s)
-        total = cfg.weight * (l_ts + cfg.reverse_weight * l_st)
-        return total, {"loss_bida_ts": float(l_ts.detach()), "loss_bida_st": float(l_st.detach())}
+        self._stash(s, z_t, tl, p_s)
+        s.logs.update(bida_ts=float(l_ts.detach()), bida_st=float(l_st.detach()))
+        return {"bida": cfg.weight * (l_ts + cfg.reverse_weight * l_st)}
 
-    def _source_to_target(self, ctx: StepContext, zero: torch.Tensor) -> torch.Tensor:
+    def _source_to_target(self, s: Step, zero: torch.Tensor) -> torch.Tensor:
         """UDA form: CE over [head(student source features) . P^t / t] with the source labels (classes without a
         target prototype and void left out); ``zero`` when nothing is left."""
-        src = ctx.source
+        src = s.source
         if src is None or src.features is None or not self.valid_t.any():
             return zero
         z = self.head(src.features.float())  # (Bs, E, h, w)
@@ -220,13 +235,13 @@ class BiDA(LossComponent):
                                ignore_index=-100)
 
     @torch.no_grad()
-    def observe_source(self, ctx: StepContext) -> None:
+    def observe_source(self, s: Step) -> None:
         """UDA form: update P^s from the step's source batch (EMA of the momentum-head embeddings of the teacher's
         decoder features under the source labels), once per step; a no-op in the source-free form."""
-        if not self.uda or ctx.source is None or self._observed == ctx.step:
+        if not self.uda or s.source is None or self._observed == s.index:
             return
-        self._observed = ctx.step
-        src = ctx.source
+        self._observed = s.index
+        src = s.source
         _, f = src.teacher_forward(src.normalize(src.image))
         z = self.head_t(f.float())
         lab = labels_at(src.labels, tuple(z.shape[-2:])).reshape(-1)
@@ -237,21 +252,24 @@ class BiDA(LossComponent):
         self.valid_s = self.valid_s | seen
 
     @torch.no_grad()
-    def _stash(self, ctx: StepContext, z_t, transfer_logits, p_s) -> None:
-        """This batch's class means for :meth:`after_update`: teacher embeddings under the kept pseudo-labels
-        (target prototypes) and under the label-transfer labels (calibration)."""
+    def _stash(self, s: Step, z_t, transfer_logits, p_s) -> None:
+        """This batch's class means for :meth:`after_update`: teacher embeddings under the final pseudo-labels
+        (target prototypes) and under the label-transfer labels of the real cells (calibration; crop padding left
+        out)."""
         hw = tuple(z_t.shape[-2:])
         flat = z_t.permute(0, 2, 3, 1).reshape(-1, z_t.shape[1])
-        lab = labels_at(ctx.labels, hw).reshape(-1)
-        lab = torch.where(lab == ctx.ignore_index, torch.full_like(lab, -1), lab)
+        lab = labels_at(s.labels.labels, hw).reshape(-1)
+        lab = torch.where(lab == self.ignore, torch.full_like(lab, -1), lab)
         m_pl, n_pl = class_means(flat, lab, self.K)
-        m_tr, n_tr = class_means(flat, transfer_logits.argmax(1).reshape(-1), self.K)
+        real = real_cells(s.view.valid, hw, z_t[:, 0]).reshape(-1)
+        tr = torch.where(real, transfer_logits.argmax(1).reshape(-1), torch.full_like(lab, -1))
+        m_tr, n_tr = class_means(flat, tr, self.K)
         self._pending = (m_pl, n_pl > 0, m_tr, n_tr > 0, p_s)
 
     @torch.no_grad()
     def after_update(self) -> None:
         """Momentum head EMA; target prototypes and calibration bias from the stashed batch means."""
-        ema_(self.head_t, self.head, self.cfg.momentum)
+        ema_(self.head_t, self.head, self.momentum)
         if self._pending is None:
             return
         m_pl, seen, m_tr, seen_tr, p_s = self._pending

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["SamRegions", "class_counts", "local_entropy", "paint_by_purity", "psa_masks", "psa_superpixels",
-           "superpixels", "thing_prompts"]
+__all__ = ["SamRegions", "class_counts", "keep_thing_pixels", "local_entropy", "paint_by_purity", "psa_masks",
+           "psa_superpixels", "superpixels", "thing_prompts"]
 
 
 def superpixels(image: np.ndarray, method: str = "slic", n_segments: int = 150, compactness: float = 10.0,
@@ -77,8 +77,17 @@ def paint_by_purity(counts: np.ndarray, allowed: np.ndarray, purity: float) -> n
     return np.where(frac[np.arange(len(best)), best] > purity, best, -1).astype(np.int64)
 
 
+def keep_thing_pixels(out: np.ndarray, labels: np.ndarray, stuff: np.ndarray, ignore: int) -> np.ndarray:
+    """``out`` where it is not overruled: a pixel whose initial label is a thing class keeps that label (ours: a
+    stuff region painted over a pole or a sign would otherwise absorb it). (H, W) int64."""
+    lab = labels.astype(np.int64)
+    thing = (lab != ignore) & (lab >= 0) & (lab < len(stuff))
+    thing[thing] = ~stuff[lab[thing]]
+    return np.where(thing, lab, out).astype(np.int64)
+
+
 def psa_superpixels(regions: np.ndarray, labels: np.ndarray, stuff: Sequence[bool], ignore: int,
-                    purity: float = 0.2, thing_purity: float = 0.5) -> np.ndarray:
+                    purity: float = 0.2, thing_purity: float = 0.5, keep_things: bool = False) -> np.ndarray:
     """PSA over a superpixel partition [RECON]: stuff by the purity rule, then things (which overwrite stuff) by
     ``thing_purity``.
 
@@ -86,6 +95,7 @@ def psa_superpixels(regions: np.ndarray, labels: np.ndarray, stuff: Sequence[boo
         regions: (H, W) int region ids 0..R-1 (:func:`superpixels`).
         labels: (H, W) int pixel pseudo-labels, ``ignore`` where unlabelled.
         stuff: (K,) per-class stuff flags.
+        keep_things: pixels labelled with a thing class keep it (:func:`keep_thing_pixels`).
 
     Returns:
         (H, W) int64 aggregated labels, ``ignore`` where no class passed.
@@ -95,11 +105,12 @@ def psa_superpixels(regions: np.ndarray, labels: np.ndarray, stuff: Sequence[boo
     cls = paint_by_purity(counts, stuff, purity)
     thing = paint_by_purity(counts, ~stuff, thing_purity)
     cls = np.where(thing >= 0, thing, cls)
-    return np.where(cls[regions] >= 0, cls[regions], ignore).astype(np.int64)
+    out = np.where(cls[regions] >= 0, cls[regions], ignore).astype(np.int64)
+    return keep_thing_pixels(out, labels, stuff, ignore) if keep_things else out
 
 
 def psa_masks(stuff_masks: Sequence[np.ndarray], thing_masks: Sequence[Tuple[int, np.ndarray]], labels: np.ndarray,
-              stuff: Sequence[bool], ignore: int, purity: float = 0.2) -> np.ndarray:
+              stuff: Sequence[bool], ignore: int, purity: float = 0.2, keep_things: bool = False) -> np.ndarray:
     """PSA over SAM masks (methods.md 3.2): each stuff mask in order (later ones overwrite earlier ones) takes the
     stuff class passing :func:`paint_by_purity`; then each ``(class, mask)`` of the thing prompts is painted.
 
@@ -122,7 +133,7 @@ def psa_masks(stuff_masks: Sequence[np.ndarray], thing_masks: Sequence[Tuple[int
             out[m] = c
     for c, m in thing_masks:
         out[m] = c
-    return out
+    return keep_thing_pixels(out, labels, stuff, ignore) if keep_things else out
 
 
 def local_entropy(labels: np.ndarray, num_classes: int, ignore: int, radius: int = 8) -> np.ndarray:
@@ -255,7 +266,7 @@ class SamRegions:
 
     def psa(self, image: np.ndarray, labels: np.ndarray, stuff: Sequence[bool], ignore: int, purity: float = 0.2,
             min_pixels: int = 10, points_per_side: int = 16, iou_thresh: float = 0.88,
-            stability_thresh: float = 0.95) -> Tuple[np.ndarray, int]:
+            stability_thresh: float = 0.95, keep_things: bool = False) -> Tuple[np.ndarray, int]:
         """PSA of one frame with SAM (methods.md 3.2): (H, W) int64 aggregated labels and the number of SAM masks."""
         k = len(stuff)
         emb = self.embed(image)
@@ -267,4 +278,4 @@ class SamRegions:
                 continue
             pr = thing_prompts(labels, c, k, ignore, min_pixels, ent)
             things += [(c, m) for m in self.prompted_masks(image, emb, pr)]
-        return psa_masks(auto, things, labels, stuff, ignore, purity), len(auto) + len(things)
+        return psa_masks(auto, things, labels, stuff, ignore, purity, keep_things), len(auto) + len(things)

@@ -13,8 +13,8 @@ DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling
   pixels (weight 1) and the teacher's pseudo-label elsewhere (with its weights); then the usual colour jitter and
   blur (``AdaptConfig.strong``).
 
-RCCR and BiDA then run in their paper forms (:mod:`segadapt.adapt.rccr`, :mod:`segadapt.adapt.bida`) from the
-:class:`~segadapt.adapt.components.SourceContext` this module builds.
+RCCR and BiDA then run in their paper forms (:mod:`segadapt.adapt.methods.rccr`, :mod:`segadapt.adapt.methods.bida`) from the
+:class:`~segadapt.adapt.methods.base.SourceContext` this module builds.
 
 [RECON] choices, ours (configurable where a field is named):
 
@@ -40,14 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from segadapt.adapt.augment import class_mix_masks, normalize_float, photometric
-from segadapt.adapt.components import SourceContext
-from segadapt.adapt.data.datasets import LabeledImageFolder, collate
+from segadapt.adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
 from segadapt.adapt.data.sampling import resumable_loader
 from segadapt.adapt.data.transforms import train_transform
+from segadapt.adapt.methods.base import Component, RunContext, SourceContext, Step, StrongView
 from segadapt.adapt.models.segmenter import upsample_logits
-from segadapt.adapt.train_utils import autocast
+from segadapt.adapt.training import distributed
+from segadapt.adapt.training.train_utils import autocast
+from segadapt.runtime.classes import ClassInfo
 
-__all__ = ["SOURCE_SEED_OFFSET", "UDASource", "dacs_mix", "paste_masks", "source_ce", "source_dataset",
+__all__ = ["SOURCE_SEED_OFFSET", "UDAMode", "dacs_mix", "paste_masks", "source_ce", "source_dataset",
            "source_loader"]
 
 SOURCE_SEED_OFFSET = 104729  # the source stream's seed is the run's seed + this (its own order, independent)
@@ -66,7 +68,8 @@ def source_dataset(path: str | Path, classes, size: Tuple[int, int], crop: Tuple
         size, crop: (H, W) in pixels the frames are resized to, then randomly scaled by ``scale`` and cropped.
 
     Raises:
-        FileNotFoundError / ValueError: one line naming the folder or file and the problem.
+        FileNotFoundError / ValueError: one line naming the folder or file and the problem, also when the split's
+            own ``classes.json`` (in it or its parents) names other classes than the checkpoint.
     """
     root = Path(path)
     if not root.is_dir():
@@ -74,6 +77,13 @@ def source_dataset(path: str | Path, classes, size: Tuple[int, int], crop: Tuple
     if not (root / "labels").is_dir():
         raise ValueError(f"{root}: no labels/ folder in the source data folder (--source-data expects <dir>/images "
                          "and <dir>/labels)")
+    try:
+        own = find_classes_json(root)
+    except FileNotFoundError:
+        own = None  # no class file: the labels are read with the checkpoint's classes
+    if own is not None and list(ClassInfo.load(own).names) != list(classes.names):
+        raise ValueError(f"{own}: its class names {list(ClassInfo.load(own).names)} differ from the checkpoint's "
+                         f"{list(classes.names)} (--source-data: source labels must use the checkpoint's class ids)")
     ds = LabeledImageFolder(root, classes, transform=train_transform(crop, size, scale, classes.ignore_index))
     ds.load(0)
     return ds
@@ -143,85 +153,84 @@ def source_ce(student_forward: Callable, x_norm: torch.Tensor, labels: torch.Ten
     return F.cross_entropy(logits, labels, ignore_index=ignore_index), feats
 
 
-class UDASource:
-    """The source side of one UDA run (module docstring): the checked dataset (at construction, before any model
-    work beyond reading the checkpoint), the stream (:meth:`start`), the step's batch and DACS masks (:meth:`next`).
+class UDAMode(Component):
+    """The UDA mode (module docstring) as a component, enabled by ``--source-data``. Its source stream's position
+    (= the source batches drawn) is part of its state, so a resumed run reads exactly the source batches of the
+    uninterrupted run. It is first in the component list: its batch and :class:`SourceContext` are there when the
+    other components' hooks run, and its source features before BiDA's loss."""
 
-    Args:
-        cfg: the run's :class:`~segadapt.adapt.config.AdaptConfig` (``source_data`` set).
-        classes: the checkpoint's :class:`~segadapt.runtime.classes.ClassInfo`.
-        size, crop: the run's (H, W) input and crop sizes; mean, std: the checkpoint's normalisation (in [0, 1]).
+    name = "uda"
 
-    Raises:
-        FileNotFoundError / ValueError: a bad source folder (:func:`source_dataset`) or source data with depth.
-    """
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return bool(cfg.source_data)
 
-    def __init__(self, cfg, classes, size, crop, mean, std, device):
+    def __init__(self, cfg):
         if cfg.depth.provider != "none":
             raise ValueError("--source-data with --depth.provider: the UDA mode has no depth for source frames; "
                              "use one of them")
-        self.cfg, self.ignore, self.mean, self.std, self.device = cfg, classes.ignore_index, mean, std, device
-        self.ds = source_dataset(cfg.source_data, classes, tuple(size), tuple(crop), tuple(cfg.scale))
-        self.batch: Optional[dict] = None
-        self.batches = None
+        self.cfg, self.consumed, self.batches = cfg, 0, None
 
-    def start(self, consumed: int, rank: int = 0, world_size: int = 1) -> None:
-        """Open the stream after ``consumed`` batches (= the steps done: exact resume)."""
-        bs = self.cfg.source_batch_size or self.cfg.batch_size
-        self.batches = iter(source_loader(self.ds, bs, self.cfg.seed, consumed, self.cfg.num_workers, rank,
-                                          world_size))
+    def setup(self, run: RunContext) -> None:
+        """Check and open the labelled source split (:func:`source_dataset`)."""
+        cfg = self.cfg
+        crop = tuple(cfg.crop) if all(cfg.crop) else tuple(run.size)
+        self.run, self.ignore, self.mean, self.std, self.device = run, run.ignore_index, run.mean, run.std, run.device
+        self.ds = source_dataset(cfg.source_data, run.classes, tuple(run.size), crop, tuple(cfg.scale))
+        run.log(f"UDA mode: {len(self.ds)} labelled source frames from {cfg.source_data}")
 
-    def next(self) -> dict:
-        """The step's batch: ``image`` (Bs, 3, H, W) float in [0, 1], ``labels`` (Bs, H, W) int64, ``valid``
-        (Bs, H, W) bool and, with ``source_mix``, DACS ``masks`` (Bs, 1, H, W)."""
+    def start_step(self, s: Step) -> None:
+        """Draw the step's source batch and DACS masks; ``s.source`` for the other components."""
+        if self.batches is None:  # at the steps done: exact resume
+            bs = self.cfg.source_batch_size or self.cfg.batch_size
+            self.batches = iter(source_loader(self.ds, bs, self.cfg.seed, self.consumed, self.cfg.num_workers,
+                                              distributed.rank(), distributed.world_size()))
         b = next(self.batches)
-        dev = self.device
-        self.batch = {"image": b["image"].to(dev).float() / 255.0, "labels": b["label"].to(dev),
-                      "valid": b["valid"].to(dev)}
-        self.batch["masks"] = paste_masks(self.batch["labels"], self.ignore) if self.cfg.source_mix else None
-        return self.batch
+        self.consumed += 1
+        dev, amp, student, teacher = self.device, self.cfg.amp, self.run.student, self.run.teacher
+        image, labels = b["image"].to(dev).float() / 255.0, b["label"].to(dev)
+        masks = paste_masks(labels, self.ignore) if self.cfg.source_mix else None
+
+        def fwd_s(x):
+            with autocast(dev, amp):
+                return student().forward_features(x)
+
+        def fwd_t(x):
+            with torch.no_grad(), autocast(dev, amp):
+                return teacher.forward_features(x)
+
+        s.source = SourceContext(image=image, labels=labels, valid=b["valid"].to(dev),
+                                 target_image=s.image.float() / 255.0, prepare=self.prepare, student_forward=fwd_s,
+                                 teacher_forward=fwd_t, normalize=lambda x: normalize_float(x, self.mean, self.std),
+                                 masks=masks)
 
     def prepare(self, x01: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) [0, 1] -> the normalised strong view (colour jitter and blur, ``cfg.strong``)."""
         return normalize_float(photometric(x01, self.cfg.strong), self.mean, self.std)
 
-    def strong_view(self, img: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                    reliability: Optional[torch.Tensor]):
-        """The DACS strong view of (B, 3, H, W) uint8 target frames: (normalised image, labels, weights, r or None,
-        masks (B, 1, H, W)) (:func:`dacs_mix`, then :meth:`prepare`)."""
-        b = self.batch
-        x, lab, w, r, m = dacs_mix(img.float() / 255.0, b["image"], labels, weights, b["labels"], b["masks"],
-                                   reliability)
-        return self.prepare(x), lab, w, r, m
+    def strong_view(self, s: Step) -> Optional[StrongView]:
+        """With ``source_mix``: DACS's source->target ClassMix of the weak target view (:func:`dacs_mix`), then
+        colour jitter and blur; r is 1 on pasted source pixels."""
+        src, pl = s.source, s.labels
+        if src.masks is None:
+            return None
+        x, lab, w, r, m = dacs_mix(s.image.float() / 255.0, src.image, pl.labels, pl.weights, src.labels, src.masks,
+                                   s.reliability)
+        src.paste_masks = m
+        return StrongView(self.prepare(x), lab, w, r, None)
 
-    def context(self, img: torch.Tensor, student_forward: Callable, teacher_forward: Callable) -> SourceContext:
-        """The components' :class:`~segadapt.adapt.components.SourceContext` for this step ((B, 3, H, W) uint8
-        target frames; the forwards take normalised frames and run under the run's autocast)."""
-        b, dev, amp = self.batch, self.device, self.cfg.amp
-        masks = None
-        if b["masks"] is not None:
-            idx = torch.arange(img.shape[0], device=img.device) % b["masks"].shape[0]
-            masks = b["masks"][idx]
-
-        def fwd_s(x):
-            with autocast(dev, amp):
-                return student_forward(x)
-
-        def fwd_t(x):
-            with torch.no_grad(), autocast(dev, amp):
-                return teacher_forward(x)
-
-        return SourceContext(image=b["image"], labels=b["labels"], valid=b["valid"], target_image=img.float() / 255.0,
-                             prepare=self.prepare, student_forward=fwd_s, teacher_forward=fwd_t,
-                             normalize=lambda x: normalize_float(x, self.mean, self.std), paste_masks=masks)
-
-    def loss(self, student_forward: Callable, ctx=None) -> torch.Tensor:
-        """The unweighted source CE of the step's batch (:func:`source_ce`, under the run's autocast); stores the
-        student's source features in ``ctx.source`` for the components when ``ctx`` has one."""
-        b = self.batch
+    def loss(self, s: Step) -> dict:
+        """``{"source_ce": source_weight * CE of the student on the source batch}``; the student's source features
+        go to ``s.source.features`` (BiDA's paper form reads them)."""
+        src = s.source
         with autocast(self.device, self.cfg.amp):
-            loss, feats = source_ce(student_forward, normalize_float(b["image"], self.mean, self.std), b["labels"],
+            loss, feats = source_ce(self.run.student().forward_features, src.normalize(src.image), src.labels,
                                     self.ignore)
-        if ctx is not None and ctx.source is not None:
-            ctx.source.features = feats
-        return loss
+        src.features = feats
+        return {"source_ce": self.cfg.source_weight * loss}
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed, self.batches = int(state["consumed"]), None

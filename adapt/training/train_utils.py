@@ -13,12 +13,12 @@ import torch
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA if available, else CPU; otherwise the named device. Under torchrun, CUDA means this
-    process's GPU, ``cuda:LOCAL_RANK`` (:func:`segadapt.adapt.distributed.local_device`).
+    process's GPU, ``cuda:LOCAL_RANK`` (:func:`segadapt.adapt.training.distributed.local_device`).
 
     Raises:
         ValueError: a CUDA device was requested but CUDA is not available.
     """
-    from segadapt.adapt.distributed import local_device
+    from segadapt.adapt.training.distributed import local_device
 
     if name == "auto":
         return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

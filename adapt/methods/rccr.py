@@ -7,7 +7,7 @@ target, the negatives are entries of a FIFO memory bank of detached student and 
 from the anchor's pseudo-label (class-filtered), InfoNCE with temperature 0.1, anchors gated by teacher confidence
 > 0.75, loss weight ramped as ``0.01 exp(-5 (1 - sqrt(t / T)))``.
 
-Source-free form [RECON, configurable in :class:`~segadapt.adapt.component_config.RCCRConfig`]:
+Source-free form [RECON, configurable in :class:`~segadapt.adapt.methods.config.RCCRConfig`]:
 
 * No second student forward: the loop's strong view is target-to-target ClassMix + photometric, so every strong-view
   pixel comes from one of two target frames at the *same* location (``augment.mix``). Its positive is the teacher's
@@ -18,7 +18,7 @@ Source-free form [RECON, configurable in :class:`~segadapt.adapt.component_confi
 * Bank labels are the teacher's argmax (no threshold), mixed like the strong view for student entries; the bank and
   the samples per step are smaller than the code's 24000 / 4000 because our feature maps are small.
 
-UDA form (``--source-data``, :mod:`segadapt.adapt.uda`; methods.md 2.2 branch 2, the paper's code): per frame a
+UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; methods.md 2.2 branch 2, the paper's code): per frame a
 CutMix box (area ratio r ~ U(0, 1) = Beta(1, 1), side ratio sqrt(r), on the decoder's grid: the code's 8-pixel grid
 is its output stride) of the weak target view replaces the same box of a source frame; colour jitter and blur; one
 more student pass on it. Anchors are the student's embeddings in the box (cells wholly inside, real, teacher
@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from segadapt.adapt.augment import mix
-from segadapt.adapt.component_config import RCCRConfig
-from segadapt.adapt.components import LossComponent, ProjectionHead, StepContext, ema_, labels_at, momentum_copy
+from segadapt.adapt.methods.base import Component, RunContext, Step
+from segadapt.adapt.methods.config import RCCRConfig
+from segadapt.adapt.methods.heads import ProjectionHead, ema_, labels_at, momentum_copy, real_cells
 
 __all__ = ["RCCR", "MemoryBank", "cutmix_boxes", "info_nce", "ramp_weight"]
 
@@ -132,45 +133,44 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, anchor_labels: torc
     return torch.logsumexp(logits, 1) - s_pos[:, 0]
 
 
-class RCCR(LossComponent):
-    """The RCCR loss component (module docstring). ``loss`` also pushes this step's embeddings into the bank after
-    computing the loss (they are negatives from the next step on); ``after_update`` moves the momentum head.
-
-    Args:
-        cfg: :class:`~segadapt.adapt.component_config.RCCRConfig`.
-        feature_channels: D of the decoder features.
-    """
+class RCCR(Component):
+    """The RCCR component (module docstring): the projection head trains with the student (the head's learning
+    rate), its momentum copy follows it at the EMA teacher's momentum after each step; :meth:`loss` also pushes the
+    step's embeddings into the memory bank after computing the loss (negatives from the next step on)."""
 
     name = "rccr"
 
-    def __init__(self, cfg: RCCRConfig, feature_channels: int, uda: bool = False):
-        self.cfg, self.uda = cfg, uda
-        self.head = ProjectionHead(feature_channels, cfg.proj_dim, cfg.proj_hidden)
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return cfg.rccr.enabled
+
+    def __init__(self, cfg):
+        self.adapt_cfg, self.cfg = cfg, cfg.rccr
+        self.uda = bool(cfg.source_data)
+
+    def setup(self, run: RunContext) -> None:
+        cfg = self.cfg
+        self.momentum = run.teacher.alpha
+        self.head = ProjectionHead(run.teacher.model.feature_channels, cfg.proj_dim, cfg.proj_hidden).to(run.device)
         self.head_t = momentum_copy(self.head)
-        self.bank = MemoryBank(cfg.bank_size, cfg.proj_dim)
+        self.bank = MemoryBank(cfg.bank_size, cfg.proj_dim, run.device)
 
-    def to(self, device) -> "RCCR":
-        self.head.to(device)
-        self.head_t.to(device)
-        self.bank.to(device)
-        return self
+    def param_groups(self) -> list:
+        a = self.adapt_cfg
+        return [{"params": list(self.head.parameters()), "lr": a.learning_rate() * a.head_lr_mult,
+                 "weight_decay": a.weight_decay}]
 
-    def parameters(self):
-        return list(self.head.parameters())
-
-    def _targets(self, ctx: StepContext, hw: Tuple[int, int]):
+    def _targets(self, s: Step, hw: Tuple[int, int]):
         """Teacher embeddings (B, E, h, w), label and confidence (B, h, w) of the weak view; positives, labels and
         confidence mixed like the strong view; (B, h, w) bool cells that may be anchors (no crop padding in them);
         (B, h, w) bool real (padding-free) cells of the weak and of the strong view."""
         with torch.no_grad():
-            e_t = self.head_t(ctx.teacher_features.float())
-            conf, lab = torch.softmax(ctx.teacher_logits.float(), 1).max(1)
-            real = torch.ones_like(lab, dtype=torch.bool)[:, None]
-            if ctx.valid is not None:  # a cell is real when no input pixel in it is crop padding
-                real = F.adaptive_avg_pool2d(ctx.valid[:, None].float(), hw) > 1 - 1e-6
-            if ctx.mix_masks is None:
+            e_t = self.head_t(s.view.features.float())
+            conf, lab = torch.softmax(s.view.logits.float(), 1).max(1)
+            real = real_cells(s.view.valid, hw, lab)[:, None]
+            if s.strong.mix_masks is None:
                 return e_t, lab, e_t, lab, conf, real[:, 0], real[:, 0], real[:, 0]
-            m = F.adaptive_avg_pool2d(ctx.mix_masks.float(), hw)  # (B, 1, h, w) share pasted
+            m = F.adaptive_avg_pool2d(s.strong.mix_masks.float(), hw)  # (B, 1, h, w) share pasted
             pure = (m < 1e-6) | (m > 1 - 1e-6)
             mr = (m > 0.5).float()
             real_s = mix(real, mr)[:, 0]
@@ -179,66 +179,64 @@ class RCCR(LossComponent):
                 region &= mr[:, 0] > 0
             return e_t, lab, mix(e_t, mr), mix(lab, mr), mix(conf, mr), region, real[:, 0], real_s
 
-    def loss(self, ctx: StepContext):
-        """Weighted InfoNCE over confident anchors; logs ``loss_rccr`` (unweighted), ``rccr_anchors`` and
-        ``rccr_weight``."""
+    def loss(self, s: Step) -> dict:
+        """``{"rccr": weighted InfoNCE over confident anchors}``; logs ``rccr_raw`` (unweighted), ``rccr_anchors``
+        and ``rccr_weight``."""
         cfg = self.cfg
-        if self.uda and ctx.source is not None:
-            return self._loss_uda(ctx)
-        e_s = self.head(ctx.student_features.float())  # (B, E, h, w)
+        if self.uda and s.source is not None:
+            return self._loss_uda(s)
+        e_s = self.head(s.student_features.float())  # (B, E, h, w)
         hw = tuple(e_s.shape[-2:])
-        e_t, lab_t, e_pos, lab_m, conf_m, region, real, real_s = self._targets(ctx, hw)
+        e_t, lab_t, e_pos, lab_m, conf_m, region, real, real_s = self._targets(s, hw)
         valid = region & (conf_m > cfg.confidence)
-        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731 - (B, E, h, w) -> (Bhw, E)
         idx = valid.reshape(-1).nonzero()[:, 0]
         if idx.numel() > cfg.max_anchors:
             idx = idx[torch.randperm(idx.numel(), device=idx.device)[:cfg.max_anchors]]
         if idx.numel():
-            per = info_nce(flat(e_s)[idx], flat(e_pos)[idx], lab_m.reshape(-1)[idx], self.bank.features,
-                           self.bank.labels, cfg.temperature)
-            raw = per.mean()
+            raw = info_nce(_flat(e_s)[idx], _flat(e_pos)[idx], lab_m.reshape(-1)[idx], self.bank.features,
+                           self.bank.labels, cfg.temperature).mean()
         else:
             raw = e_s.sum() * 0.0
-        w = ramp_weight(cfg.weight, ctx.step, ctx.steps, cfg.ramp)
         r, rs = real.reshape(-1), real_s.reshape(-1)  # bank entries from real cells only
-        self._enqueue(flat(e_s.detach())[rs], lab_m.reshape(-1)[rs], flat(e_t)[r], lab_t.reshape(-1)[r])
-        return w * raw, {"loss_rccr": float(raw.detach()), "rccr_anchors": int(idx.numel()), "rccr_weight": w}
+        self._enqueue(_flat(e_s.detach())[rs], lab_m.reshape(-1)[rs], _flat(e_t)[r], lab_t.reshape(-1)[r])
+        return self._weighted(s, raw, idx.numel())
 
-    def _loss_uda(self, ctx: StepContext):
-        """The paper form (module docstring): the source-crop-with-target-box view, one more student pass; logs as
-        :meth:`loss`."""
-        cfg, src = self.cfg, ctx.source
+    def _weighted(self, s: Step, raw: torch.Tensor, anchors: int) -> dict:
+        w = ramp_weight(self.cfg.weight, s.index, s.steps, self.cfg.ramp)
+        s.logs.update(rccr_raw=float(raw.detach()), rccr_anchors=int(anchors), rccr_weight=w)
+        return {"rccr": w * raw}
+
+    def _loss_uda(self, s: Step) -> dict:
+        """The paper form (module docstring): the source-crop-with-target-box view, one more student pass."""
+        cfg, src = self.cfg, s.source
         with torch.no_grad():
-            e_t = self.head_t(ctx.teacher_features.float())  # (B, E, h, w)
+            e_t = self.head_t(s.view.features.float())  # (B, E, h, w)
             hw = tuple(e_t.shape[-2:])
-            conf, lab_t = torch.softmax(ctx.teacher_logits.float(), 1).max(1)
+            conf, lab_t = torch.softmax(s.view.logits.float(), 1).max(1)
             b, (hh, ww) = e_t.shape[0], src.target_image.shape[-2:]
             idx = torch.arange(b, device=e_t.device) % src.image.shape[0]
             box = F.interpolate(cutmix_boxes(b, hw, e_t.device)[:, None].float(), size=(hh, ww), mode="nearest")
             x_m = box * src.target_image + (1 - box) * src.image[idx]
             share = F.adaptive_avg_pool2d(box, hw)[:, 0]  # (B, h, w) share of each cell inside the box
             inside, outside = share > 1 - 1e-6, share < 1e-6
-            real_t = torch.ones_like(inside) if ctx.valid is None else (
-                F.adaptive_avg_pool2d(ctx.valid[:, None].float(), hw)[:, 0] > 1 - 1e-6)
-            real_src = F.adaptive_avg_pool2d(src.valid[idx][:, None].float(), hw)[:, 0] > 1 - 1e-6
+            real_t = real_cells(s.view.valid, hw, lab_t)
+            real_src = real_cells(src.valid[idx], hw, lab_t)
             lab_m = torch.where(inside, lab_t, labels_at(src.labels[idx], hw))
             real_m = torch.where(inside, real_t, real_src) & (inside | outside)
         _, f_m = src.student_forward(src.prepare(x_m))
         e_s = self.head(f_m.float())  # (B, E, h, w)
         valid = inside & real_t & (conf > cfg.confidence)
-        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731 - (B, E, h, w) -> (Bhw, E)
         sel = valid.reshape(-1).nonzero()[:, 0]
         if sel.numel() > cfg.max_anchors:
             sel = sel[torch.randperm(sel.numel(), device=sel.device)[:cfg.max_anchors]]
         if sel.numel():
-            raw = info_nce(flat(e_s)[sel], flat(e_t)[sel], lab_t.reshape(-1)[sel], self.bank.features,
+            raw = info_nce(_flat(e_s)[sel], _flat(e_t)[sel], lab_t.reshape(-1)[sel], self.bank.features,
                            self.bank.labels, cfg.temperature).mean()
         else:
             raw = e_s.sum() * 0.0
-        w = ramp_weight(cfg.weight, ctx.step, ctx.steps, cfg.ramp)
         rm, rt = real_m.reshape(-1), real_t.reshape(-1)
-        self._enqueue(flat(e_s.detach())[rm], lab_m.reshape(-1)[rm], flat(e_t)[rt], lab_t.reshape(-1)[rt])
-        return w * raw, {"loss_rccr": float(raw.detach()), "rccr_anchors": int(sel.numel()), "rccr_weight": w}
+        self._enqueue(_flat(e_s.detach())[rm], lab_m.reshape(-1)[rm], _flat(e_t)[rt], lab_t.reshape(-1)[rt])
+        return self._weighted(s, raw, sel.numel())
 
     def _enqueue(self, fs, ls, ft, lt) -> None:
         """Random ``bank_samples`` of the student's and of the teacher's embeddings of this step into the bank."""
@@ -248,7 +246,7 @@ class RCCR(LossComponent):
             self.bank.push(f[pick], lab[pick])
 
     def after_update(self) -> None:
-        ema_(self.head_t, self.head, self.cfg.momentum)
+        ema_(self.head_t, self.head, self.momentum)
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "head_t": self.head_t.state_dict(), "bank": self.bank.state_dict()}
@@ -257,3 +255,8 @@ class RCCR(LossComponent):
         self.head.load_state_dict(state["head"])
         self.head_t.load_state_dict(state["head_t"])
         self.bank.load_state_dict(state["bank"])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, E, h, w) -> (B h w, E)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])

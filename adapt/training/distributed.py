@@ -286,7 +286,7 @@ def rank_rng(seed: int, state: dict | None, set_rng_state: Callable[[dict], None
         seed: the run's seed; a fresh run reseeds ranks > 0 from :func:`rank_seed` (rank 0 keeps its stream).
         state: the training state being resumed (None when fresh): each rank restores its own saved RNG state
             (``rng_ranks``, written by :func:`gather_object` of every rank's state).
-        set_rng_state: :func:`~segadapt.adapt.train_utils.set_rng_state`.
+        set_rng_state: :func:`~segadapt.adapt.training.train_utils.set_rng_state`.
     """
     if not is_distributed():
         return

@@ -4,8 +4,8 @@
 1. The source model after AdaBN predicts every target frame at the training size; the initial pixel pseudo-labels
    keep the most confident ``pixel_fraction`` of each class's predicted pixels over the whole footage (CBST-style;
    SeCo takes any pixel pseudo-labels as input, its examples use class-wise top fractions) [RECON: the fraction].
-2. PSA (:mod:`segadapt.adapt.seco_regions`) aggregates them over SAM masks or superpixels.
-3. SCC (:mod:`segadapt.adapt.seco_scc`) drops or relabels noisy connected components.
+2. PSA (:mod:`segadapt.adapt.methods.seco.regions`) aggregates them over SAM masks or superpixels.
+3. SCC (:mod:`segadapt.adapt.methods.seco.scc`) drops or relabels noisy connected components.
 4. The labels are written as PNGs to ``<out>/seco_labels/`` (atomic; ``seco.json`` written last records what made
    them, and a later run with the same inputs reuses them) and travel with the frames as ``fixed_pseudo_label``;
    :func:`merge_fixed` joins them to the online pseudo-labels in each step (SeCo 3.4 "alternative": fixed
@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 from segadapt.adapt.augment import normalize
 from segadapt.adapt.data.datasets import Sample, collate, read_fixed_pseudo_label
 from segadapt.adapt.models.segmenter import upsample_logits
-from segadapt.adapt.seco_config import SecoConfig
-from segadapt.adapt.seco_regions import SamRegions, psa_superpixels, superpixels
-from segadapt.adapt.seco_scc import apply_decisions, extract_components, scc_decisions, train_and_score
+from segadapt.adapt.methods.config import SecoConfig
+from segadapt.adapt.methods.seco.regions import SamRegions, psa_superpixels, superpixels
+from segadapt.adapt.methods.seco.scc import apply_decisions, extract_components, scc_decisions, train_and_score
 from segadapt.adapt.typed_config import to_dict
 from segadapt.runtime.files import write_atomic
 
@@ -93,9 +93,11 @@ def _psa(frames: Sequence[np.ndarray], pixel: np.ndarray, stuff: Sequence[bool],
     if cfg.sam_dir:
         sam = SamRegions(cfg.sam_dir, device)
         return [sam.psa(f, p, stuff, ignore, cfg.purity, cfg.thing_min_pixels, cfg.sam_points_per_side,
-                        cfg.sam_iou_threshold, cfg.sam_stability_threshold)[0] for f, p in zip(frames, pixel)]
+                        cfg.sam_iou_threshold, cfg.sam_stability_threshold, cfg.keep_things)[0]
+                for f, p in zip(frames, pixel)]
     return [psa_superpixels(superpixels(f, cfg.superpixels, cfg.slic_segments, cfg.slic_compactness,
-                                        cfg.felzenszwalb_scale), p, stuff, ignore, cfg.purity, cfg.thing_purity)
+                                        cfg.felzenszwalb_scale), p, stuff, ignore, cfg.purity, cfg.thing_purity,
+                            cfg.keep_things)
             for f, p in zip(frames, pixel)]
 
 

@@ -1,4 +1,5 @@
-"""The RGB-D auxiliary stream of CrossMatch (Yin et al., ICCV 2023; methods.md 1.3 option A, [RECON]).
+"""The RGB-D segmenter of CrossMatch's auxiliary stream (Yin et al., ICCV 2023; early fusion with a zero-initialised
+depth input, ours: the paper's code was not available).
 
 The same architecture as the source model with a (3 + E)-channel stem: RGB, normalised inverse depth and, in
 adaptation runs by default (``depth.validity_channel``), a depth-validity channel (E = 2). Every weight is copied from the source model; the stem's weights for the
@@ -35,7 +36,7 @@ class _SplitInputChannels(nn.Module):
         return weight[:, :n].clone(), weight[:, n:].clone()
 
 
-def make_auxiliary_stream(source: Segmenter, extra_channels: int = 1) -> Segmenter:
+def make_rgbd_segmenter(source: Segmenter, extra_channels: int = 1) -> Segmenter:
     """A (3 + ``extra_channels``)-input-channel copy of ``source`` whose extra input channels start with zero weights.
 
     Args:
@@ -79,17 +80,17 @@ def make_auxiliary_stream(source: Segmenter, extra_channels: int = 1) -> Segment
 
 
 def depth_input_weight(aux: nn.Module) -> nn.Parameter:
-    """The stem's extra-input (depth, validity) weights of a stream from :func:`make_auxiliary_stream`.
+    """The stem's extra-input (depth, validity) weights of a stream from :func:`make_rgbd_segmenter`.
 
     Returns:
         the parameter (C_out, E, k, k) float32, a leaf trained by the optimiser.
 
     Raises:
-        ValueError: ``aux`` has no split stem (not made by :func:`make_auxiliary_stream`).
+        ValueError: ``aux`` has no split stem (not made by :func:`make_rgbd_segmenter`).
     """
     for m in aux.modules():
         if parametrize.is_parametrized(m, "weight"):
             plist = m.parametrizations.weight
             if isinstance(plist[0], _SplitInputChannels):
                 return plist.original1
-    raise ValueError("the model has no split RGB-D stem (build it with make_auxiliary_stream)")
+    raise ValueError("the model has no split RGB-D stem (build it with make_rgbd_segmenter)")

@@ -1,0 +1,1 @@
+"""Training plumbing shared by the loops: devices and seeds, data-parallel runs, resume, logs and debug grids."""
