@@ -151,7 +151,8 @@ class Engine:
         else:
             self.student = self.source_model()
             if self.cfg.adabn:
-                self.log(f"AdaBN (blend {self.cfg.adabn_alpha}) on {len(self.plain_frames())} target frames")
+                self.log(f"AdaBN: BatchNorm statistics from {len(self.plain_frames())} target frames (blend "
+                         f"{self.cfg.adabn_alpha} with the source's)")
         self.anchor = None
         if any(c.needs_anchor for c in self.components) or self.cfg.pseudo.anchor_weight > 0:
             import copy
@@ -218,6 +219,10 @@ class Engine:
             ds, rank, world, seed = distributed.shard_frames(ds), 0, 1, distributed.rank_seed(seed)
         self.loader = resumable_loader(ds, self.cfg.batch_size, seed, start=consumed, rank=rank, world_size=world,
                                        num_workers=self.cfg.num_workers, collate_fn=collate)
+        if distributed.world_size() > 1:
+            w = distributed.world_size()
+            self.log(f"data-parallel: {w} processes, {self.cfg.batch_size} frames each, global batch "
+                     f"{w * self.cfg.batch_size}")
         self.batches = iter(self.loader)
 
     # ---- one step -----------------------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ class PipelineConfig:
     """run the steps up to this one, then write the report (e.g. evaluate: no ONNX export and no video)"""
     uda: bool = False
     """UDA mode: adapt with the data root's labelled source_train as source data (source CE + DACS mix; RCCR and
-    BiDA in their paper forms) at the learning rate :data:`UDA_LR`; off = source-free (the adaptation's default
-    learning rate), nothing reads source data during adaptation"""
+    BiDA in their paper forms) at the UDA mode's learning rate (``AdaptConfig.learning_rate``); off = source-free,
+    nothing reads source data during adaptation"""
     rccr: RCCRConfig = field(default_factory=RCCRConfig)
     bida: BiDAConfig = field(default_factory=BiDAConfig)
     seco: SecoConfig = field(default_factory=SecoConfig)
@@ -95,10 +95,6 @@ class PipelineConfig:
         check_size(self.size, "--size", zero_means="the preset's")
         check_device(self.device)
 
-
-# The adaptation's learning rate in the UDA mode (`--uda`): 6e-5 measured above the source-free default 2e-5 there,
-# +0.65 mIoU on CamVid dusk (3 seeds) and +1.08 on KITTI (3 seeds), docs/benchmarks.md "Session 13".
-UDA_LR = 6e-5
 
 PIPELINE_PRESETS = {
     # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (session 4 made 793 in
@@ -286,8 +282,7 @@ class _PipelineRun:
                            teacher=TeacherConfig(alpha=p["adapt_teacher_alpha"]),
                            resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4),
                            rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor,
-                           source_data=str(self.data / "source_train") if self.cfg.uda else "",
-                           lr=UDA_LR if self.cfg.uda else AdaptConfig.lr)
+                           source_data=str(self.data / "source_train") if self.cfg.uda else "")
         s = adapt(acfg, log=self.log)
         return {"checkpoint": str(self.out / "adapt" / "adapted"), "summary": s}
 

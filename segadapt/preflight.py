@@ -123,7 +123,8 @@ def adapt(cfg) -> None:
         split = _class_file_for(src, "--source-data") if find_class_file(src) is not None else None
         if split is not None and info.classes is not None:  # the split's own class file must name the same classes
             where = str(find_class_file(src))
-            compare_classes(info.classes.names, str(cfg.checkpoint), split.names, where, "--source-data")
+            if len(split.names) != len(info.classes.names):
+                compare_classes(info.classes.names, str(cfg.checkpoint), split.names, where, "--source-data")
             if list(split.names) != list(info.classes.names):  # training on them would teach the wrong classes
                 raise InputError(f"{where}: its class names {list(split.names)} differ from the checkpoint's "
                                  f"{list(info.classes.names)} (--source-data: source labels must use the "

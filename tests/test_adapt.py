@@ -379,10 +379,11 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
                       size=(96, 320), steps=2, batch_size=2, num_workers=0, debug_every=1,
                       depth=DepthConfig(provider="stereo", right_dir=str(kitti / "image_3")))
     s = adapt(cfg, log=lambda *_: None)
-    assert "loss_cm" in s["last_losses"] and s["depth"] == "stereo"
+    assert "loss_cross_modal" in s["last_losses"] and "rgbd_stream" in s["methods"]
     st = load_training_state(tmp_path / "kd" / "last")
     # the RGB-D stem (depth + validity inputs, their own parameter) was trained
-    assert any(k.endswith("original1") and v.shape[1] == 2 for k, v in st["aux"].items())
+    rgbd = st["components"]["rgbd_stream"]["model"]
+    assert any(k.endswith("original1") and v.shape[1] == 2 for k, v in rgbd.items())
     grid = cv2.imread(str(tmp_path / "kd" / "debug" / "step_000001.png"))
     assert grid.shape[1] == 4 * 320  # image | labels | rectification | depth
 
@@ -395,7 +396,7 @@ def test_adapt_on_video_and_cli(tiny_checkpoint, video_path, tmp_path, capsys):
                "--video-stride", "50", "--rectifier.enabled", "false"])
     assert rc == 0
     s = json.loads((tmp_path / "v" / "summary.json").read_text())
-    assert s["steps"] == 2 and s["rectifier"] is False
+    assert s["steps"] == 2 and "rectifier" not in s["methods"]
     rc = main(["adapt", "--checkpoint", str(tiny_checkpoint), "--target", str(tmp_path / "none"), "--out",
                str(tmp_path / "x")])
     assert rc == 2 and "none" in capsys.readouterr().err
@@ -409,7 +410,8 @@ def test_reliability_signals_benchmark_rebuilds_the_anchor_and_scores_signals(ad
     from segadapt.adapt.data.datasets import ImageFolder, collate
     from segadapt.adapt.data.transforms import Resize
     from segadapt.adapt.models.checkpoint import load_checkpoint
-    from segadapt.adapt.engine import adapt, load_run
+    from segadapt.adapt.engine import adapt
+    from segadapt.adapt.methods.rectifier import load_run
 
     spec = importlib.util.spec_from_file_location("reliability_signals",
                                                   Path(__file__).parents[1] / "benchmarks" / "reliability_signals.py")

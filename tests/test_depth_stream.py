@@ -64,11 +64,12 @@ def test_depth_input_weights_learn_in_their_own_group_and_steps_are_logged(tiny_
     cfg = depth_cfg(tiny_checkpoint, depth_folder, tmp_path / "run")
     adapt(cfg, log=lambda *_: None)
     st = load_training_state(tmp_path / "run" / "last")
-    (key,) = [k for k in st["aux"] if k.endswith("original1")]
-    w = st["aux"][key]
+    rgbd = st["components"]["rgbd_stream"]["model"]
+    (key,) = [k for k in rgbd if k.endswith("original1")]
+    w = rgbd[key]
     assert w.shape[1] == 2  # depth + validity, zero at the start
     # AdamW moves a weight by about lr per step: at the backbone's lr it could move at most 5 lr in 5 steps
-    assert w.abs().max() > 10 * cfg.lr * cfg.steps
+    assert w.abs().max() > 10 * cfg.learning_rate() * cfg.steps
     (g,) = [g for g in st["optimizer"]["param_groups"] if g.get("name") == "depth_input"]
     assert g["lr"] == cfg.depth.input_lr and g["weight_decay"] == 0.0 and len(g["params"]) == 1
     recs = [json.loads(line) for line in (tmp_path / "run" / "coverage.jsonl").read_text().splitlines()]
@@ -77,8 +78,8 @@ def test_depth_input_weights_learn_in_their_own_group_and_steps_are_logged(tiny_
     assert norms[0] > 0 and norms[-1] > norms[0]
     assert abs(norms[-1] - float(w.norm())) < 1e-4  # the logged norm is the trained weight's
     for r in recs:
-        assert 0.0 <= r["stream_agreement"] <= 1.0 and 0.0 <= r["fusion_removed"] <= 1.0
-        assert r["kept"] + r["fusion_removed"] <= 1.0 + 1e-6
+        assert 0.0 <= r["stream_agreement"] <= 1.0 and 0.0 <= r["rgbd_removed"] <= 1.0
+        assert r["kept"] + r["rgbd_removed"] <= 1.0 + 1e-6
     assert recs[0]["stream_agreement"] == 1.0  # both teachers start as the source model
     # the exported model stays RGB
     model, _ = load_checkpoint(tmp_path / "run" / "adapted")
@@ -87,7 +88,7 @@ def test_depth_input_weights_learn_in_their_own_group_and_steps_are_logged(tiny_
     cfg.steps, cfg.resume = 6, True
     assert adapt(cfg, log=lambda *_: None)["steps"] == 6
     st = load_training_state(tmp_path / "run" / "last")
-    assert not torch.equal(st["aux"][key], w)
+    assert not torch.equal(st["components"]["rgbd_stream"]["model"][key], w)
 
 
 def test_validity_channel_marks_missing_depth_and_reaches_the_output(tiny_checkpoint, depth_folder):
@@ -128,23 +129,23 @@ def test_validity_channel_marks_missing_depth_and_reaches_the_output(tiny_checkp
 
 def test_depth_cache_is_computed_once_in_the_main_process_and_reused(tiny_checkpoint, depth_folder, tmp_path,
                                                                      monkeypatch):
-    from segadapt.adapt import self_training
+    from segadapt.adapt import engine
     from segadapt.adapt.data.depth import FileDepth
     from segadapt.adapt.data.depth_cache import CachedDepth, DepthCache
 
     files = sorted((depth_folder / "images").iterdir())
     counting = CountingDepth(str(depth_folder / "disp"))
     counting.calls[0] = 0
-    monkeypatch.setattr(self_training, "make_depth_provider", lambda *a, **k: counting)
+    monkeypatch.setattr(engine, "make_depth_provider", lambda *a, **k: counting)
     cache = tmp_path / "cache"
     # two DataLoader workers (forked): the provider would raise there; they only read the cache
     cfg = depth_cfg(tiny_checkpoint, depth_folder, tmp_path / "a", steps=2, num_workers=2,
                     depth=DepthConfig(provider="files", directory="unused", cache_dir=str(cache)))
-    self_training.adapt(cfg, log=lambda *_: None)
+    engine.adapt(cfg, log=lambda *_: None)
     assert counting.calls[0] == len(files)
     assert len(list(cache.glob("*.npz"))) == len(files) and not list(cache.glob(".*"))  # no temporary left
     cfg.out = str(tmp_path / "b")
-    run = self_training._AdaptRun(cfg, log=lambda *_: None)  # a second run: everything comes from the cache
+    run = engine.Engine(cfg, log=lambda *_: None)  # a second run: everything comes from the cache
     assert counting.calls[0] == len(files)
     assert type(run.ds.depth_provider) is CachedDepth  # what the workers get holds no provider
     # the cache holds what the provider gives (float16 depth)

@@ -179,8 +179,8 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
     UDA mode) and adapts at the UDA learning rate; without it the adaptation config has no source data
     (source-free) and the adaptation's default learning rate."""
     import segadapt.adapt.engine as st
-    from segadapt.adapt.config import AdaptConfig
-    from segadapt.pipeline import UDA_LR, _PipelineRun
+    from segadapt.adapt.config import SOURCE_FREE_LR, UDA_LR
+    from segadapt.pipeline import _PipelineRun
 
     seen = {}
     monkeypatch.setattr(st, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
@@ -189,7 +189,7 @@ def test_pipeline_passes_source_data_to_adapt_only_in_uda_mode(tmp_path, monkeyp
     run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
     run.step_adapt()
     assert seen["cfg"].source_data == (str(tmp_path / "data" / "source_train") if uda else "")
-    assert seen["cfg"].lr == (UDA_LR if uda else AdaptConfig.lr) and UDA_LR != AdaptConfig.lr
+    assert seen["cfg"].learning_rate() == (UDA_LR if uda else SOURCE_FREE_LR) and UDA_LR != SOURCE_FREE_LR
 
 
 @pytest.mark.parametrize("preset, override, expected", [("quick", 0.0, 0.99), ("full", 0.0, 0.999),

@@ -40,13 +40,12 @@ def test_transform_pipeline_marks_the_padding_invalid(tiny):
 
 @pytest.fixture()
 def run(tiny_checkpoint, tiny, tmp_path):
-    from segadapt.adapt.engine import _AdaptRun
+    from segadapt.adapt.engine import Engine
 
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                       steps=1, batch_size=2, num_workers=0, adabn=False)
-    r = _AdaptRun(cfg, log=lambda *_: None)
-    r.setup_models()
-    r.setup_optimiser()
+    r = Engine(cfg, log=lambda *_: None)
+    r.setup_training()
     return r
 
 
@@ -56,17 +55,25 @@ def _fresh_statistics(run):
         run.class_weights.freq = None
 
 
+def _step(run, img, valid=None):
+    """A :class:`Step` of ``img`` with the teacher's view filled in."""
+    from segadapt.adapt.methods.base import Step
+
+    s = Step(index=0, steps=1, num_classes=run.K, ignore_index=IGNORE, batch={"image": img}, image=img, valid=valid)
+    s.view = run.teacher_view(s)
+    return s
+
+
 def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run, tiny, monkeypatch):
     import segadapt.adapt.engine as st
     from segadapt.adapt.augment import class_mix_masks, mix
 
     b = _padded_batch(tiny, n=2, seed=1)
     img, valid = b["image"], b["valid"]
-    hw = tuple(img.shape[-2:])
-    t = run.teacher_view(img, None)
-    t.valid = valid
+    s = _step(run, img, valid)
+    t = s.view
     _fresh_statistics(run)
-    pl = run.pseudo_labels(t)
+    pl = run.pseudo_labels(s)
     assert bool((pl.labels[~valid] == IGNORE).all()) and not bool(pl.mask[~valid].any())
     assert float(pl.weights[~valid].abs().max()) == 0.0
     assert bool(pl.mask[valid].any())
@@ -77,12 +84,12 @@ def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run,
     junk[:, 4] = 0.01
     t_junk = replace(t, probs=torch.where(valid[:, None], t.probs, junk))
     _fresh_statistics(run)
-    pl_junk = run.pseudo_labels(t_junk)
+    pl_junk = run.pseudo_labels(replace(s, view=t_junk))
     assert torch.equal(pl_junk.labels, pl.labels) and torch.equal(pl_junk.weights, pl.weights)
     assert torch.equal(pl_junk.threshold, pl.threshold)
     # ... which it would without the mask (the check can fail)
     _fresh_statistics(run)
-    assert not torch.equal(run.pseudo_labels(replace(t_junk, valid=None)).threshold, pl.threshold)
+    assert not torch.equal(run.pseudo_labels(replace(s, view=replace(t_junk, valid=None))).threshold, pl.threshold)
 
     # ClassMix never selects padded pixels (they are ignore)
     m = class_mix_masks(pl.labels, IGNORE)
@@ -103,7 +110,7 @@ def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run,
 
     for use_r in (False, True):
         torch.manual_seed(0)
-        sv = run.strong_view(img, pl, r_full, None)
+        sv = run.class_mix_view(replace(s, labels=pl, reliability=r_full if use_r else None))
         valid_s = mix(valid.float(), sv.mix_masks) > 0.5 if sv.mix_masks is not None else valid
         assert sv.mix_masks is not None and bool((~valid_s).any())
         assert float(sv.weights[~valid_s].abs().max()) == 0.0 and bool((sv.labels[~valid_s] == IGNORE).all())
@@ -111,7 +118,7 @@ def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run,
         for scramble in (False, True):
             monkeypatch.setattr(st, "upsample_logits", partial(spy, valid_s=valid_s, scramble=scramble, grads=grads))
             torch.manual_seed(1)  # the same dropout in both passes
-            loss, _ = run.student_loss(sv, pl, t, torch.zeros(()), use_r, hw)
+            loss = run.pseudo_label_loss(replace(s, strong=sv))
             monkeypatch.setattr(st, "upsample_logits", real)
             loss.backward()
             losses.append(float(loss.detach()))
@@ -123,13 +130,12 @@ def test_padding_never_pseudo_labelled_never_in_a_loss_never_in_a_statistic(run,
 
 def test_train_step_on_a_padded_batch_logs_statistics_of_real_pixels(run, tiny):
     b = _padded_batch(tiny, n=2, seed=2)
-    run.setup_training()
-    res = run.train_step(b, 0)
-    assert torch.equal(res.pl.valid, b["valid"])
-    assert bool((res.pl.labels[~b["valid"]] == IGNORE).all())
-    kept = kept_share(res.pl.mask, res.pl.valid)
-    assert kept == pytest.approx(float(res.pl.mask.sum()) / (2 * 64 * 96))
-    cov = coverage_per_class(res.pl.labels, run.K, IGNORE, res.pl.valid)
+    res = run.train_step(b, 0).labels
+    assert torch.equal(res.valid, b["valid"])
+    assert bool((res.labels[~b["valid"]] == IGNORE).all())
+    kept = kept_share(res.mask, res.valid)
+    assert kept == pytest.approx(float(res.mask.sum()) / (2 * 64 * 96))
+    cov = coverage_per_class(res.labels, run.K, IGNORE, res.valid)
     assert float(cov.sum()) == pytest.approx(kept, abs=1e-6)
 
 
@@ -208,11 +214,10 @@ def test_flip_averaged_teacher_is_mirror_equivariant(run, tiny):
     """``teacher.flip``: the pseudo-labeller's probabilities on a mirrored batch are the mirror of its probabilities
     on the batch (which the plain teacher's are not), and they are the mean of the plain teacher's on both views."""
     img = _padded_batch(tiny, n=2, seed=2)["image"]
-    plain, plain_m = run.teacher_view(img, None).probs, run.teacher_view(img.flip(-1), None).probs
+    plain, plain_m = _step(run, img).view.probs, _step(run, img.flip(-1)).view.probs
     assert not torch.allclose(plain_m.flip(-1), plain, atol=1e-4)  # the check can fail: the model is not symmetric
     run.cfg.teacher.flip = True
-    t, t_m = run.teacher_view(img, None), run.teacher_view(img.flip(-1), None)
+    t, t_m = _step(run, img).view, _step(run, img.flip(-1)).view
     assert torch.allclose(t_m.probs.flip(-1), t.probs, atol=1e-6)
     assert torch.allclose(t.probs, 0.5 * (plain + plain_m.flip(-1)), atol=1e-6)
     assert torch.allclose(t.probs.sum(1), torch.ones(()), atol=1e-5)
-    assert t.flip_probs is None  # the rectifier's flip-consistency target stays off unless it is asked for

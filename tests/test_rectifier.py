@@ -2,7 +2,6 @@
 cannot compute from its own inputs, BCE over real pixels only, and a tiny adaptation run with the new target."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ NO_PHOTOMETRIC = PhotometricConfig(brightness=0, contrast=0, saturation=0, hue=0
 @pytest.mark.parametrize("features,stride", [("stride4", 4), ("stride8", 8)])
 def test_low_level_features_have_the_stride_and_feed_the_rectifier(arch, features, stride):
     from segadapt.adapt.methods.rectifier_signals import rectifier_feature_channels, rectifier_input
-    from segadapt.adapt.engine import make_rectifier, rectification
+    from segadapt.adapt.methods.rectifier import make_rectifier, rectification
 
     torch.manual_seed(0)
     m = tiny_model(arch).eval()
@@ -97,17 +96,25 @@ def test_flipped_view_is_mapped_back_to_the_weak_view():
     assert bool(agreement_target(native.argmax(1), [pv]).all())
 
 
-def _run_stub(cfg: AdaptConfig, rect):
-    from segadapt.adapt.engine import _AdaptRun
+def _rectifier_step(cfg: AdaptConfig, logits, probs, valid, labels, head=None, features=None, targets=()):
+    """The Rectifier component with ``head`` and its teacher-side inputs set by hand, and a Step at step 100 whose
+    teacher view has ``logits``/``probs`` and whose pseudo-labels are ``labels`` (255 = dropped)."""
+    from segadapt.adapt.methods.base import PseudoLabels, Step, TeacherView
+    from segadapt.adapt.methods.rectifier import Rectifier
 
-    run = object.__new__(_AdaptRun)  # only what rectifier_loss reads
-    run.cfg, run.rect, run.device = cfg, rect, torch.device("cpu")
-    return run
+    comp = Rectifier(cfg)
+    comp.head, comp.features, comp.targets = head, features, list(targets)
+    b, _, h, w = probs.shape
+    img = torch.zeros(b, 3, h, w, dtype=torch.uint8)
+    view = TeacherView(image=img, x=img.float(), logits=logits, features=features, probs=probs, valid=valid)
+    pl = PseudoLabels(labels, labels != 255, (labels != 255).float(), 0.9, valid)
+    return comp, Step(index=100, steps=200, num_classes=probs.shape[1], ignore_index=255, batch={}, image=img,
+                      valid=valid, view=view, labels=pl)
 
 
 def test_rectifier_bce_leaves_out_crop_padding():
+    from segadapt.adapt.methods.rectifier import make_rectifier
     from segadapt.adapt.methods.rectifier_signals import masked_bce
-    from segadapt.adapt.engine import make_rectifier
 
     torch.manual_seed(0)
     r = torch.rand(2, 6, 8) * 0.98 + 0.01
@@ -121,50 +128,69 @@ def test_rectifier_bce_leaves_out_crop_padding():
     assert torch.allclose(masked_bce(r, target2, valid), ref, atol=1e-6)
     assert not torch.allclose(masked_bce(r, target2), masked_bce(r, target))
 
-    # through the loop's rectifier_loss: the view's `valid` (when it has one) masks the target
+    # through the component's reliability hook: the view's `valid` (when it has one) masks the target
     K, H, W = 4, 16, 24
     cfg = AdaptConfig(rectifier=RectifierConfig(anchor_consistency=False, prior="teacher", view_consensus=True,
-                                                query_stride=1))
-    rect = make_rectifier(cfg, 8, K)
+                                                query_stride=1, inr=True))
+    head = make_rectifier(cfg, 8, K)
     logits = torch.randn(1, K, 4, 6)
     probs = F.softmax(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False), 1)
     other = torch.roll(probs, 1, dims=1)  # disagrees with the teacher's label everywhere
     valid = torch.zeros(1, H, W, dtype=torch.bool)
     valid[:, :, :12] = True
+    feats = torch.randn(1, 8, 4, 6, generator=torch.Generator().manual_seed(1))
 
-    def view(view_probs, v=valid):
-        return SimpleNamespace(features=torch.randn(1, 8, 4, 6, generator=torch.Generator().manual_seed(1)),
-                               logits=logits, anchor_logits=None, probs=probs, anchor_probs=None, flip_probs=None,
-                               photo_probs=None, view_probs=view_probs, aux_probs=None, valid=v)
+    def bce(view_probs, v=valid):
+        comp, s = _rectifier_step(cfg, logits, probs, v, probs.argmax(1), head, feats, [view_probs])
+        r, terms = comp.reliability(s)
+        return terms["rectifier_bce"], r
 
     mixed = probs.clone()
     mixed[..., 12:] = other[..., 12:]  # disagreement in the padding only
-    run = _run_stub(cfg, rect)
-    same, r_full = run.rectifier_loss(view(probs), (H, W))
-    padded, _ = run.rectifier_loss(view(mixed), (H, W))
+    same, r_full = bce(probs)
+    padded, _ = bce(mixed)
     assert r_full.shape == (1, H, W)
     assert torch.allclose(same, padded)
-    assert not torch.allclose(run.rectifier_loss(view(mixed, None), (H, W))[0], same)  # no mask: it counts
-    # the prior alone (rectifier.inr off): r is the teacher's confidence in its label, nothing to learn
-    cfg_p = AdaptConfig(rectifier=RectifierConfig(inr=False, prior="teacher", anchor_consistency=False))
-    loss, r_p = _run_stub(cfg_p, None).rectifier_loss(view(probs), (H, W))
-    assert float(loss) == 0 and torch.allclose(r_p, probs.max(1).values, atol=1e-6)
+    assert not torch.allclose(bce(mixed, None)[0], same)  # no mask: it counts
+
+
+def test_prior_is_the_reliability_of_the_label_trained_on():
+    """r (the confidence prior, the default) is the teacher's probability of the pseudo-label the student trains on:
+    where a refinement (the CBST rule, dual-head fusion, SeCo's fill, BiDA's vote) gave a pixel another class than
+    the teacher's argmax, r is that class's probability, not the argmax's."""
+    K, H, W = 4, 8, 10
+    torch.manual_seed(3)
+    probs = F.softmax(3 * torch.randn(1, K, H, W), 1)
+    labels = probs.argmax(1)
+    labels[:, :, :5] = (labels[:, :, :5] + 1) % K  # half the pixels handed to another class
+    labels[:, 0, 0] = 255  # a dropped pixel: no label, r of the argmax
+    cfg = AdaptConfig(rectifier=RectifierConfig(inr=False, prior="teacher", warmup_steps=0))
+    comp, s = _rectifier_step(cfg, None, probs, None, labels)
+    r, terms = comp.reliability(s)
+    assert terms == {}
+    expect = probs.gather(1, torch.where(labels == 255, probs.argmax(1), labels)[:, None])[:, 0]
+    assert torch.allclose(r, expect, atol=1e-6)
+    assert not torch.allclose(r, probs.max(1).values, atol=1e-3)  # the argmax's confidence would differ
+    comp, s = _rectifier_step(AdaptConfig(rectifier=RectifierConfig(inr=False, prior="teacher", warmup_steps=200)),
+                              None, probs, None, labels)
+    assert comp.reliability(s)[0] is None  # before the warm-up: plain weighted CE
 
 
 def test_tiny_adaptation_with_view_consensus_target_and_low_level_features(tiny_checkpoint, tiny, tmp_path):
     from segadapt.adapt.models.checkpoint import load_training_state
     from segadapt.adapt.methods.rectifier_signals import rectifier_input
-    from segadapt.adapt.engine import adapt, load_run, rectification
+    from segadapt.adapt.engine import adapt
+    from segadapt.adapt.methods.rectifier import load_run, rectification
 
     rc = RectifierConfig(warmup_steps=1, features="stride8", view_consensus=True, anchor_consistency=False, inr=True)
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
                       steps=2, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=2, rectifier=rc)
     s = adapt(cfg, log=lambda *_: None)
-    assert s["steps"] == 2 and s["last_losses"]["loss_rect"] > 0
+    assert s["steps"] == 2 and s["last_losses"]["loss_rectifier_bce"] > 0
     teacher, anchor, rect, _, cfg2 = load_run(cfg.out)
     st = load_training_state(Path(cfg.out) / "last")
     d_in = teacher.feature_channels + teacher.low_level_channels(8)
-    assert st["rectifier"]["proj.weight"].shape[1] == d_in + 11  # features + teacher probabilities, no anchor's
+    assert st["components"]["rectifier"]["head"]["proj.weight"].shape[1] == d_in + 11  # + teacher probs, no anchor's
     assert rect is not None and cfg2.rectifier.features == "stride8" and anchor is not None  # anchor: the prior
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
@@ -174,8 +200,8 @@ def test_tiny_adaptation_with_view_consensus_target_and_low_level_features(tiny_
     # the prior alone: no rectifier is trained or saved, r still reaches the mixture loss
     cfg.out, cfg.rectifier.inr = str(tmp_path / "prior"), False
     s = adapt(cfg, log=lambda *_: None)
-    assert s["last_losses"]["loss_rect"] == 0
-    assert "rectifier" not in load_training_state(Path(cfg.out) / "last")
+    assert "loss_rectifier_bce" not in s["last_losses"]
+    assert load_training_state(Path(cfg.out) / "last")["components"]["rectifier"] == {}
     cfg.rectifier.prior = "none"
     with pytest.raises(ValueError, match="inr false needs"):
         adapt(cfg, log=lambda *_: None)

@@ -109,7 +109,7 @@ def test_source_free_mode_opens_no_source_file(tiny_checkpoint, tiny, tmp_path, 
     cfg = _cfg(tiny_checkpoint, tiny, tmp_path / "sf", steps=1)
     assert cfg.source_data == ""  # the default: source-free
     s = adapt(cfg, log=lambda *_: None)
-    assert s["steps"] == 1 and "loss_src" not in s["last_losses"]
+    assert s["steps"] == 1 and "loss_source_ce" not in s["last_losses"]
     source = str((tiny / "source").resolve())
     assert any("/target/" in p for p in opened), "the spy saw no reads"
     assert not [p for p in opened if p.startswith(source)]
@@ -128,7 +128,7 @@ def test_tiny_uda_run_logs_loss_src_reads_no_target_label_and_resumes_exactly(ti
                "--num-workers", "0", "--log-every", "1", "--debug-every", "0"])
     assert rc == 0
     recs = [json.loads(line) for line in (out / "coverage.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 and all(r["loss_src"] > 0 for r in recs)
+    assert len(recs) == 2 and all(r["loss_source_ce"] > 0 for r in recs)
     target_labels = str((tiny / "target" / "labels").resolve())
     assert not [p for p in opened if p.startswith(target_labels)]  # no target label is ever read
     assert any(p.startswith(str((tiny / "source" / "labels").resolve())) for p in opened)
@@ -143,8 +143,8 @@ def test_tiny_uda_run_logs_loss_src_reads_no_target_label_and_resumes_exactly(ti
                  # without a pixel at step 3 (measured 0.0), and the test is about that term working
                  adabn_alpha=1.0)
     s = adapt(_cfg(tiny_checkpoint, tiny, tmp_path / "a", 3, **comps), log=lambda *_: None)
-    assert {"loss_src", "loss_rccr", "loss_bida_ts", "loss_bida_st"} <= set(s["last_losses"])
-    assert s["last_losses"]["rccr_anchors"] > 0 and s["last_losses"]["loss_bida_st"] > 0
+    assert {"loss_source_ce", "loss_rccr", "loss_bida", "bida_ts", "bida_st"} <= set(s["last_losses"])
+    assert s["last_losses"]["rccr_anchors"] > 0 and s["last_losses"]["bida_st"] > 0
     st = load_training_state(tmp_path / "a" / "last")["components"]
     assert st["bida"]["valid_s"].any() and st["bida"]["src_feats"].shape[0] == 0  # P^s from source labels only
     adapt(_cfg(tiny_checkpoint, tiny, tmp_path / "b", 2, **comps), log=lambda *_: None)
@@ -168,7 +168,18 @@ def _bad_label_split(tiny: Path, root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing", "no_labels", "bad_class"])
+def _split_with_classes(tiny: Path, root: Path, names) -> Path:
+    """A copy of the tiny source split with its own classes.json naming ``names`` (the tiny palette)."""
+    shutil.copytree(tiny / "source", root)
+    cj = json.loads((tiny.parent / "classes.json").read_text())
+    cj["classes"] = list(names)
+    cj["palette"] = (cj["palette"] * 2)[:len(names)]
+    cj["ignore_index"] = 11 if len(names) == 11 else 255
+    (root / "classes.json").write_text(json.dumps(cj))
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing", "no_labels", "bad_class", "reversed_names", "twelve_classes"])
 def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, tmp_path, capsys, monkeypatch):
     import segadapt.adapt.engine as st
     from segadapt.cli import main
@@ -178,6 +189,9 @@ def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, 
         shutil.copytree(tiny / "source" / "images", root / "images")
     elif case == "bad_class":
         _bad_label_split(tiny, root)
+    elif case != "missing":  # the split's own classes.json against the checkpoint's classes
+        names = json.loads((tiny.parent / "classes.json").read_text())["classes"]
+        _split_with_classes(tiny, root, names[::-1] if case == "reversed_names" else names + ["Extra"])
 
     def no_work(*a, **k):
         raise AssertionError("adaptation started before the source folder was checked")
@@ -188,7 +202,8 @@ def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, 
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and str(root) in err, err
-    assert {"missing": "no such", "no_labels": "labels", "bad_class": "[12]"}[case] in err, err
+    assert {"missing": "no such", "no_labels": "labels", "bad_class": "[12]", "reversed_names": "differ",
+            "twelve_classes": "has 12"}[case] in err, err
     # the library entry point checks too, before any step (one line naming the folder or file)
     from segadapt.adapt.methods.uda import source_dataset
     from segadapt.runtime.classes import ClassInfo
