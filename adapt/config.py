@@ -263,7 +263,8 @@ class MonitorConfig:
 class AdaptConfig:
     """Adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted checkpoint of
     the same architecture out. There is no field for target labels. Source-free by default: with ``source_data``
-    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.methods.uda`) labelled source frames add a
+    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.methods.uda`) labelled source frames
+    add a
     source cross-entropy and DACS's source->target ClassMix, and RCCR/BiDA run in their paper forms."""
 
     checkpoint: str = ""

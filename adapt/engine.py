@@ -22,7 +22,6 @@ The methods (CrossMatch's RGB-D stream, IR2F's rectifier, SeCo, RCCR, BiDA, the 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -37,7 +36,8 @@ from segadapt.adapt.augment import class_mix_masks, mix, normalize, normalize_fl
 from segadapt.adapt.config import AdaptConfig, check_config, to_dict
 from segadapt.adapt.data.datasets import collate, is_video
 from segadapt.adapt.data.depth import make_depth_provider
-from segadapt.adapt.data.sampling import data_state, resumable_loader
+from segadapt.adapt.data.depth_cache import prepare_depth_cache
+from segadapt.adapt.data.sampling import resumable_loader
 from segadapt.adapt.data.target import target_dataset
 from segadapt.adapt.data.transforms import Resize, train_transform
 from segadapt.adapt.losses import mixture_loss, weighted_ce
@@ -52,15 +52,11 @@ from segadapt.adapt.teacher import EMATeacher
 from segadapt.adapt.training import distributed
 from segadapt.adapt.training.run_log import StepLogger, gradient_shares
 from segadapt.adapt.training.resume import resume_from
-from segadapt.adapt.training.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything,
-                                                 set_rng_state)
+from segadapt.adapt.training.run_state import STATE_FORMAT, restore_state, save_state
+from segadapt.adapt.training.train_utils import autocast, nan_check, pick_device, seed_everything, set_rng_state
 from segadapt.runtime.files import write_atomic
 
 __all__ = ["Engine", "adapt", "target_dataset"]
-
-#: version of ``training_state.pt``'s layout (components' states under ``components``)
-STATE_FORMAT = 2
-
 
 def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
     """Run adaptation as configured; returns the summary dict (also ``<out>/summary.json``).
@@ -112,8 +108,6 @@ class Engine:
         self.depth_provider = make_depth_provider(d.provider, d.directory, d.right_dir, d.model_dir, d.focal_px,
                                                   d.baseline_m, d.file_kind, d.png_scale, str(self.device))
         if self.depth_provider is not None and not is_video(cfg.target):  # computed once, here; workers read a cache
-            from segadapt.adapt.methods.rgbd_stream import prepare_depth_cache
-
             self.depth_provider = prepare_depth_cache(self.depth_provider, cfg.target, d.cache_dir, self.out, self.log)
         self.ds = target_dataset(cfg, self.size, train_transform(crop, self.size, tuple(cfg.scale), self.ignore),
                                  self.depth_provider)
@@ -200,7 +194,7 @@ class Engine:
             self.class_weights = ClassFrequencyWeights(self.K, p.class_weight_power, max_weight=p.class_weight_max)
         self.start, self.elapsed_before = 0, 0.0
         if not fresh:
-            self.restore(self.resume_state)
+            restore_state(self, self.resume_state)
         distributed.rank_rng(cfg.seed, self.resume_state, set_rng_state)  # data-parallel: a stream per rank
         for g in self.opt.param_groups:
             g.setdefault("initial_lr", g["lr"])
@@ -371,7 +365,7 @@ class Engine:
             elapsed = distributed.broadcast_float(elapsed)
         out_of_time = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time or stop:
-            self.save(step, elapsed)
+            save_state(self, step, elapsed)
             self.logger.plot()
         if stop:
             self.log(f"{stop}: stopping at step {step} (--monitor.stop)")
@@ -380,45 +374,3 @@ class Engine:
             self.log(f"time budget of {cfg.max_minutes} min reached at step {step}; stopping")
             return "time"
         return None
-
-    # ---- exact resume -------------------------------------------------------------------------------------------
-    def save(self, step: int, elapsed: float) -> None:
-        """``<out>/last`` with everything the next step depends on (exact resume) and ``<out>/adapted``;
-        data-parallel: every rank's RNG state, written by rank 0 only."""
-        rng_ranks = distributed.gather_object(rng_state())  # None without torchrun
-        if not distributed.is_main():
-            return
-        student = distributed.unwrap(self.student)
-        ts = {"format": STATE_FORMAT, "teacher": self.teacher.model.state_dict(), "optimizer": self.opt.state_dict(),
-              "step": step, "elapsed": elapsed, "rng": rng_state(), "data": data_state(self.loader, step),
-              "tracker": self.tracker.state_dict(), "components": {c.name: c.state_dict() for c in self.components}}
-        if rng_ranks is not None:
-            ts["rng_ranks"], ts["world_size"] = rng_ranks, len(rng_ranks)
-        if self.anchor is not None:
-            ts["anchor"] = self.anchor.state_dict()
-        if self.class_weights is not None:
-            ts["class_weights"] = self.class_weights.state_dict()
-        self.out_meta.info.update(step=step)
-        keep = self.teacher.model if self.cfg.keep == "teacher" else student
-        if self.cfg.keep_saves:  # before last/: a kill after last/ cannot lose this step's copy
-            save_checkpoint(self.out / "saves" / f"step_{step:06d}", keep, self.out_meta)
-        save_checkpoint(self.out / "last", student, self.out_meta, ts)
-        save_checkpoint(self.out / "adapted", keep, self.out_meta)
-
-    def restore(self, state: dict) -> None:
-        """Everything :meth:`save` wrote into the training state, the RNG states last."""
-        if self.anchor is not None:
-            self.anchor.load_state_dict(state["anchor"])
-        self.teacher.model.load_state_dict(state["teacher"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.tracker.load_state_dict(state["tracker"])
-        if self.class_weights is not None and "class_weights" in state:
-            self.class_weights.load_state_dict(state["class_weights"])
-        saved = state.get("components", {})
-        for c in self.components:
-            if c.name not in saved:
-                raise ValueError(f"{self.resume_dir}: the run being resumed did not use {c.name}; resume with its own "
-                                 "settings (its config is in last/config.json) or start fresh")
-            c.load_state_dict(saved[c.name])
-        self.start, self.elapsed_before = int(state["step"]), float(state["elapsed"])
-        set_rng_state(state["rng"])

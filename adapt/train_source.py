@@ -5,8 +5,8 @@ the crop, photometric augmentation on the image (a source model must not hinge o
 CUDA, periodic validation on the source validation split, ``best`` and ``last`` checkpoints, and ``--resume`` from
 ``last`` (weights, optimizer, schedule, RNG, elapsed time).
 
-Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.training.distributed`): DDP (with SyncBatchNorm on GPUs),
-each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
+Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.training.distributed`): DDP (with SyncBatchNorm on
+GPUs), each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from segadapt.adapt.models.checkpoint import CheckpointMeta, load_checkpoint, lo
 from segadapt.adapt.models.segmenter import build_segmenter, upsample_logits
 from segadapt.adapt.data.sampling import data_state, resumable_loader
 from segadapt.adapt.training.resume import resume_from
-from segadapt.adapt.training.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything, set_rng_state,
-                               warmup_poly)
+from segadapt.adapt.training.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything,
+                                                 set_rng_state, warmup_poly)
 from segadapt.runtime.classes import ClassInfo
 from segadapt.runtime.files import write_atomic
 

@@ -71,8 +71,9 @@ from segadapt.adapt.metrics import auroc
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.models.rectifier import confidence_prior
 from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.adapt.engine import adapt
+from segadapt.adapt.methods.rectifier import load_run, rectification
 from segadapt.adapt.methods.rectifier_signals import rectifier_input
-from segadapt.adapt.engine import adapt, load_run, rectification
 
 
 def measure(ckpt, ds, size) -> dict:
@@ -112,6 +113,16 @@ def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> di
             "pseudo_label_accuracy": float(ok.mean())}
 
 
+def grad_shares(out: Path) -> dict:
+    """{step: {loss term: gradient share}} from a run's coverage.jsonl (empty without ``--grad-share-every``)."""
+    shares = {}
+    for line in (out / "coverage.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "grad_share" in rec:
+            shares[rec["step"]] = rec["grad_share"]
+    return shares
+
+
 def override(cfg: AdaptConfig, item: str) -> None:
     """Apply ``FIELD=VALUE`` (dotted field path) to ``cfg``, converting VALUE to the field's current type.
 
@@ -145,8 +156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=AdaptConfig.lr,
-                    help="backbone learning rate (default: the CLI's, 2e-5 since session 12; every table in "
-                         "docs/benchmarks.md before session 12 used 6e-5)")
+                    help="backbone learning rate (default 0: the CLI's, by mode: 2e-5 source-free, 6e-5 UDA)")
+    ap.add_argument("--grad-share-every", type=int, default=0, metavar="N",
+                    help="log each loss term's gradient share on the backbone every N steps and at the last "
+                         "(AdaptConfig.grad_share_every); the runs' shares go to the JSON")
     ap.add_argument("--teacher-alpha", type=float, default=0.99,
                     help="EMA momentum of the teacher: 0.99 for the 150-step rows (the quick preset's, what every "
                          "150-step table in docs/benchmarks.md used); the CLI's 1000-step default is 0.999")
@@ -228,6 +241,7 @@ def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval:
         r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s["last_losses"])
         if cfg.rectifier.enabled:
             r.update(reliability_auroc(cfg, ds_eval, size))
+        r["grad_share"] = grad_shares(out)
         runs.append(r)
         print(f"{row} seed {seed}: mIoU {r['miou']:.2f}" +
               (f", AUROC rectifier {r['auroc_rectifier']:.4f} vs prior {r.get('auroc_prior', float('nan')):.4f} "
@@ -261,7 +275,7 @@ def main() -> int:
     t0 = time.time()
     base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
                 lr=a.lr, teacher=TeacherConfig(alpha=a.teacher_alpha), num_workers=0, debug_every=0, log_every=10,
-                save_every=a.steps)
+                save_every=a.steps, grad_share_every=a.grad_share_every)
     if not a.skip_baselines:
         res["rows"].update(baseline_rows(a, base, ds_eval, size, work))
     variants = row_variants(a)

@@ -190,7 +190,7 @@ class JobStatus:
         stage: ``starting``, ``adapting``, ``exporting``, ``done``, ``failed`` or ``cancelled``.
         step, steps: self-training steps done and planned.
         kept: share of pixels kept as pseudo-labels at the last logged step, in [0, 1] (None before the first).
-        losses: the last step's losses (``loss_pl``, ``loss_rect``...).
+        losses: the last step's losses (``loss_pl``, ``loss_<term>`` of each loss term...).
         coverage: the last step's share of pseudo-labelled pixels per class name, in [0, 1].
         seconds: wall time since the start.
         message: one line for the user (the error of a failed stage, with its log file).

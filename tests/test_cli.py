@@ -178,7 +178,7 @@ def test_every_flag_has_a_help_line(command):
     # the flags of issues #12/#13's components (session 7 review: each bound checked at parse time)
     (["adapt", "--rccr.temperature", "0"], ["--rccr.temperature", "> 0"]),
     (["adapt", "--rccr.bank-size", "0"], ["--rccr.bank-size", ">= 1"]),
-    (["adapt", "--bida.momentum", "1.5"], ["--bida.momentum", "[0, 1)"]),
+    (["adapt", "--bida.proto-momentum", "1.5"], ["--bida.proto-momentum", "[0, 1)"]),
     (["adapt", "--seco.purity", "2"], ["--seco.purity", "[0, 1]"]),
     (["adapt", "--seco.merge", "bogus"], ["fill", "agree", "replace"]),
     (["adapt", "--monitor.max-drift", "-0.1"], ["--monitor.max-drift", "[0, 1]"]),

@@ -78,13 +78,13 @@ def kill_after_save(at_step):
     """SIGKILL the launcher's whole process group (the launcher and both ranks, as when a machine goes down) once rank 0
     has written the checkpoint of step ``at_step``; rank 1 is then at most one step ahead (each save gathers the RNG
     states of every rank)."""
-    real = engine.Engine.save
+    real = engine.save_state
 
-    def save(self, step, elapsed):
-        real(self, step, elapsed)
+    def save(run, step, elapsed):
+        real(run, step, elapsed)
         if step == at_step and distributed.is_main():
             os.killpg(0, signal.SIGKILL)
-    engine.Engine.save = save
+    engine.save_state = save
 
 
 def rank_main(rank, world, port, argv):

@@ -188,11 +188,11 @@ def test_keep_saves_keeps_each_saved_model_to_pick_a_step_afterwards(tiny_adapt)
 
 
 def test_stop_rule_benchmark_picks_the_saves_its_rules_name():
-    """benchmarks/stop_rule.py on hand-built saves and log records: window means per save; each rule picks the first
+    """benchmarks/probes/stop_rule.py on hand-built saves and log records: window means per save; each rule picks the first
     save at or after the logged step where the monitor's rule fires (the entropy floor over ``patience`` steps)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benchmarks" / "stop_rule.py"
+    path = Path(__file__).parents[1] / "benchmarks" / "probes" / "stop_rule.py"
     spec = importlib.util.spec_from_file_location("stop_rule", path)
     sr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sr)

@@ -194,6 +194,26 @@ def test_resume_with_nothing_to_resume(runs, capsys):
     assert (out / "last" / "manifest.json").is_file() and not (out / "last.tmp").exists()
 
 
+def test_a_corrupt_manifest_is_named(runs, capsys):
+    """A checkpoint whose manifest.json does not parse: --resume names the manifest; evaluate refuses the
+    checkpoint naming it (it would otherwise be read as if complete)."""
+    from segadapt.cli import main
+
+    out = runs["root"] / "corrupt"
+    a = adapt_args(runs["ckpt"], runs["target"], out, "--steps", "1", "--save-every", "1", "--num-workers", "0",
+                   "--rectifier.enabled", "false")
+    assert main(a) == 0
+    for d in ("last", "adapted"):
+        (out / d / "manifest.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(a + ["--resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "last" / "manifest.json") in err and "corrupt" in err and err.count("\n") == 1, err
+    assert main(["evaluate", "--checkpoint", str(out / "adapted"), "--data", str(runs["target"])]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "adapted" / "manifest.json") in err and "corrupt" in err, err
+
+
 def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp_path, monkeypatch):
     import segadapt.adapt.train_source as ts
     from segadapt.adapt.config import ModelConfig, PhotometricConfig, SourceTrainConfig

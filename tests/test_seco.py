@@ -60,6 +60,21 @@ def test_superpixel_psa_paints_regions_by_purity():
     assert (out[:, 10:15] == 3).all() and (out[:, 15:20] == 2).all()
 
 
+def test_psa_keeps_thin_thing_pixels_inside_stuff_regions():
+    """``keep_things``: a one-pixel-wide thing (a pole) labelled inside a region that the stuff rule paints keeps
+    its class; without it the region absorbs it (both region sources)."""
+    regions = np.zeros((4, 6), np.int64)  # one region
+    lab = np.full((4, 6), 0)  # stuff 0 everywhere ...
+    lab[:, 2] = 2  # ... and a thin thing 2 (4 of 24 pixels, under thing_purity)
+    plain = psa_superpixels(regions, lab, STUFF, IGN, purity=0.2, thing_purity=0.5)
+    kept = psa_superpixels(regions, lab, STUFF, IGN, purity=0.2, thing_purity=0.5, keep_things=True)
+    assert (plain == 0).all()
+    assert (kept[:, 2] == 2).all() and (np.delete(kept, 2, axis=1) == 0).all()
+    mask = np.ones((4, 6), bool)
+    assert (psa_masks([mask], [], lab, STUFF, IGN)[:, 2] == 0).all()
+    assert (psa_masks([mask], [], lab, STUFF, IGN, keep_things=True)[:, 2] == 2).all()
+
+
 def test_scc_median_loss_drop_on_hand_built_components():
     preds = np.array([0, 0, 0, 0, 1, 1, 1])
     labels = np.array([0, 0, 1, 0, 1, 0, 1])

@@ -1,4 +1,4 @@
-"""benchmarks/teacher_views.py: the same weights at another output stride; views averaged after mirroring back."""
+"""benchmarks/probes/teacher_views.py: the same weights at another output stride; views averaged after mirroring back."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 
 def _load():
-    path = Path(__file__).parents[1] / "benchmarks" / "teacher_views.py"
+    path = Path(__file__).parents[1] / "benchmarks" / "probes" / "teacher_views.py"
     spec = importlib.util.spec_from_file_location("teacher_views", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -129,6 +129,11 @@ def test_tiny_uda_run_logs_loss_src_reads_no_target_label_and_resumes_exactly(ti
     assert rc == 0
     recs = [json.loads(line) for line in (out / "coverage.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss_source_ce"] > 0 for r in recs)
+    # segadapt adapt --source-data adapts at the UDA mode's measured learning rate (the source-free one without)
+    from segadapt.adapt.config import SOURCE_FREE_LR, UDA_LR, AdaptConfig
+
+    assert json.loads((out / "summary.json").read_text())["lr"] == UDA_LR != SOURCE_FREE_LR
+    assert AdaptConfig().learning_rate() == SOURCE_FREE_LR and AdaptConfig(lr=1e-4).learning_rate() == 1e-4
     target_labels = str((tiny / "target" / "labels").resolve())
     assert not [p for p in opened if p.startswith(target_labels)]  # no target label is ever read
     assert any(p.startswith(str((tiny / "source" / "labels").resolve())) for p in opened)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from segadapt.adapt.data.datasets import read_image
+from segadapt.adapt.data.datasets import ImageFolder, read_image
 from segadapt.runtime.files import write_atomic
 
 CACHE_VERSION = 1  # bump when the stored format or the providers' normalisation changes
@@ -123,3 +123,22 @@ class DepthCache(CachedDepth):
     def reader(self) -> CachedDepth:
         """A reader of this cache without the provider (what the dataset and its workers get)."""
         return CachedDepth(self.cache_dir, self.settings)
+
+
+def prepare_depth_cache(provider: Callable, target: str | Path, cache_dir: str, out: Path,
+                        log: Callable[[str], None] | None = None) -> CachedDepth:
+    """Compute the depth of every target frame once (main process, progress bar) and return the cache reader the
+    datasets use instead of ``provider``.
+
+    Args:
+        provider: a depth provider (``segadapt.adapt.data.depth``).
+        target: the target image folder.
+        cache_dir: the cache folder; empty = ``<out>/depth_cache``.
+        out: the run directory.
+
+    Raises:
+        FileNotFoundError / ValueError: no target images, or what the provider raises for a frame.
+    """
+    cache = DepthCache(provider, Path(cache_dir) if cache_dir else Path(out) / "depth_cache")
+    cache.precompute(ImageFolder(target).files, log)
+    return cache.reader()

@@ -11,7 +11,7 @@ store ``k`` (= the steps done, one batch per step) in the checkpoint's training 
 The stream never consumes the global RNGs of the main process: the loop's own random draws (photometric
 augmentation, ClassMix, dropout) continue from the RNG state restored from the checkpoint.
 
-Data-parallel runs (issue #15, :mod:`segadapt.adapt.training.distributed`): with ``world_size`` W processes and per-rank batch
+Data-parallel runs (:mod:`segadapt.adapt.training.distributed`): with ``world_size`` W processes and per-rank batch
 ``b``, the stream is that of a one-process run with batch ``W * b`` and rank ``r`` takes samples ``r, r + W, ...`` of
 each of its batches: the ranks read disjoint frames, and together exactly the frames (with the same augmentation)
 of the one-process run.

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from segadapt.adapt.data.target import normalised_batches
 from segadapt.adapt.methods.base import Component, PseudoLabels, RunContext, Step
-from segadapt.adapt.methods.config import BiDAConfig
+
 from segadapt.adapt.methods.heads import ProjectionHead, ema_, labels_at, momentum_copy, real_cells
 
 __all__ = ["BiDA", "class_means", "prototype_logits"]

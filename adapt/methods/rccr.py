@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from segadapt.adapt.augment import mix
 from segadapt.adapt.methods.base import Component, RunContext, Step
-from segadapt.adapt.methods.config import RCCRConfig
+
 from segadapt.adapt.methods.heads import ProjectionHead, ema_, labels_at, momentum_copy, real_cells
 
 __all__ = ["RCCR", "MemoryBank", "cutmix_boxes", "info_nce", "ramp_weight"]

@@ -17,16 +17,11 @@ sees depth: only the RGB student is exported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from segadapt.adapt.adabn import freeze_batchnorm
 from segadapt.adapt.augment import mix
-from segadapt.adapt.data.datasets import ImageFolder
-from segadapt.adapt.data.depth_cache import CachedDepth, DepthCache
 from segadapt.adapt.losses import weighted_ce
 from segadapt.adapt.methods.base import Component, PseudoLabels, RunContext, Step
 from segadapt.adapt.models.rgbd_segmenter import depth_input_weight, make_rgbd_segmenter
@@ -36,7 +31,7 @@ from segadapt.adapt.teacher import EMATeacher
 from segadapt.adapt.training.train_utils import autocast
 
 __all__ = ["RGBDStream", "depth_input", "depth_valid_mask", "depth_weight_norm", "extra_channels", "fusion_removed",
-           "prepare_depth_cache", "split_depth_group", "stream_agreement"]
+           "split_depth_group", "stream_agreement"]
 
 
 def extra_channels(validity_channel: bool) -> int:
@@ -64,25 +59,6 @@ def depth_valid_mask(depth: torch.Tensor) -> torch.Tensor:
     """(B, H, W) bool validity of a :func:`depth_input` tensor: its validity channel, or depth > 0 without one (the
     providers set missing depth to exactly 0 and valid depth above 0)."""
     return depth[:, 1] > 0.5 if depth.shape[1] > 1 else depth[:, 0] > 0
-
-
-def prepare_depth_cache(provider: Callable, target: str | Path, cache_dir: str, out: Path,
-                        log: Callable[[str], None] | None = None) -> CachedDepth:
-    """Compute the depth of every target frame once (main process, progress bar) and return the cache reader the
-    datasets use instead of ``provider``.
-
-    Args:
-        provider: a depth provider (``segadapt.adapt.data.depth``).
-        target: the target image folder.
-        cache_dir: the cache folder; empty = ``<out>/depth_cache``.
-        out: the run directory.
-
-    Raises:
-        FileNotFoundError / ValueError: no target images, or what the provider raises for a frame.
-    """
-    cache = DepthCache(provider, Path(cache_dir) if cache_dir else Path(out) / "depth_cache")
-    cache.precompute(ImageFolder(target).files, log)
-    return cache.reader()
 
 
 def split_depth_group(groups: list, aux: torch.nn.Module, lr: float) -> list:
@@ -184,7 +160,6 @@ class RGBDStream(Component):
         s.logs["rgbd_removed"] = fusion_removed(pl.mask, self.agree, pl.valid)
         s.logs["stream_agreement"] = stream_agreement(s.view.probs, s.view.extra["rgbd_probs"],
                                                       depth_valid_mask(self.depth))
-        s.logs.update(depth_weight_norm(self.model))
         mask = pl.mask & self.agree
         labels = torch.where(mask, pl.labels, torch.full_like(pl.labels, self.ignore))
         return PseudoLabels(labels, mask, pl.weights * mask.float(), pl.threshold, pl.valid)
@@ -193,6 +168,7 @@ class RGBDStream(Component):
         """``rgbd_pl``: the RGB-D student's weighted CE on the strong view's labels; ``cross_modal``: each student
         toward the other teacher's own weak-view pseudo-labels (mixed like the strong view), weighted."""
         v, hw = s.strong, tuple(s.strong.x.shape[-2:])
+        self.step = s  # after_update logs the depth weights' norm into it
         depth = mix(self.depth, v.mix_masks) if v.mix_masks is not None else self.depth
         with autocast(self.device, self.amp):
             logits_d = upsample_logits(self.model(torch.cat([v.x, depth], 1)).float(), hw)
@@ -219,6 +195,9 @@ class RGBDStream(Component):
 
     def after_update(self) -> None:
         self.teacher.update(self.model)
+        if getattr(self, "step", None) is not None:
+            self.step.logs.update(depth_weight_norm(self.model))  # the trained weights' norm, after the step
+            self.step = None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "teacher": self.teacher.model.state_dict(),

@@ -13,7 +13,8 @@ DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling
   pixels (weight 1) and the teacher's pseudo-label elsewhere (with its weights); then the usual colour jitter and
   blur (``AdaptConfig.strong``).
 
-RCCR and BiDA then run in their paper forms (:mod:`segadapt.adapt.methods.rccr`, :mod:`segadapt.adapt.methods.bida`) from the
+RCCR and BiDA then run in their paper forms (:mod:`segadapt.adapt.methods.rccr`, :mod:`segadapt.adapt.methods.bida`)
+from the
 :class:`~segadapt.adapt.methods.base.SourceContext` this module builds.
 
 [RECON] choices, ours (configurable where a field is named):

@@ -1,6 +1,7 @@
 """How good are SeCo's pseudo-labels? Per-class precision and coverage of each stage against the real labels.
 
-Runs SeCo's pass (methods.md 3; :mod:`segadapt.adapt.methods.seco.labels`) exactly as ``segadapt adapt --seco.enabled`` does it:
+Runs SeCo's pass (:mod:`segadapt.adapt.methods.seco.labels`) exactly as ``segadapt adapt --seco.enabled`` does
+it:
 the source model after AdaBN on the target frames at the training size, the class-wise top fraction of its pixels,
 PSA over SAM masks (``--sam-dir``) or superpixels, SCC. Then, for measurement only, it reads the target split's
 labels (resized to the training size, nearest) and reports per class and stage ("argmax" = every pixel of the
@@ -26,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from segadapt.adapt.adabn import adapt_batchnorm
-from segadapt.adapt.config import default_camvid_dir
-from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder, collate
+from segadapt.adapt.adabn import adabn_source_model
+from segadapt.adapt.config import AdaptConfig, default_camvid_dir
+from segadapt.adapt.data.datasets import ImageFolder, LabeledImageFolder
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.methods.seco.labels import predict_frames, seco_labels
@@ -66,17 +66,19 @@ def main(argv=None) -> int:
     ap.add_argument("--scc-iterations", type=int, default=SecoConfig.scc_iterations)
     ap.add_argument("--scc-rule", default=SecoConfig.scc_rule, choices=["both_loss", "class_median"])
     ap.add_argument("--no-adabn", action="store_true")
+    ap.add_argument("--adabn-alpha", type=float, default=AdaptConfig.adabn_alpha,
+                    help="AdaBN blend, as segadapt adapt's --adabn-alpha")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the numbers here")
     a = ap.parse_args(argv)
 
     torch.manual_seed(a.seed)
-    model, meta = load_segmenter(a.checkpoint)
+    meta = load_segmenter(a.checkpoint)[1]
     size = tuple(a.size) if a.size else tuple(meta.input_size)
     cls, ignore = meta.classes, meta.classes.ignore_index
     plain = ImageFolder(a.target, transform=Resize(size))
-    if not a.no_adabn:
-        adapt_batchnorm(model, DataLoader(plain, batch_size=8, collate_fn=collate), meta.mean, meta.std, "cpu")
+    # the source model after AdaBN, built by the function segadapt adapt uses
+    model = adabn_source_model(a.checkpoint, plain, "cpu", alpha=a.adabn_alpha, enabled=not a.no_adabn)[0]
     cfg = SecoConfig(enabled=True, sam_dir=a.sam_dir, superpixels=a.superpixels, pixel_fraction=a.pixel_fraction,
                      scc_iterations=a.scc_iterations, scc_rule=a.scc_rule)
     t0 = time.time()
