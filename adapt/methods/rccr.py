@@ -188,18 +188,21 @@ class RCCR(Component):
         e_s = self.head(s.student_features.float())  # (B, E, h, w)
         hw = tuple(e_s.shape[-2:])
         e_t, lab_t, e_pos, lab_m, conf_m, region, real, real_s = self._targets(s, hw)
-        valid = region & (conf_m > cfg.confidence)
-        idx = valid.reshape(-1).nonzero()[:, 0]
-        if idx.numel() > cfg.max_anchors:
-            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:cfg.max_anchors]]
-        if idx.numel():
-            raw = info_nce(_flat(e_s)[idx], _flat(e_pos)[idx], lab_m.reshape(-1)[idx], self.bank.features,
-                           self.bank.labels, cfg.temperature).mean()
-        else:
-            raw = e_s.sum() * 0.0
+        raw, n = self._anchored(e_s, e_pos, lab_m, region & (conf_m > cfg.confidence))
         r, rs = real.reshape(-1), real_s.reshape(-1)  # bank entries from real cells only
         self._enqueue(_flat(e_s.detach())[rs], lab_m.reshape(-1)[rs], _flat(e_t)[r], lab_t.reshape(-1)[r])
-        return self._weighted(s, raw, idx.numel())
+        return self._weighted(s, raw, n)
+
+    def _anchored(self, e_s: torch.Tensor, e_pos: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+        """(mean InfoNCE over at most ``max_anchors`` of the (B, h, w) ``valid`` cells, or 0 with a gradient path
+        when there is none; the number of anchors)."""
+        idx = valid.reshape(-1).nonzero()[:, 0]
+        if idx.numel() > self.cfg.max_anchors:
+            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:self.cfg.max_anchors]]
+        if not idx.numel():
+            return e_s.sum() * 0.0, 0
+        return info_nce(_flat(e_s)[idx], _flat(e_pos)[idx], labels.reshape(-1)[idx], self.bank.features,
+                        self.bank.labels, self.cfg.temperature).mean(), idx.numel()
 
     def _weighted(self, s: Step, raw: torch.Tensor, anchors: int) -> dict:
         w = ramp_weight(self.cfg.weight, s.index, s.steps, self.cfg.ramp)
@@ -225,18 +228,10 @@ class RCCR(Component):
             real_m = torch.where(inside, real_t, real_src) & (inside | outside)
         _, f_m = src.student_forward(src.prepare(x_m))
         e_s = self.head(f_m.float())  # (B, E, h, w)
-        valid = inside & real_t & (conf > cfg.confidence)
-        sel = valid.reshape(-1).nonzero()[:, 0]
-        if sel.numel() > cfg.max_anchors:
-            sel = sel[torch.randperm(sel.numel(), device=sel.device)[:cfg.max_anchors]]
-        if sel.numel():
-            raw = info_nce(_flat(e_s)[sel], _flat(e_t)[sel], lab_t.reshape(-1)[sel], self.bank.features,
-                           self.bank.labels, cfg.temperature).mean()
-        else:
-            raw = e_s.sum() * 0.0
+        raw, n = self._anchored(e_s, e_t, lab_t, inside & real_t & (conf > cfg.confidence))
         rm, rt = real_m.reshape(-1), real_t.reshape(-1)
         self._enqueue(_flat(e_s.detach())[rm], lab_m.reshape(-1)[rm], _flat(e_t)[rt], lab_t.reshape(-1)[rt])
-        return self._weighted(s, raw, sel.numel())
+        return self._weighted(s, raw, n)
 
     def _enqueue(self, fs, ls, ft, lt) -> None:
         """Random ``bank_samples`` of the student's and of the teacher's embeddings of this step into the bank."""
