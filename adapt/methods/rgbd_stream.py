@@ -61,15 +61,15 @@ def depth_valid_mask(depth: torch.Tensor) -> torch.Tensor:
     return depth[:, 1] > 0.5 if depth.shape[1] > 1 else depth[:, 0] > 0
 
 
-def split_depth_group(groups: list, aux: torch.nn.Module, lr: float) -> list:
-    """Move the RGB-D stem's depth-input weights out of ``groups`` (AdamW parameter groups of ``aux``) into their
+def split_depth_group(groups: list, rgbd: torch.nn.Module, lr: float) -> list:
+    """Move the RGB-D stem's depth-input weights out of ``groups`` (AdamW parameter groups of ``rgbd``) into their
     own group with learning rate ``lr`` and no weight decay (decay would pull the zero-initialised weights back to
     "ignore depth") (ours).
 
     Returns:
         the groups without the weights (emptied groups dropped) plus the new group, named ``depth_input``.
     """
-    w = depth_input_weight(aux)
+    w = depth_input_weight(rgbd)
     out = []
     for g in groups:
         ps = [p for p in g["params"] if p is not w]
@@ -79,11 +79,11 @@ def split_depth_group(groups: list, aux: torch.nn.Module, lr: float) -> list:
     return out
 
 
-def depth_weight_norm(aux: torch.nn.Module | None) -> dict:
+def depth_weight_norm(rgbd: torch.nn.Module | None) -> dict:
     """``{"depth_w_norm": L2 norm of the depth-input weights}`` for the log, or ``{}`` without an RGB-D stream."""
-    if aux is None:
+    if rgbd is None:
         return {}
-    return {"depth_w_norm": round(float(depth_input_weight(aux).detach().norm()), 6)}
+    return {"depth_w_norm": round(float(depth_input_weight(rgbd).detach().norm()), 6)}
 
 
 @torch.no_grad()

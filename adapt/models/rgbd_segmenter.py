@@ -2,13 +2,13 @@
 depth input, ours: the paper's code was not available).
 
 The same architecture as the source model with a (3 + E)-channel stem: RGB, normalised inverse depth and, in
-adaptation runs by default (``depth.validity_channel``), a depth-validity channel (E = 2). Every weight is copied from the source model; the stem's weights for the
-extra channels are zero, so at the start the auxiliary stream computes exactly the source model's function. It is
-trained only during adaptation and never exported.
+adaptation runs by default (``depth.validity_channel``), a depth-validity channel (E = 2). Every weight is copied from
+the source model; the stem's weights for the extra channels are zero, so at the start the RGB-D segmenter computes
+exactly the source model's function. It is trained only during adaptation and never exported.
 
 The stem's weight is split (``torch.nn.utils.parametrize``) into two parameters, the RGB part and the extra-input
 part (:func:`depth_input_weight`), so that the depth-input weights can have their own optimiser group and learning
-rate [RECON: issue #12, at the backbone's rate the zero-initialised weights barely move in a short run].
+rate (ours: at the backbone's rate the zero-initialised weights barely move in a short run).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def make_rgbd_segmenter(source: Segmenter, extra_channels: int = 1) -> Segmenter
 
     Returns:
         a new :class:`Segmenter` with ``in_channels == 3 + extra_channels``, on ``source``'s device;
-        ``aux(cat([x, extra], 1)) == source(x)`` for any extra input. Its stem weight is split into an RGB and an
+        ``rgbd(cat([x, extra], 1)) == source(x)`` for any extra input. Its stem weight is split into an RGB and an
         extra-input parameter (:func:`depth_input_weight`).
 
     Raises:
@@ -58,10 +58,10 @@ def make_rgbd_segmenter(source: Segmenter, extra_channels: int = 1) -> Segmenter
     n_in = 3 + extra_channels
     cfg = source.hf.config.__class__.from_dict(source.hf.config.to_dict())
     cfg.num_channels = n_in
-    aux = Segmenter(_hf_class(cfg.model_type)(cfg))
+    rgbd = Segmenter(_hf_class(cfg.model_type)(cfg))
     src_state = source.state_dict()
     new_state, stem = {}, None
-    for k, v in aux.state_dict().items():
+    for k, v in rgbd.state_dict().items():
         s = src_state[k]
         if s.shape == v.shape:
             new_state[k] = s.clone()
@@ -73,22 +73,22 @@ def make_rgbd_segmenter(source: Segmenter, extra_channels: int = 1) -> Segmenter
             raise ValueError(f"cannot map source weight {k} {tuple(s.shape)} to {tuple(v.shape)}")
     if stem is None:
         raise ValueError("found no input convolution to extend in the source model")
-    aux.load_state_dict(new_state)
-    conv = aux.get_submodule(stem.rsplit(".", 1)[0])
+    rgbd.load_state_dict(new_state)
+    conv = rgbd.get_submodule(stem.rsplit(".", 1)[0])
     parametrize.register_parametrization(conv, "weight", _SplitInputChannels(3))
-    return aux.to(next(source.parameters()).device)
+    return rgbd.to(next(source.parameters()).device)
 
 
-def depth_input_weight(aux: nn.Module) -> nn.Parameter:
+def depth_input_weight(rgbd: nn.Module) -> nn.Parameter:
     """The stem's extra-input (depth, validity) weights of a stream from :func:`make_rgbd_segmenter`.
 
     Returns:
         the parameter (C_out, E, k, k) float32, a leaf trained by the optimiser.
 
     Raises:
-        ValueError: ``aux`` has no split stem (not made by :func:`make_rgbd_segmenter`).
+        ValueError: ``rgbd`` has no split stem (not made by :func:`make_rgbd_segmenter`).
     """
-    for m in aux.modules():
+    for m in rgbd.modules():
         if parametrize.is_parametrized(m, "weight"):
             plist = m.parametrizations.weight
             if isinstance(plist[0], _SplitInputChannels):
