@@ -203,7 +203,7 @@ class RCCRConfig:
     """add the RCCR region contrastive loss (a projection head on the student, its EMA copy on the teacher)"""
     weight: NonNegFloat = 0.1
     """loss weight at the end of the ramp (ours: RCCR's code uses 0.01 for 40k SGD iterations; here 0.01 gave the
-    term 2.6 % of the pseudo-label loss's gradient on the backbone at the end of a 150-step run, 0.1 gives about a
+    term 2.6 per cent of the pseudo-label loss's gradient on the backbone at the end of a 150-step run, 0.1 gives about a
     quarter, measured label-free with ``grad_share_every``)"""
     ramp: bool = True
     """ramp the weight as w * exp(-5 (1 - sqrt(step / steps))) (RCCR code); false = constant w"""
