@@ -116,7 +116,8 @@ def reliability_auroc(cfg: AdaptConfig, ds_eval: LabeledImageFolder, size) -> di
 def grad_shares(out: Path) -> dict:
     """{step: {loss term: gradient share}} from a run's coverage.jsonl (empty without ``--grad-share-every``)."""
     shares = {}
-    for line in (out / "coverage.jsonl").read_text().splitlines():
+    log = out / "coverage.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
         rec = json.loads(line)
         if "grad_share" in rec:
             shares[rec["step"]] = rec["grad_share"]
@@ -238,7 +239,7 @@ def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval:
         t = time.time()
         s = adapt(cfg, log=lambda *_: None)
         r = measure(out / "adapted", ds_eval, size)
-        r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s["last_losses"])
+        r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s.get("last_losses", {}))
         if cfg.rectifier.enabled:
             r.update(reliability_auroc(cfg, ds_eval, size))
         r["grad_share"] = grad_shares(out)
