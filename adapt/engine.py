@@ -145,7 +145,7 @@ class Engine:
         else:
             self.student = self.source_model()
             if self.cfg.adabn:
-                self.log(f"AdaBN: BatchNorm statistics from {len(self.plain_frames())} target frames (blend "
+                self.log(f"AdaBN: BatchNorm statistics from {len(self.ds)} target frames (blend "
                          f"{self.cfg.adabn_alpha} with the source's)")
         self.anchor = None
         if any(c.needs_anchor for c in self.components) or self.cfg.pseudo.anchor_weight > 0:
