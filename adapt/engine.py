@@ -21,7 +21,6 @@ The methods (CrossMatch's RGB-D stream, IR2F's rectifier, SeCo, RCCR, BiDA, the 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -54,7 +53,7 @@ from segadapt.adapt.training.run_log import StepLogger, gradient_shares
 from segadapt.adapt.training.resume import resume_from
 from segadapt.adapt.training.run_state import STATE_FORMAT, restore_state, save_state
 from segadapt.adapt.training.train_utils import autocast, nan_check, pick_device, seed_everything, set_rng_state
-from segadapt.runtime.files import write_atomic
+from segadapt.runtime.files import write_json
 
 __all__ = ["Engine", "adapt", "target_dataset"]
 
@@ -168,7 +167,7 @@ class Engine:
         save_checkpoint(self.out / "adapted", self.student, self.out_meta)
         summary = {"steps": 0, "adabn": self.cfg.adabn, "adabn_layers": self.cfg.adabn_layers,
                    "adabn_alpha": self.cfg.adabn_alpha, "adapted": str(self.out / "adapted"), "size": list(self.size)}
-        write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
+        write_json(self.out / "summary.json", summary)
         return summary
 
     def setup_training(self) -> None:
@@ -348,7 +347,7 @@ class Engine:
                    "monitor": self.monitor.summary(), "stopped_early": stopped if stopped != "time" else None}
         summary["monitor_plot"] = str(self.out / "monitor.png") if (self.out / "monitor.png").is_file() else None
         if distributed.is_main():
-            write_atomic(self.out / "summary.json", json.dumps(summary, indent=1).encode())
+            write_json(self.out / "summary.json", summary)
         return summary
 
     def elapsed(self) -> float:

@@ -6,7 +6,6 @@ argmax is compared with the label there. Target labels are read only here, never
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -21,7 +20,7 @@ from segadapt.adapt.data.datasets import LabeledImageFolder
 from segadapt.adapt.metrics import ConfusionMatrix, format_table
 from segadapt.adapt.models.segmenter import Segmenter, upsample_logits
 from segadapt.runtime.classes import ClassInfo, overlay
-from segadapt.runtime.files import write_atomic
+from segadapt.runtime.files import write_json
 
 
 @torch.no_grad()
@@ -150,7 +149,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, size: Optional
     m["data"] = str(data)
     m["size"] = list(size_t)
     if json_out:
-        write_atomic(json_out, json.dumps(m, indent=1).encode(), what="report")
+        write_json(json_out, m, what="report")
     return m
 
 

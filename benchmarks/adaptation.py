@@ -73,6 +73,7 @@ from segadapt.adapt.models.rectifier import confidence_prior
 from segadapt.adapt.models.segmenter import upsample_logits
 from segadapt.adapt.engine import adapt
 from segadapt.adapt.methods.rectifier import load_run, rectification
+from segadapt.runtime.files import write_json
 from segadapt.adapt.methods.rectifier_signals import rectifier_input
 
 
@@ -286,8 +287,7 @@ def main() -> int:
     res["seconds"] = time.time() - t0
     print(json.dumps({k: (round(v["miou_mean"], 2), round(v["miou_std"], 2)) for k, v in res["rows"].items()}))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_json(a.json, res, what="report")
     return 0
 
 

@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from segadapt.runtime.files import write_json
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -150,7 +152,7 @@ def main() -> None:
     rep = run_load(a.model, a.image, a.video, a.clients, a.seconds, a.video_every, a.concurrency, a.queue_size)
     print(json.dumps(rep, indent=1))
     if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        write_json(a.json, rep, what="report")
 
 
 if __name__ == "__main__":

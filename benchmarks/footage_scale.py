@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from segadapt.runtime.files import write_json
+
 CLIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video" / "solidWhiteRight.mp4"
 
 
@@ -200,8 +202,7 @@ def main(argv=None) -> int:
     print(json.dumps(result["runs"][-1]), flush=True)
     print(json.dumps(result["flat"]))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_json(a.json, result, what="report")
     return 0
 
 

@@ -15,7 +15,6 @@ Example (the run recorded in docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -30,7 +29,7 @@ from segadapt.export.config import ExportConfig
 from segadapt.export.frames import load_frames
 from segadapt.export.onnx_export import _ort_session, _reference, _to_input, export_onnx, parity_report
 from segadapt.export.wrapper import ExportWrapper
-from segadapt.runtime.files import list_images
+from segadapt.runtime.files import list_images, write_json
 
 
 def _p50_ms(sess, x: np.ndarray, iters: int) -> float:
@@ -104,8 +103,7 @@ def main() -> int:
               f"{r['agreement_ort_no_optimizations'] * 100:6.2f} % (Q/DQ as written); "
               f"p50 {r['p50_ms_int8']:.1f} ms vs FP32 {r['p50_ms_fp32']:.1f} ms")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        write_json(a.json, rep, what="report")
     return 0
 
 

@@ -9,7 +9,6 @@ backends, end-to-end latency including pre- and post-processing (resize, normali
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import platform
 import resource
@@ -19,7 +18,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from segadapt.runtime.files import write_atomic
+from segadapt.runtime.files import write_json
 
 
 def _stats(ts: List[float]) -> dict:
@@ -411,4 +410,4 @@ def format_bench(rep: dict) -> str:
 def save_report(rep: dict, path: str | Path) -> None:
     """Write the bench results as JSON (parent directories created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(rep, indent=1).encode(), what="report")
+    write_json(path, rep, what="report")

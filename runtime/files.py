@@ -316,6 +316,16 @@ def write_atomic(path: str | Path, data: bytes, what: str = "") -> None:
         write_file(tmp, data)
 
 
+def write_json(path: str | Path, obj, what: str = "") -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_atomic`), creating its folder.
+
+    Raises:
+        TypeError: ``obj`` holds something JSON cannot encode (nothing is written).
+        ArtefactWriteError: as :func:`write_atomic`.
+    """
+    write_atomic(path, json.dumps(obj, indent=1).encode(), what=what)
+
+
 def _file_digest(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from segadapt.runtime.classes import ClassInfo
-from segadapt.runtime.files import read_json_object, write_atomic
+from segadapt.runtime.files import read_json_object, write_json
 
 METADATA_VERSION = 1
 INPUT_LAYOUTS = ("uint8_nhwc", "float_nchw")
@@ -126,7 +126,7 @@ class ModelMetadata:
     def save(self, path: str | Path) -> Path:
         """Write as JSON atomically (temporary file in the same directory, then rename)."""
         path = Path(path)
-        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        write_json(path, self.to_dict())
         return path
 
     @classmethod

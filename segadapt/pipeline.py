@@ -30,7 +30,7 @@ from segadapt.adapt.config import (AdaptConfig, ModelConfig, MonitorConfig, Sour
                                    check_device, default_camvid_dir, default_data_root, to_dict)
 from segadapt.adapt.typed_config import Bounds, NonNegFloat, NonNegInt, Size, check_size
 from segadapt.provenance import run_provenance, source_commit
-from segadapt.runtime.files import list_images, write_atomic
+from segadapt.runtime.files import list_images, write_atomic, write_json
 
 
 @dataclass
@@ -226,7 +226,7 @@ class _PipelineRun:
         return self.state["done"][name]
 
     def save_state(self) -> None:
-        write_atomic(self.state_path, json.dumps(self.state, indent=1).encode())
+        write_json(self.state_path, self.state)
 
     def run(self) -> dict:
         for note in check_inputs(self.cfg, self.state):
@@ -338,9 +338,9 @@ class _PipelineRun:
 
     def step_report(self) -> dict:
         rep = build_report(self.cfg, self.p, self.state)
-        write_atomic(self.out / "report.json", json.dumps(rep, indent=1).encode())
+        write_json(self.out / "report.json", rep)
         write_atomic(self.out / "report.md", report_markdown(rep).encode())
-        write_atomic(self.out / "summary.json", json.dumps(run_summary(rep), indent=1).encode())
+        write_json(self.out / "summary.json", run_summary(rep))
         return {"report": str(self.out / "report.json")}
 
 

@@ -325,6 +325,17 @@ def test_enospc_in_file_writers_keeps_the_previous_file(tmp_path, monkeypatch):
     assert report.read_bytes() == b'{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def test_write_json_creates_the_folder_and_keeps_the_previous_file_on_an_encoding_error(tmp_path):
+    from segadapt.runtime.files import write_json
+
+    report = tmp_path / "a" / "b" / "report.json"
+    write_json(report, {"miou": 42.8, "seeds": [0, 1, 2]})
+    assert json.loads(report.read_text()) == {"miou": 42.8, "seeds": [0, 1, 2]}
+    with pytest.raises(TypeError):
+        write_json(report, {"bad": object()})
+    assert json.loads(report.read_text())["miou"] == 42.8 and [p.name for p in report.parent.iterdir()] == ["report.json"]
+
+
 def test_adapt_on_a_full_disk_keeps_the_last_checkpoint(runs, monkeypatch, capsys):
     """The disk fills up after the first checkpoint: one line, exit 2, no traceback; last/ (step 1) intact and
     resumable, no temporary folders."""

@@ -26,7 +26,6 @@ line naming the file and the values) or become the ignore index (``--unmapped ig
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from PIL import Image
 from segadapt.adapt.class_map import ClassMap, check_targets, load_class_map, norm
 from segadapt.adapt.data import cityscapes as cs
 from segadapt.runtime.classes import ClassInfo
-from segadapt.runtime.files import read_json_object, write_atomic
+from segadapt.runtime.files import read_json_object, write_atomic, write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CAMVID11 = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -321,8 +320,8 @@ def convert_dataset(src: str | Path, out: str | Path, from_format: str, to: str 
     shares = pixel_shares(counts, target)
     report = {"source": str(src), "from": fmt.name, "map": cmap.origin, "unmapped": unmapped, "frames": len(pairs),
               "skipped_unlabelled": skipped, "pixels": int(counts.sum()), "pixel_share_percent": shares}
-    write_atomic(out / "classes.json", json.dumps(read_json_object(to, "class description"), indent=1).encode())
-    write_atomic(out / "convert.json", json.dumps(report, indent=1).encode())
+    write_json(out / "classes.json", read_json_object(to, "class description"))
+    write_json(out / "convert.json", report)
     return report
 
 

@@ -46,6 +46,7 @@ from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.models.segmenter import upsample_logits
+from segadapt.runtime.files import write_json
 
 
 def bn_layers(model: nn.Module) -> list:
@@ -132,8 +133,7 @@ def main(argv=None) -> int:
                 for k in ("miou", "entropy", "max_softmax", "flip_agree", "scale_agree")}}
     print(json.dumps(rep["best_by"]))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        write_json(a.json, rep, what="report")
     return 0
 
 

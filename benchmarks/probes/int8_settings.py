@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="target frames (a split folder with images/, or an image folder)")
     ap.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
     ap.add_argument("--which", choices=("all", "nncf", "ort"), default="all")
-    ap.add_argument("--only", default="", 
+    ap.add_argument("--only", default="",
                     help="only the settings whose names contain one of these texts (separated by |)")
     ap.add_argument("--work", default="runs/bench/int8_settings")
     ap.add_argument("--json", default="runs/bench/int8_settings.json")

@@ -20,7 +20,6 @@ Target labels are read only here, after the labels are made; nothing is trained 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.models.checkpoint import load_segmenter
 from segadapt.adapt.methods.seco.labels import predict_frames, seco_labels
 from segadapt.adapt.methods.config import SecoConfig
+from segadapt.runtime.files import write_json
 
 
 def stage_scores(labels: np.ndarray, truth: np.ndarray, num_classes: int, ignore: int) -> dict:
@@ -109,8 +109,7 @@ def main(argv=None) -> int:
     print(f"{'all':<12}" + "".join(f"{fmt(scores[k]['accuracy'])}/{fmt(scores[k]['labelled_share'])}".rjust(16)
                                    for k in stages))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        write_json(a.json, rep, what="report")
     return 0
 
 

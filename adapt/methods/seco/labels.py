@@ -33,7 +33,7 @@ from segadapt.adapt.methods.config import SecoConfig
 from segadapt.adapt.methods.seco.regions import SamRegions, psa_superpixels, superpixels
 from segadapt.adapt.methods.seco.scc import apply_decisions, extract_components, scc_decisions, train_and_score
 from segadapt.adapt.typed_config import to_dict
-from segadapt.runtime.files import write_atomic
+from segadapt.runtime.files import write_atomic, write_json
 
 __all__ = ["LABEL_DIR", "FixedLabels", "class_top_fraction", "merge_fixed", "predict_frames", "region_source",
            "run_seco", "seco_labels"]
@@ -170,7 +170,7 @@ def run_seco(model_fn: Callable[[], torch.nn.Module], dataset, out: Path, cfg: S
     for name, lab in zip(names, labels):
         png = cv2.imencode(".png", lab.astype(np.uint8))[1]
         write_atomic(d / f"{name}.png", png.tobytes())
-    write_atomic(meta, json.dumps({"inputs": want, "frames": len(names), "stats": stats}, indent=1).encode())
+    write_json(meta, {"inputs": want, "frames": len(names), "stats": stats})
     return d
 
 
