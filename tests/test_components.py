@@ -232,6 +232,12 @@ def test_bida_prototypes_ema_calibration_vote_and_loss():
     assert not torch.equal(bias, comp.bias) and comp.bias.abs().sum() > 0  # calibration moves
     losses = _train(comp, ctx)
     assert losses[-1] < 0.7 * losses[0], losses
+    # the momentum head follows the projection head at the EMA teacher's momentum
+    head_t, head = [p.clone() for p in comp.head_t.parameters()], list(comp.head.parameters())
+    comp.after_update()
+    for a, b, c in zip(head_t, head, comp.head_t.parameters()):
+        assert torch.allclose(c, ALPHA * a + (1 - ALPHA) * b, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(head_t, head))
     comp.cfg.vote = False
     assert comp.refine(ctx, ctx.labels) is ctx.labels
 
