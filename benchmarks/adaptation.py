@@ -241,7 +241,7 @@ def run_row(a: argparse.Namespace, row: str, variant: dict, base: dict, ds_eval:
         s = adapt(cfg, log=lambda *_: None)
         r = measure(out / "adapted", ds_eval, size)
         r.update(seed=seed, seconds=time.time() - t, steps=s["steps"], last_losses=s.get("last_losses", {}))
-        if cfg.rectifier.enabled:
+        if cfg.rectifier.enabled and s["steps"] > 0:  # an AdaBN-only row trains nothing and keeps no state
             r.update(reliability_auroc(cfg, ds_eval, size))
         r["grad_share"] = grad_shares(out)
         runs.append(r)
