@@ -183,7 +183,7 @@ class TeacherConfig:
     CrossMatch's value (methods.md 0.2, 1.3), 0.99 DACS's. Over n steps the teacher moves 1 - alpha^n of the way
     toward the student: 0.999 moves 63 % in the CLI's default 1000 steps, 0.99 moves 78 % in 150 steps.
 
-    Measured (issue #12, docs/benchmarks.md "Session 10"; CamVid dusk, the stronger 180x240 source model, mIoU of
+    Measured (docs/benchmarks.md, "the EMA teacher measured at the CLI's length"; CamVid dusk, the stronger 180x240 source model, mIoU of
     every 100-step save): with 0.99 a 1000-step run (seed 0) peaks at step 100 and then drifts down to below AdaBN
     (45.39 -> 41.24, AdaBN 42.53); with 0.999 the runs climb to their best save at steps 600-700 and end at 45.10
     +- 0.31 (3 seeds), +1.15 over the 150-step runs with 0.99. So 0.999 is the default for the CLI's 1000 steps,
@@ -197,21 +197,21 @@ class TeacherConfig:
     """pseudo-label from the mean of the teacher's softmax on the weak view and on its horizontal mirror (flipped
     back), (B, K, H, W) [RECON: our option, the flip test-time augmentation that UDA codebases commonly use when they
     make pseudo-labels; not in the five papers]. One more teacher forward per step, no gradients. The rectifier's
-    prior and the label-free monitor read the averaged probabilities too. Off by default: measured (session 12,
-    docs/benchmarks.md; the stronger source model, 150 steps, EMA 0.99) +0.14 mIoU on CamVid dusk (3 seeds: +0.64,
+    prior and the label-free monitor read the averaged probabilities too. Off by default: measured (docs/benchmarks.md,
+    "a flip-averaged pseudo-labeller"; the stronger source model, 150 steps, EMA 0.99) +0.14 mIoU on CamVid dusk (3 seeds: +0.64,
     -0.08, -0.13) and -0.53 on KITTI (seed 0)"""
 
 
 @dataclass
 class PseudoLabelConfig:
     """Pseudo-label selection. With ``class_balanced``, per-class thresholds keep the top ``fraction`` of each
-    class's pixels (CBST), bounded by [floor, threshold] (floor 0 since session 3: a rare class whose confidence
+    class's pixels (CBST), bounded by [floor, threshold] (floor 0: a rare class whose confidence
     stays below 0.5 keeps its pseudo-labels). ``anchor_weight`` [RECON] measured once, seed 0: 33.55 mIoU at
     w = 0.5 vs 32.85 at 0, within the seed spread. ``class_weight_power`` [RECON,
     :class:`segadapt.adapt.pseudo_label.ClassFrequencyWeights`], measured together with floor 0 (CamVid dusk, the
-    session-3 source model, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3). ``rule``
-    (issue #12): ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
-    ECCV 2018, sec. 4.2), ``argmax`` with argmax_c p_c (the rule before issue #12)."""
+    DeepLabV3 source model of 4000 steps, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3). ``rule``:
+    ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
+    ECCV 2018, sec. 4.2), ``argmax`` with argmax_c p_c (the earlier rule)."""
 
     threshold: Fraction = 0.9
     """confidence threshold (the fixed one, or the upper bound of the class-balanced ones)"""
@@ -312,7 +312,7 @@ class AdaptConfig:
     adabn_alpha: Fraction = 0.75
     """weight of the target statistics in AdaBN: BatchNorm mean/variance = (1 - alpha) * source + alpha * target
     [RECON: the alpha-BN blend of Schneider et al. 2020, our option; 1 = AdaBN as in Li et al. 2016]. Default 0.75
-    (session 11, docs/benchmarks.md "Session 11"): against 1 it cost 0.2 on CamVid dusk (3 seeds; -0.18 at 1000
+    (docs/benchmarks.md, "blended AdaBN statistics"): against 1 it cost 0.2 on CamVid dusk (3 seeds; -0.18 at 1000
     steps) and gained +1.07 on KITTI (2 seeds) and +1.44 / +0.28 with the quick source model (dusk / KITTI, 1 seed);
     on the quick pipeline over 3 seeds it tied (-0.06 on dusk)"""
     self_training: bool = True

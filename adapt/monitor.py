@@ -1,4 +1,4 @@
-"""Label-free monitor of an adaptation run, its plot and a stopping rule (issue #12).
+"""Label-free monitor of an adaptation run, its plot and a stopping rule.
 
 A user adapting to footage without labels cannot see whether a long run (the CLI's 1000 steps, the ``full``
 preset's 3000) drifted. At each logged step (``--log-every``) the monitor reads only what the loop already computed

@@ -129,7 +129,7 @@ class _SourceRun:
         set_rng_state(state["rng"])
 
     def save_last(self, step: int, elapsed: float) -> None:
-        """``<out>/last`` with everything the next step depends on (exact resume, issue #18); data-parallel: every
+        """``<out>/last`` with everything the next step depends on (exact resume); data-parallel: every
         rank's RNG state, written by rank 0 only."""
         rng_ranks = distributed.gather_object(rng_state())  # None without torchrun
         if not distributed.is_main():

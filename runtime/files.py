@@ -64,7 +64,7 @@ def list_images(source: str | Path) -> List[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writers that lose nothing (issue #18): every artefact is written under a temporary name in its own folder and
+# Writers that lose nothing: every artefact is written under a temporary name in its own folder and
 # renamed into place; a failed write removes the temporary files, keeps the previous complete artefact and raises
 # one line naming the path and the space needed.
 

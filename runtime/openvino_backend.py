@@ -67,7 +67,7 @@ _CORE = []
 
 def shared_core():
     """The process's one ``openvino.Core`` (OpenVINO's advice: one Core per application). A Core made per backend
-    and per capability query, and destroyed with them, preceded SIGSEGVs of the test process in session 5."""
+    and per capability query, and destroyed with them, preceded SIGSEGVs of the test process."""
     try:
         import openvino as ov
     except ImportError:

@@ -68,7 +68,7 @@ class PipelineConfig:
     """optional wall-clock cap on adaptation in minutes (0 = none); reported like --source-minutes"""
     adapt_teacher_alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
     """EMA momentum of the adaptation's teacher; 0 = the preset's (quick: 0.99 for its 150 steps, full: 0.999).
-    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md, session 10: with 0.99 a
+    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md: with 0.99 a
     1000-step run on CamVid dusk fell below AdaBN)"""
     target_split: str = "target_adapt"
     """target split folder under --data (images for adaptation; labels, if present, only to measure)"""
@@ -97,9 +97,9 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
-    # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (session 4 made 793 in
-    # a 7-minute cap); the steps, not the minutes, are the preset (issue #20).
-    # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/benchmarks.md, session 10)
+    # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (793 steps fit a 7-minute
+    # cap); the steps, not the minutes, are the preset, so that a rerun gives the same model.
+    # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/benchmarks.md)
     "quick": {"size": (120, 160), "source_steps": 800, "source_minutes": 0.0, "batch_size": 8,
               "adapt_steps": 150, "adapt_minutes": 0.0, "adapt_teacher_alpha": 0.99},
     "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,

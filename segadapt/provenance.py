@@ -1,7 +1,7 @@
 """What decides a run's result besides its config: package version and commit, library versions and the machine.
 
 Recorded in the pipeline's ``report.json`` / ``summary.json`` so that a user comparing their run with the README can
-tell a different commit, library or machine from a broken install (issue #20).
+tell a different commit, library or machine from a broken install.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class Sample:
         name: identifier (file stem or ``video#frame``).
         valid: (H, W) bool, True on real image pixels and False on padding added by
             :class:`~segadapt.adapt.data.transforms.RandomCrop`; None = every pixel is real. Padded pixels are
-            never pseudo-labelled, never in a loss and never in a statistic (issue #12).
+            never pseudo-labelled, never in a loss and never in a statistic.
         fixed_pseudo_label: (H, W) int64 fixed pseudo-labels of SeCo's offline pass
             (:mod:`segadapt.adapt.methods.seco.labels`),
             ignore index where unlabelled (and on crop padding), or None. Made by the model, never a target label.

@@ -1,4 +1,4 @@
-"""Per-frame depth computed once, stored on disk, read by the dataset (issue #12).
+"""Per-frame depth computed once, stored on disk, read by the dataset.
 
 Stereo matching and depth models are slow, and a CUDA depth model crashes inside forked DataLoader workers. So the
 depth of every target frame is computed ONCE in the main process, before the DataLoader starts

@@ -1,4 +1,4 @@
-"""Footage at scale (issue #15): frames of long videos and of many video files, read on demand in flat memory.
+"""Footage at scale: frames of long videos and of many video files, read on demand in flat memory.
 
 :class:`VideoFootage` is a map-style dataset over one video file, a folder of videos or a list of both. It never
 decodes a video into memory: an index of ``(video, timestamp)`` pairs is built from each container's metadata

@@ -1,4 +1,4 @@
-"""Seeded, checkpointable data order for the training loops (exact ``--resume``, issue #18).
+"""Seeded, checkpointable data order for the training loops (exact ``--resume``).
 
 A training run reads an endless stream of batches. Batch ``k`` of the stream is a pure function of
 ``(seed, k)``: epoch ``e = k // B`` (``B`` batches per epoch) draws its permutation from a generator seeded with

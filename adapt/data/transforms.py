@@ -2,7 +2,7 @@
 
 Images are resized bilinearly (area when shrinking); labels, depth and validity masks with nearest neighbour so
 that no class id or depth value is invented across a boundary. The image validity mask ``Sample.valid`` is False
-on the padding that :class:`RandomCrop` adds (issue #12: padded pixels are never pseudo-labelled). Photometric
+on the padding that :class:`RandomCrop` adds (padded pixels are never pseudo-labelled). Photometric
 augmentation acts on the image only and lives in :mod:`adapt.augment` (batched, on the training device).
 """
 

@@ -1,4 +1,4 @@
-"""UDA mode of ``segadapt adapt`` (``--source-data DIR``, issue #13): labelled source frames join the loop.
+"""UDA mode of ``segadapt adapt`` (``--source-data DIR``): labelled source frames join the loop.
 
 Source-free by default: with ``AdaptConfig.source_data`` empty nothing here runs and nothing opens a source file.
 With a labelled source split (``DIR/images`` + ``DIR/labels``, the checkpoint's class ids), every step adds, after

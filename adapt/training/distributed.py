@@ -1,4 +1,4 @@
-"""Data-parallel training with ``torchrun`` (issue #15): process group, sharding, reductions, DDP wrapping.
+"""Data-parallel training with ``torchrun``: process group, sharding, reductions, DDP wrapping.
 
 ``torchrun --nproc-per-node N -m segadapt adapt ...`` (or ``train-source``; ``--nnodes`` with a rendezvous endpoint
 for several machines) starts N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and

@@ -1,4 +1,4 @@
-"""``--resume`` for the training commands: which checkpoint a run continues from (issue #18).
+"""``--resume`` for the training commands: which checkpoint a run continues from.
 
 ``--resume`` (true) continues from ``<out>/last`` and is an error when there is nothing to continue from;
 ``--resume auto`` continues when it can and otherwise says "starting fresh"; ``--resume false`` (the default)

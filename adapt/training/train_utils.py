@@ -34,7 +34,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     of failing; on CUDA, cuBLAS gets the fixed workspace it needs and cuDNN autotuning is off).
 
     Two runs with the same seed, data and thread count then give bit-identical weights on CPU (tested on the
-    pipeline, issue #20); across thread counts or CPU instruction sets the float sums may still differ.
+    pipeline); across thread counts or CPU instruction sets the float sums may still differ.
     """
     random.seed(seed)
     np.random.seed(seed % (2**32))
