@@ -183,13 +183,13 @@ class TeacherConfig:
     CrossMatch's value (methods.md 0.2, 1.3), 0.99 DACS's. Over n steps the teacher moves 1 - alpha^n of the way
     toward the student: 0.999 moves 63 % in the CLI's default 1000 steps, 0.99 moves 78 % in 150 steps.
 
-    Measured (docs/benchmarks.md, "the EMA teacher measured at the CLI's length"; CamVid dusk, the stronger 180x240 source model, mIoU of
-    every 100-step save): with 0.99 a 1000-step run (seed 0) peaks at step 100 and then drifts down to below AdaBN
-    (45.39 -> 41.24, AdaBN 42.53); with 0.999 the runs climb to their best save at steps 600-700 and end at 45.10
-    +- 0.31 (3 seeds), +1.15 over the 150-step runs with 0.99. So 0.999 is the default for the CLI's 1000 steps,
-    and the 150-step runs (the quick pipeline preset, benchmarks/adaptation.py) keep 0.99, where 0.999 would leave
-    the teacher near the AdaBN model (0.999 at step 100: 43.38-43.60 vs 45.39 with 0.99, seed 0). Not settled:
-    on KITTI (seed 0, 500 steps) 0.999 was 1.16 below 0.99 at step 500, with both still rising."""
+    Measured (docs/benchmarks.md, "the EMA teacher measured at the CLI's length"; CamVid dusk, the stronger 180x240
+    source model, mIoU of every 100-step save): with 0.99 a 1000-step run (seed 0) peaks at step 100 and then drifts
+    down to below AdaBN (45.39 -> 41.24, AdaBN 42.53); with 0.999 the runs climb to their best save at steps 600-700 and
+    end at 45.10 +- 0.31 (3 seeds), +1.15 over the 150-step runs with 0.99. So 0.999 is the default for the CLI's 1000
+    steps, and the 150-step runs (the quick pipeline preset, benchmarks/adaptation.py) keep 0.99, where 0.999 would
+    leave the teacher near the AdaBN model (0.999 at step 100: 43.38-43.60 vs 45.39 with 0.99, seed 0). Not settled: on
+    KITTI (seed 0, 500 steps) 0.999 was 1.16 below 0.99 at step 500, with both still rising."""
 
     alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.999
     """EMA momentum of the teacher, in [0, 1): teacher = alpha * teacher + (1 - alpha) * student"""
@@ -197,9 +197,9 @@ class TeacherConfig:
     """pseudo-label from the mean of the teacher's softmax on the weak view and on its horizontal mirror (flipped
     back), (B, K, H, W) [RECON: our option, the flip test-time augmentation that UDA codebases commonly use when they
     make pseudo-labels; not in the five papers]. One more teacher forward per step, no gradients. The rectifier's
-    prior and the label-free monitor read the averaged probabilities too. Off by default: measured (docs/benchmarks.md,
-    "a flip-averaged pseudo-labeller"; the stronger source model, 150 steps, EMA 0.99) +0.14 mIoU on CamVid dusk (3 seeds: +0.64,
-    -0.08, -0.13) and -0.53 on KITTI (seed 0)"""
+    prior and the label-free monitor read the averaged probabilities too. Off by default: measured
+    (docs/benchmarks.md, "a flip-averaged pseudo-labeller"; the stronger source model, 150 steps, EMA 0.99) +0.14
+    mIoU on CamVid dusk (3 seeds: +0.64, -0.08, -0.13) and -0.53 on KITTI (seed 0)"""
 
 
 @dataclass
@@ -209,8 +209,8 @@ class PseudoLabelConfig:
     stays below 0.5 keeps its pseudo-labels). ``anchor_weight`` [RECON] measured once, seed 0: 33.55 mIoU at
     w = 0.5 vs 32.85 at 0, within the seed spread. ``class_weight_power`` [RECON,
     :class:`segadapt.adapt.pseudo_label.ClassFrequencyWeights`], measured together with floor 0 (CamVid dusk, the
-    DeepLabV3 source model of 4000 steps, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3). ``rule``:
-    ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
+    DeepLabV3 source model of 4000 steps, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3).
+    ``rule``: ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
     ECCV 2018, sec. 4.2), ``argmax`` with argmax_c p_c (the earlier rule)."""
 
     threshold: Fraction = 0.9

@@ -73,8 +73,8 @@ from segadapt.adapt.models.rectifier import confidence_prior
 from segadapt.adapt.models.segmenter import upsample_logits
 from segadapt.adapt.engine import adapt
 from segadapt.adapt.methods.rectifier import load_run, rectification
-from segadapt.runtime.files import write_json
 from segadapt.adapt.methods.rectifier_signals import rectifier_input
+from segadapt.runtime.files import write_json
 
 
 def measure(ckpt, ds, size) -> dict:

@@ -408,6 +408,6 @@ def format_bench(rep: dict) -> str:
 
 
 def save_report(rep: dict, path: str | Path) -> None:
-    """Write the bench results as JSON (parent directories created)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Write the bench results as JSON, atomically (parent directories created; errors as
+    :func:`segadapt.runtime.files.write_json`)."""
     write_json(path, rep, what="report")

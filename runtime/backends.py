@@ -384,8 +384,9 @@ def choose_backend(path: str | Path, metadata: ModelMetadata, backend: str = "au
     ``backend`` asked for. ``auto`` on an ``.onnx`` file picks the fastest one installed for the device: ONNX Runtime
     when ONNX Runtime providers were named or it has a GPU provider (CUDA/TensorRT), or when the graph is an INT8 Q/DQ
     graph made for ONNX Runtime or TensorRT (``metadata.quantization.scheme``); else OpenVINO when it is installed and
-    the CPU has bf16 (OpenVINO then runs bf16: about 1.8x ONNX Runtime FP32 at 99.3 % agreement, docs/benchmarks.md), or when
-    it is the only runtime installed; else ONNX Runtime (OpenVINO f32 measured no faster than ONNX Runtime FP32).
+    the CPU has bf16 (OpenVINO then runs bf16: about 1.8x ONNX Runtime FP32 at 99.3 % agreement,
+    docs/benchmarks.md), or when it is the only runtime installed; else ONNX Runtime (OpenVINO f32 measured no
+    faster than ONNX Runtime FP32).
 
     Returns:
         ``(name, reason)``, name one of ``onnxruntime``, ``openvino``, ``tensorrt``.

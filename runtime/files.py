@@ -319,6 +319,11 @@ def write_atomic(path: str | Path, data: bytes, what: str = "") -> None:
 def write_json(path: str | Path, obj, what: str = "") -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_atomic`), creating its folder.
 
+    Args:
+        path: the final file; a previous file there stays whole until the new one is complete.
+        obj: anything ``json.dumps`` encodes (dicts, lists, strings, numbers, booleans, None).
+        what: what the file is, for error messages (e.g. "report").
+
     Raises:
         TypeError: ``obj`` holds something JSON cannot encode (nothing is written).
         ArtefactWriteError: as :func:`write_atomic`.

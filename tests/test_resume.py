@@ -333,7 +333,8 @@ def test_write_json_creates_the_folder_and_keeps_the_previous_file_on_an_encodin
     assert json.loads(report.read_text()) == {"miou": 42.8, "seeds": [0, 1, 2]}
     with pytest.raises(TypeError):
         write_json(report, {"bad": object()})
-    assert json.loads(report.read_text())["miou"] == 42.8 and [p.name for p in report.parent.iterdir()] == ["report.json"]
+    assert json.loads(report.read_text())["miou"] == 42.8
+    assert [p.name for p in report.parent.iterdir()] == ["report.json"]  # no temporary file left
 
 
 def test_adapt_on_a_full_disk_keeps_the_last_checkpoint(runs, monkeypatch, capsys):
