@@ -209,7 +209,8 @@ class Predictor:
             results += self.infer_prepared(x, boxes, [f.shape[:2] for f in chunk], pre_ms)
         return results
 
-    def infer_prepared(self, x: np.ndarray, boxes, frame_shapes, preprocess_ms: float = 0.0) -> List[Prediction]:
+    def infer_prepared(self, x: np.ndarray, boxes: Sequence[Tuple[int, int, int, int]],
+                       frame_shapes: Sequence[Tuple[int, int]], preprocess_ms: float = 0.0) -> List[Prediction]:
         """Inference and postprocessing of a batch made by :meth:`preprocess` (at most ``max_batch`` frames).
 
         Pipelines call this when frames were preprocessed elsewhere (the video reader thread does it).

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from segadapt.runtime.classes import ClassInfo
 from segadapt.runtime.files import manifest_problem, read_json_object
+from segadapt.runtime.hub import resolve_model_dir
 from segadapt.runtime.inputs import InputError, image_sizes
 
 CHECKPOINT_FORMAT = "segadapt-checkpoint"  # segadapt.adapt.models.checkpoint.FORMAT (that module imports torch)
@@ -148,7 +149,10 @@ def check_checkpoint(path: str | Path, flag: str) -> CheckpointInfo:
             weights, a class list of another length than the transformers config's labels or than the classifier's
             outputs.
     """
-    p = Path(path)
+    try:
+        p = resolve_model_dir(path)  # a Hub id: its folder in the Hugging Face cache
+    except FileNotFoundError as e:
+        raise InputError(_flag(str(e), flag)) from None
     if not p.exists():
         raise InputError(_flag(f"{p}: no such checkpoint", flag))
     if not p.is_dir():

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from segadapt.adapt.models.segmenter import Segmenter, _hf_class, arch_of
 from segadapt.runtime.classes import ClassInfo
 from segadapt.runtime.files import TrackedFile, atomic_dir, is_complete, read_json_object, sibling, write_file
+from segadapt.runtime.hub import resolve_model_dir
 
 FORMAT = "segadapt-checkpoint"
 FORMAT_VERSION = 1
@@ -204,13 +205,14 @@ def load_segmenter(path: str | Path, classes: Optional[ClassInfo] = None,
 
     A transformers directory (``config.json`` with ``model_type`` + weights) is loaded with
     ``from_pretrained(local_files_only=True)``; its class names come from ``classes`` or from the config's
-    ``id2label``.
+    ``id2label``. A Hugging Face Hub id (``owner/name``, when no such folder exists) is read from the Hugging Face
+    cache (:func:`segadapt.runtime.hub.resolve_model_dir`).
 
     Raises:
-        FileNotFoundError: the path does not exist or holds neither format.
+        FileNotFoundError: the path does not exist (nor the Hub id in the cache) or holds neither format.
         ValueError: corrupt files.
     """
-    path = Path(path)
+    path = resolve_model_dir(path)
     if is_checkpoint(path):
         return load_checkpoint(path, map_location)
     if not (path / "config.json").is_file():
