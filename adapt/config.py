@@ -25,7 +25,7 @@ __all__ = ["AdaptConfig", "DepthConfig", "ModelConfig", "MonitorConfig", "Photom
            "UDA_LR"]
 
 DEFAULT_DATA_ENV = "SEGADAPT_DATA"
-#: adaptation learning rates by mode, measured on CamVid dusk and KITTI over 3 seeds (docs: results, changelog)
+#: adaptation learning rates by mode (--lr 0), measured on CamVid dusk and KITTI over 3 seeds (docs/results.md)
 SOURCE_FREE_LR = 2e-5
 UDA_LR = 6e-5
 Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -100,25 +100,27 @@ class PhotometricConfig:
 
 @dataclass
 class ModelConfig:
-    """Which segmenter to build. ``output_stride`` 16 is the default: on 2 CPU cores a training step at 180x240,
-    batch 8, takes 0.89 s at 16 and 2.9 s at 8 (measured)."""
+    """Which segmenter to build: DeepLabV3 (Chen et al., 2017) on a MobileNetV2 backbone (Sandler et al., CVPR
+    2018), or SegFormer (Xie et al., NeurIPS 2021) from the transformers library."""
 
     arch: Literal["deeplabv3-mobilenetv2", "segformer"] = "deeplabv3-mobilenetv2"
     """segmenter: MobileNetV2 with a DeepLabV3 head, or SegFormer (transformers classes)"""
     variant: str = ""
     """SegFormer size b0..b5, or the MobileNetV2 depth multiplier (1.0, 0.75, 0.5...); empty = b0 / 1.0"""
     pretrained: str = ""
-    """local transformers directory (from_pretrained, no download) or segadapt checkpoint; empty = random init"""
+    """initial weights: a local transformers directory (from_pretrained, no download) or a segadapt checkpoint;
+    empty = random initialisation"""
     output_stride: Literal[8, 16, 32] = 16
-    """MobileNetV2 only: output stride (dilated convolutions keep the resolution)"""
+    """MobileNetV2 only: the backbone's total stride; 16 and 8 dilate the last stages instead of striding (finer
+    features, slower training)"""
     dropout: Fraction = 0.1
-    """dropout before the classifier"""
+    """dropout probability before the classifier"""
 
 
 @dataclass
 class SourceTrainConfig:
-    """Supervised training of the source model (``segadapt train-source``). Sizes are (H, W) in pixels; metrics are
-    computed at the label's own resolution."""
+    """Supervised training of the source model on labelled frames (``segadapt train-source``). Sizes are (H, W) in
+    pixels; validation metrics are computed at the label's own resolution."""
 
     data: str = field(default_factory=default_camvid_dir)
     """data root holding the train/val split folders (<split>/images, <split>/labels) and classes.json"""
@@ -130,15 +132,15 @@ class SourceTrainConfig:
     """run directory (checkpoints best/ and last/, history)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     size: Size = (360, 480)
-    """H W frames are resized to before random scale/crop; also the validation inference size"""
+    """H W the frames are resized to before the random scale and crop; also the validation inference size"""
     crop: Size = (0, 0)
     """H W of the random training crop; 0 0 = --size"""
     scale: Scale = (0.75, 1.5)
-    """min max random scale factor before cropping"""
+    """min max of the random scale factor applied before cropping"""
     batch_size: PositiveInt = 8
     """frames per training step"""
     steps: PositiveInt = 4000
-    """optimiser steps"""
+    """optimiser steps (the length of the learning-rate schedule)"""
     lr: PositiveFloat = 1e-3
     """peak learning rate (AdamW, linear warm-up then poly decay)"""
     head_lr_mult: PositiveFloat = 1.0
@@ -148,13 +150,14 @@ class SourceTrainConfig:
     warmup_steps: NonNegInt = 200
     """linear learning-rate warm-up steps"""
     poly_power: NonNegFloat = 1.0
-    """exponent of the poly learning-rate decay"""
+    """exponent of the poly learning-rate decay: lr * (1 - progress) ** power after the warm-up"""
     val_every: PositiveInt = 500
     """validate (and keep best/) every N steps"""
     save_every: PositiveInt = 500
     """write the resumable last/ checkpoint every N steps"""
     max_minutes: NonNegFloat = 0.0
-    """wall-clock budget in minutes (0 = none): training stops there with a checkpoint and the schedule decays by it"""
+    """wall-clock budget in minutes (0 = none): training stops there with a checkpoint, and the learning rate
+    decays to 0 by then"""
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
     augment: bool = True
     """random scale, crop, flip and photometric augmentation"""
@@ -179,59 +182,49 @@ class SourceTrainConfig:
 
 @dataclass
 class TeacherConfig:
-    """EMA teacher: fixed momentum (no warm-up ramp, see adapt/teacher.py for why). 0.999 is DAFormer's and
-    CrossMatch's value (methods.md 0.2, 1.3), 0.99 DACS's. Over n steps the teacher moves 1 - alpha^n of the way
-    toward the student: 0.999 moves 63 % in the CLI's default 1000 steps, 0.99 moves 78 % in 150 steps.
-
-    Measured (docs/benchmarks.md, "the EMA teacher measured at the CLI's length"; CamVid dusk, the stronger 180x240
-    source model, mIoU of every 100-step save): with 0.99 a 1000-step run (seed 0) peaks at step 100 and then drifts
-    down to below AdaBN (45.39 -> 41.24, AdaBN 42.53); with 0.999 the runs climb to their best save at steps 600-700 and
-    end at 45.10 +- 0.31 (3 seeds), +1.15 over the 150-step runs with 0.99. So 0.999 is the default for the CLI's 1000
-    steps, and the 150-step runs (the quick pipeline preset, benchmarks/adaptation.py) keep 0.99, where 0.999 would
-    leave the teacher near the AdaBN model (0.999 at step 100: 43.38-43.60 vs 45.39 with 0.99, seed 0). Not settled: on
-    KITTI (seed 0, 500 steps) 0.999 was 1.16 below 0.99 at step 500, with both still rising."""
+    """EMA teacher of the self-training (mean teacher, Tarvainen and Valpola, NeurIPS 2017) with a fixed momentum
+    and no warm-up ramp (see docs/method-notes.md, Mean teacher). 0.999 is the momentum of DAFormer (Hoyer et al.,
+    CVPR 2022) and CrossMatch, 0.99 that of DACS. Over n steps the teacher moves 1 - alpha^n of the way toward the
+    student, so short runs need a smaller alpha: the quick pipeline preset (150 steps) uses 0.99."""
 
     alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.999
-    """EMA momentum of the teacher, in [0, 1): teacher = alpha * teacher + (1 - alpha) * student"""
+    """EMA momentum of the teacher, in [0, 1): teacher = alpha * teacher + (1 - alpha) * student after every step;
+    use about 0.99 for runs of a few hundred steps"""
     flip: bool = False
-    """pseudo-label from the mean of the teacher's softmax on the weak view and on its horizontal mirror (flipped
-    back), (B, K, H, W) [RECON: our option, the flip test-time augmentation that UDA codebases commonly use when they
-    make pseudo-labels; not in the five papers]. One more teacher forward per step, no gradients. The rectifier's
-    prior and the label-free monitor read the averaged probabilities too. Off by default: measured
-    (docs/benchmarks.md, "a flip-averaged pseudo-labeller"; the stronger source model, 150 steps, EMA 0.99) +0.14
-    mIoU on CamVid dusk (3 seeds: +0.64, -0.08, -0.13) and -0.53 on KITTI (seed 0)"""
+    """pseudo-label from the mean of the teacher's softmax (B, K, H, W) on the weak view and on its horizontal
+    mirror (flipped back); the rectifier's prior and the monitor read the averaged probabilities too. One more
+    teacher forward per step; an option of this project, not from the papers"""
 
 
 @dataclass
 class PseudoLabelConfig:
-    """Pseudo-label selection. With ``class_balanced``, per-class thresholds keep the top ``fraction`` of each
-    class's pixels (CBST), bounded by [floor, threshold] (floor 0: a rare class whose confidence
-    stays below 0.5 keeps its pseudo-labels). ``anchor_weight`` [RECON] measured once, seed 0: 33.55 mIoU at
-    w = 0.5 vs 32.85 at 0, within the seed spread. ``class_weight_power`` [RECON,
-    :class:`segadapt.adapt.pseudo_label.ClassFrequencyWeights`], measured together with floor 0 (CamVid dusk, the
-    DeepLabV3 source model of 4000 steps, 3 seeds): full method 37.52 -> 40.19 mIoU (docs/benchmarks.md, run 3).
-    ``rule``: ``cbst`` labels a pixel with argmax_c p_c / lambda_c (CBST's class-normalised rule, Zou et al.,
-    ECCV 2018, sec. 4.2), ``argmax`` with argmax_c p_c (the earlier rule)."""
+    """Pseudo-label selection of the self-training, after CBST (Zou et al., ECCV 2018, sec. 4.2): with
+    ``class_balanced``, per-class thresholds lambda_c keep the top ``fraction`` of each class's pixels, bounded by
+    [floor, threshold]. The anchor blend, the class-frequency loss weights and the curriculum of the kept share are
+    additions to the paper (see docs/method-notes.md, CBST)."""
 
     threshold: Fraction = 0.9
-    """confidence threshold (the fixed one, or the upper bound of the class-balanced ones)"""
+    """confidence threshold in [0, 1]: the fixed one, or the upper bound of the class-balanced ones"""
     class_balanced: bool = True
     """per-class thresholds keeping the top --pseudo.fraction of each class's pixels (CBST)"""
     fraction: Fraction = 0.5
     """CBST: share of each class's pixels kept"""
     floor: Fraction = 0.0
-    """CBST: lower bound of the per-class thresholds"""
+    """CBST: lower bound of the per-class thresholds (0: a rare class whose confidence stays low keeps its
+    pseudo-labels)"""
     anchor_weight: Fraction = 0.0
-    """w > 0: pseudo-labels from (1 - w) p_teacher + w p_anchor (the frozen AdaBN source model) [RECON]"""
+    """w > 0: pseudo-labels from (1 - w) p_teacher + w p_anchor, the anchor being the frozen source model after
+    AdaBN; 0 = the teacher alone (an addition to CBST)"""
     class_weight_power: NonNegFloat = 0.5
-    """p > 0: weight each kept pixel's loss by its class's running pseudo-label frequency ** -p (mean 1) [RECON]"""
+    """p > 0: weight each kept pixel's loss by its class's running pseudo-label frequency to the power -p,
+    normalised to mean 1; 0 = unweighted (an addition to CBST)"""
     class_weight_max: Annotated[float, Bounds(1)] = 10.0
     """upper bound of a class-frequency weight"""
     rule: Literal["cbst", "argmax"] = "cbst"
-    """labelling rule: cbst = argmax_c p_c / lambda_c, kept where that ratio >= 1 (CBST, Zou et al. ECCV 2018 sec. 4.2;
-    lets a pixel take a rare class), argmax = argmax_c p_c, kept where p >= its class's threshold"""
+    """labelling rule: cbst = argmax_c p_c / lambda_c, kept where that ratio >= 1 (CBST's class-normalised rule; a
+    pixel can take a rare class); argmax = argmax_c p_c, kept where p_c >= its class's threshold"""
     fraction_start: Fraction = 0.0
-    """curriculum [RECON]: > 0 ramps the kept share linearly from this to --pseudo.fraction over
+    """curriculum: > 0 ramps the kept share linearly from this to --pseudo.fraction over
     --pseudo.fraction-ramp-steps (CBST grows it per round); 0 = off"""
     fraction_ramp_steps: NonNegInt = 0
     """curriculum: steps of the ramp from --pseudo.fraction-start to --pseudo.fraction (0 = off)"""
@@ -239,11 +232,11 @@ class PseudoLabelConfig:
 
 @dataclass
 class MonitorConfig:
-    """Label-free monitor of an adaptation run and its optional stopping rule [RECON: our design, not from a paper;
-    the thresholds are unmeasured guesses, the rule is off by default]; see :mod:`segadapt.adapt.monitor`. At each
-    logged step a step *violates* when the class-share drift exceeds ``max_drift`` or the teacher-anchor agreement
-    falls below ``min_agreement`` (agreement only when the run keeps the anchor); ``stop`` ends the run, with its
-    checkpoint, after ``patience`` consecutive violating logged steps."""
+    """Label-free monitor of an adaptation run and its optional stopping rule (a design of this project, not from a
+    paper; the thresholds are untuned and the rule is off by default). A logged step *violates* when the
+    class-share drift exceeds ``max_drift`` or the teacher-anchor agreement falls below ``min_agreement`` (only
+    when the run keeps the anchor); ``stop`` ends the run, with its checkpoint, after ``patience`` consecutive
+    violating logged steps."""
 
     stop: bool = False
     """stop the run early when the label-free stopping rule fires (the reason goes into summary.json)"""
@@ -255,20 +248,21 @@ class MonitorConfig:
     patience: PositiveInt = 3
     """stopping rule: consecutive violating logged steps (--log-every apart) before the run stops"""
     entropy_floor: Fraction = 0.0
-    """stopping rule (acts only with ``stop``): also stop when the teacher's mean entropy over the last ``patience``
-    logged steps is at most this share of its mean over the first ``patience`` (0 = off) [RECON: our rule]"""
+    """stopping rule (only with --monitor.stop): also stop when the teacher's mean entropy over the last
+    --monitor.patience logged steps is at most this share of its mean over the first ones (0 = off)"""
 
 
 @dataclass
 class AdaptConfig:
     """Adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted checkpoint of
-    the same architecture out. There is no field for target labels. Source-free by default: with ``source_data``
-    empty nothing reads source data; with it (the UDA mode, :mod:`segadapt.adapt.methods.uda`) labelled source frames
-    add a
-    source cross-entropy and DACS's source->target ClassMix, and RCCR/BiDA run in their paper forms."""
+    the same architecture out; there is no field for target labels. Source-free by default: with ``source_data``
+    empty nothing reads source data. With it (the UDA mode) labelled source frames add a source cross-entropy and
+    the source->target ClassMix of DACS (Tranheden et al., WACV 2021), and RCCR and BiDA run in their papers'
+    forms."""
 
     checkpoint: str = ""
-    """the source model: segadapt checkpoint directory or local transformers directory (required)"""
+    """the source model: a segadapt checkpoint directory, a local transformers directory, or a Hugging Face Hub id
+    (owner/name) read from the local Hugging Face cache (required)"""
     target: str = ""
     """unlabelled target footage: an image folder (<dir>/images or <dir>), a video file or a folder of video files
     (required)"""
@@ -281,42 +275,39 @@ class AdaptConfig:
     """UDA mode: source frames per step; 0 = --batch-size"""
     source_mix: bool = True
     """UDA mode: the strong view is DACS's source->target ClassMix (half the classes of a source frame pasted onto a
-    target frame); false = target-to-target ClassMix as without source data, plus the source cross-entropy"""
+    target frame); false = target-to-target ClassMix, plus the source cross-entropy"""
     out: str = "runs/adapt"
     """run directory (adapted/, last/, logs, debug grids)"""
     size: Size = (0, 0)
-    """H W frames are resized to; 0 0 = the checkpoint's input size (or --keep-aspect)"""
+    """H W the frames are resized to; 0 0 = the checkpoint's input size (or --keep-aspect)"""
     keep_aspect: NonNegInt = 0
     """short side in pixels; the long side follows the target frames' median aspect, rounded to the model's
     stride (e.g. 120 -> 120x400 on KITTI); 0 = off; excludes --size"""
     crop: Size = (0, 0)
     """H W of the random crop; 0 0 = --size"""
     scale: Scale = (0.75, 1.25)
-    """min max random scale factor before cropping"""
+    """min max of the random scale factor applied before cropping"""
     video_stride: PositiveInt = 5
     """video targets: use every N-th frame"""
     video_max_frames: NonNegInt = 600
     """video targets: at most this many frames per video, spread evenly over it (0 = all)"""
     video_skip_duplicates: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
-    """video targets: skip a frame whose 32-pixel grayscale thumbnail differs from the last kept frame's by less than
-    this mean absolute difference (fraction of 0-255, e.g. 0.01 for parked cameras; 0 = off; one decode pass per
-    video when the run starts) [our design, untuned]"""
+    """video targets: skip a frame whose 32-pixel grayscale thumbnail differs from the last kept frame's by a mean
+    absolute difference below this, as a fraction of 255 (e.g. 0.01 for parked cameras; 0 = off; one decode pass
+    per video at the start; untuned)"""
     video_cache: str = ""
     """video targets: folder for a per-video cache of decoded frames at the training size (PNG), reused by later
     epochs and runs; empty = decode every time"""
     adabn: bool = True
-    """re-estimate BatchNorm statistics on the target first (AdaBN)"""
+    """first re-estimate the BatchNorm statistics on the target frames (AdaBN, Li et al. 2016)"""
     adabn_layers: Fraction = 1.0
-    """share of the BatchNorm layers (input side first) that AdaBN re-estimates; the deeper ones keep the source
-    statistics [RECON: our option; 1 = AdaBN as in Li et al. 2016]"""
+    """share of the BatchNorm layers, input side first, whose statistics AdaBN re-estimates; the deeper ones keep
+    the source statistics; 1 = all, as in AdaBN (see docs/method-notes.md, AdaBN)"""
     adabn_alpha: Fraction = 0.75
-    """weight of the target statistics in AdaBN: BatchNorm mean/variance = (1 - alpha) * source + alpha * target
-    [RECON: the alpha-BN blend of Schneider et al. 2020, our option; 1 = AdaBN as in Li et al. 2016]. Default 0.75
-    (docs/benchmarks.md, "blended AdaBN statistics"): against 1 it cost 0.2 on CamVid dusk (3 seeds; -0.18 at 1000
-    steps) and gained +1.07 on KITTI (2 seeds) and +1.44 / +0.28 with the quick source model (dusk / KITTI, 1 seed);
-    on the quick pipeline over 3 seeds it tied (-0.06 on dusk)"""
+    """weight of the target statistics: BatchNorm mean/variance = (1 - alpha) * source + alpha * target (the
+    blend of Schneider et al., NeurIPS 2020); 1 = AdaBN as in Li et al. 2016 (see docs/method-notes.md, AdaBN)"""
     self_training: bool = True
-    """then run EMA self-training (false = AdaBN only)"""
+    """then run the EMA-teacher self-training (false = AdaBN only)"""
     keep: Literal["teacher", "student"] = "teacher"
     """which weights become the adapted checkpoint: the EMA teacher or the student"""
     steps: PositiveInt = 1000
@@ -324,17 +315,16 @@ class AdaptConfig:
     batch_size: PositiveInt = 4
     """target frames per step"""
     lr: NonNegFloat = 0.0
-    """backbone learning rate (AdamW; the decode head's is ``head_lr_mult`` times it); 0 = the measured default of
-    the mode: 2e-5 source-free, 6e-5 with ``--source-data`` (:meth:`learning_rate`)"""
+    """backbone learning rate (AdamW; the decode head's is --head-lr-mult times it); 0 = the mode's default: 2e-5
+    source-free, 6e-5 with --source-data"""
     head_lr_mult: PositiveFloat = 10.0
     """learning-rate multiplier of the decode head"""
     weight_decay: NonNegFloat = 0.01
     """AdamW weight decay"""
     class_mix: bool = True
-    """target-to-target ClassMix on the student's strong view"""
+    """target-to-target ClassMix (Olsson et al., WACV 2021) on the student's strong view"""
     mask_padding: bool = True
-    """never pseudo-label, train on or count the black padding of the random crop (off: the old behaviour, for
-    ablations only)"""
+    """never pseudo-label, train on or count the black padding of the random crop (false: only for ablations)"""
     strong: PhotometricConfig = field(default_factory=lambda: PhotometricConfig(
         brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, gamma=0.0, jitter_p=0.8, blur_p=0.5))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -348,17 +338,17 @@ class AdaptConfig:
     save_every: PositiveInt = 250
     """write the resumable last/ checkpoint every N steps"""
     keep_saves: bool = False
-    """also keep the adapted model of every save as ``saves/step_<N>/`` (to pick a step afterwards, e.g. by the
+    """also keep the adapted model of every save as saves/step_<N>/ (to pick a step afterwards, e.g. by the
     monitor's signals in coverage.jsonl; each copy is one model's weights)"""
     debug_every: NonNegInt = 100
-    """write a debug grid (frame, pseudo-label, rectifier values) every N steps (0 = never)"""
+    """write a debug grid (frame, pseudo-label, rectifier values) every N steps; 0 = never"""
     log_every: PositiveInt = 20
     """log losses and pseudo-label coverage every N steps"""
     max_minutes: NonNegFloat = 0.0
     """wall-clock budget in minutes (0 = none)"""
     grad_share_every: NonNegInt = 0
     """every N steps (and at the last), log each loss term's gradient norm on the student's backbone relative to
-    the pseudo-label loss's as ``grad_share`` in coverage.jsonl (one extra backward pass per term; 0 = off)"""
+    the pseudo-label loss's, as grad_share in coverage.jsonl (one extra backward pass per term); 0 = off"""
     amp: bool = True
     """mixed precision on GPU; ignored on CPU"""
     device: Device = "auto"

@@ -4,8 +4,8 @@ Rows (each self-training row for every seed; source-only and AdaBN are determini
   source_only      the source checkpoint as it is
   adabn            BatchNorm statistics re-estimated on the target images
   self_training    AdaBN + EMA teacher self-training, fixed confidence threshold, ClassMix, strong photometric view
-  + rectifier      the same with IR2F's mixture loss, r = the teacher-anchor confidence prior (the default since
-                   session 10; --ablate full+inr:rectifier.inr=true adds the learned INR correction)
+  + rectifier      the same with IR2F's mixture loss, r = the teacher-anchor confidence prior (the default;
+                   --ablate full+inr:rectifier.inr=true adds the learned INR correction)
   full             + class-balanced (CBST) thresholds and class-frequency loss weights (the PseudoLabelConfig
                    defaults): the full method as far as it runs without depth
   full + depth     only with --depth: + CrossMatch RGB-D auxiliary stream (dual-head fusion, cross-modal consistency)
@@ -14,7 +14,7 @@ Target labels are used only for measuring, after adaptation. Also reports how we
 predicts pseudo-label correctness (AUROC against the real labels) next to its confidence prior alone and the
 teacher's max-softmax confidence.
 
-CamVid day -> dusk (run 3 in docs/benchmarks.md; the source model from benchmarks/source_only.py, 4000 steps):
+CamVid day -> dusk (docs/results.md; the source model from benchmarks/source_only.py, 4000 steps):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --steps 150 --seeds 0 1 2 \
         --work runs/bench3/adapt_camvid --json runs/bench3/adaptation_camvid.json
 CamVid -> KITTI (kitti-semantics/target_adapt: 100 frames, 3.3:1; the same source model, at its short side 180):
@@ -25,17 +25,17 @@ Ablations: the full method without one component, paired on the same seeds (a ro
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --rows self_training full \
         --ablate full-classmix:class_mix=false --ablate full-class_weights:pseudo.class_weight_power=0.0 \
         --work runs/bench3/adapt_ablate --json runs/bench3/ablate_camvid.json
-UDA mode (issue #13: labelled source frames join, --source-data; rows = the full method + source data, with and
+UDA mode (labelled source frames join, --source-data; rows = the full method + source data, with and
 without RCCR/BiDA in their paper forms; source_mix=false = source CE with the source-free target-to-target mix):
     S=../shared/data/camvid-day2dusk/source_train
-    python benchmarks/adaptation.py --checkpoint /work/runs/quick_s0_a/source/best --skip-baselines --rows \
+    python benchmarks/adaptation.py --checkpoint runs/pipeline/source/best --skip-baselines --rows \
         --ablate uda:source_data=$S --ablate uda+rccr:source_data=$S,rccr.enabled=true \
         --ablate uda+bida:source_data=$S,bida.enabled=true --steps 150 --seeds 0 1 2 \
         --work runs/uda/adapt --json runs/uda/adaptation_uda.json
 One row with a changed setting (every self-training row gets the --set overrides):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
-The rectifier's INR, its target and features (issue #12; each run prints r's AUROC next to its prior's and
+The rectifier's INR, its target and features (each run prints r's AUROC next to its prior's and
 max-softmax's):
     python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
         --set rectifier.inr=true --set rectifier.features=stride4 --set rectifier.view_consensus=true \
@@ -164,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(AdaptConfig.grad_share_every); the runs' shares go to the JSON")
     ap.add_argument("--teacher-alpha", type=float, default=0.99,
                     help="EMA momentum of the teacher: 0.99 for the 150-step rows (the quick preset's, what every "
-                         "150-step table in docs/benchmarks.md used); the CLI's 1000-step default is 0.999")
+                         "150-step table in docs/results.md used); the CLI's 1000-step default is 0.999")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=["self_training", "+rectifier", "full"])
     ap.add_argument("--rectifier-prior", default="teacher_anchor", choices=["none", "teacher", "teacher_anchor"],

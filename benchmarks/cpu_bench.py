@@ -1,4 +1,4 @@
-"""`segadapt bench` for both architectures in one run, and its JSON as the docs/benchmarks.md tables.
+"""`segadapt bench` for both architectures in one run, and its JSON as the tables of docs/results.md.
 
 Measures DeepLabV3-MobileNetV2 and SegFormer-b0 on the same real frames at one input size (default 1x360x480, batch
 8 for throughput): PyTorch eager, ONNX Runtime FP32 and INT8 Q/DQ, OpenVINO f32, bf16 (skipped with the reason on
@@ -9,7 +9,7 @@ those of the architecture, but its class agreement is not that of a trained mode
 other, so small numeric differences flip classes more often).
 
 Run on a quiet machine (nothing else running; every backend runs in its own process):
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_bench.py --dlv3 /work/runs/quick_s0_a/source/best \\
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_bench.py --dlv3 runs/pipeline/source/best \\
         --frames ../shared/data/camvid-day2dusk/target_adapt --json runs/bench/cpu_bench.json
 Then the tables only, from the JSON:
     python benchmarks/cpu_bench.py --table runs/bench/cpu_bench.json

@@ -1,4 +1,4 @@
-"""Footage at scale (issue #15): the adaptation input pipeline over a long video and over a folder of videos, its
+"""Footage at scale: the adaptation input pipeline over a long video and over a folder of videos, its
 peak resident memory against the number of frames read, and its frames per second.
 
 Builds, under ``--work`` (never in the repository), ``--videos`` videos of ``--frames-per-video`` frames made by

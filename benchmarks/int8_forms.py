@@ -8,7 +8,7 @@ script exports the checkpoint with INT8 calibrated on ``--calib`` frames, then m
   none (each Q/DQ applied as written, float convolutions: how TensorRT computes the graph);
 - ONNX Runtime CPU latency at batch 1 (p50 over ``--iters`` runs, default optimisations).
 
-Example (the run recorded in docs/benchmarks.md):
+Example (the run recorded in docs/results.md, "INT8 forms"):
     python benchmarks/int8_forms.py --checkpoint runs/pipeline/adapt/adapted --json runs/bench/int8_forms.json
 """
 

@@ -4,7 +4,7 @@ Trains a source model on ``source_train``, selects the best checkpoint on ``sour
 per-class IoU on ``source_val`` and on ``target_adapt`` (target labels used for measuring only). Prints and writes
 JSON.
 
-Example (the CPU run recorded in docs/benchmarks.md):
+Example (how the source model of docs/results.md was trained):
     python benchmarks/source_only.py --arch deeplabv3-mobilenetv2 --size 180 240 --steps 1600 --minutes 35 \
         --out runs/bench/source_dlv3 --json runs/bench/source_dlv3.json
 """

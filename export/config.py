@@ -21,13 +21,14 @@ class ExportConfig:
     Q/DQ), then optionally a TensorRT engine or a Triton repository; metadata beside every file."""
 
     checkpoint: str = ""
-    """segadapt checkpoint (or local transformers directory) to export (required)"""
+    """the segadapt checkpoint (or local transformers directory) to export (required)"""
     out: str = ""
     """output directory; empty = <checkpoint>-export"""
     name: str = "model"
     """file stem: <out>/<name>.onnx, .fp16.onnx, .int8.onnx, .engine"""
     format: Literal["onnx", "engine", "triton"] = "onnx"
-    """onnx; engine (TensorRT, built from the ONNX file on this machine's GPU); triton (a model repository)"""
+    """onnx; engine (a TensorRT engine built from the ONNX file on this machine's GPU); triton (a Triton model
+    repository)"""
     imgsz: Size = (0, 0)
     """H W of the static graph, or the optimisation profile's opt shape; 0 0 = the checkpoint's input size"""
     batch: PositiveInt = 1
@@ -35,9 +36,9 @@ class ExportConfig:
     dynamic: bool = False
     """dynamic batch (1..--max-batch), height and width (--min-size..--max-size)"""
     min_size: MinSize = (64, 64)
-    """dynamic graphs: smallest H W"""
+    """dynamic graphs: smallest H W, pixels"""
     max_size: MinSize = (1088, 1920)
-    """dynamic graphs: largest H W"""
+    """dynamic graphs: largest H W, pixels"""
     max_batch: PositiveInt = 8
     """dynamic graphs: largest batch"""
     half: bool = False
@@ -47,15 +48,14 @@ class ExportConfig:
     calib: str = ""
     """folder of real target frames for INT8 calibration (default: --parity-data)"""
     calib_frames: PositiveInt = 32
-    """frames used for INT8 calibration"""
+    """number of frames used for INT8 calibration"""
     int8_backend: Literal["auto", "onnxruntime", "tensorrt", "openvino"] = "auto"
-    """INT8 form: onnxruntime (uint8 asymmetric activations, ONNX Runtime's CPU kernels); tensorrt (int8
-    symmetric activations and weights, zero points 0: the only form TensorRT's parser accepts); openvino (NNCF
-    post-training quantisation into an OpenVINO IR <name>.int8.xml, for the OpenVINO CPU backend; needs
+    """INT8 form: onnxruntime (uint8 asymmetric activations); tensorrt (symmetric int8, zero points 0: the form
+    TensorRT's parser accepts); openvino (NNCF quantisation to an OpenVINO IR <name>.int8.xml; needs
     segadapt[openvino-int8]); auto = tensorrt for --format engine/triton, else onnxruntime"""
     int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
-    """activation ranges: the largest magnitude seen, the 99.99th percentile, or onnxruntime's KL search (with its
-    default 128 bins it picked the minmax ranges on the CamVid test models)"""
+    """how INT8 activation ranges are set: minmax = the largest magnitude seen, percentile = the 99.99th
+    percentile, entropy = onnxruntime's KL-divergence search"""
     input_layout: Literal["uint8_nhwc", "float_nchw"] = "uint8_nhwc"
     """graph input: uint8 (B, H, W, 3) RGB with normalisation inside, or normalised float32 (B, 3, H, W)"""
     output: Literal["class_map", "logits"] = "class_map"
@@ -71,9 +71,9 @@ class ExportConfig:
     parity_data: str = ""
     """folder of real frames for the parity check against PyTorch (default: --calib, else CamVid tiny target)"""
     parity_frames: PositiveInt = 8
-    """frames compared in the parity check"""
+    """number of frames compared in the parity check"""
     legacy_exporter: bool = False
-    """use torch's TorchScript exporter instead of the dynamo exporter"""
+    """use torch's TorchScript-based ONNX exporter instead of the dynamo exporter"""
 
     def check(self) -> None:
         check_size(self.imgsz, "--imgsz", zero_means="the checkpoint's input size")

@@ -384,9 +384,9 @@ def choose_backend(path: str | Path, metadata: ModelMetadata, backend: str = "au
     ``backend`` asked for. ``auto`` on an ``.onnx`` file picks the fastest one installed for the device: ONNX Runtime
     when ONNX Runtime providers were named or it has a GPU provider (CUDA/TensorRT), or when the graph is an INT8 Q/DQ
     graph made for ONNX Runtime or TensorRT (``metadata.quantization.scheme``); else OpenVINO when it is installed and
-    the CPU has bf16 (OpenVINO then runs bf16: about 1.8x ONNX Runtime FP32 at 99.3 % agreement,
-    docs/benchmarks.md), or when it is the only runtime installed; else ONNX Runtime (OpenVINO f32 measured no
-    faster than ONNX Runtime FP32).
+    the CPU has bf16 (OpenVINO then runs bf16), or when it is the only runtime installed; else ONNX Runtime
+    (on a CPU without bf16, OpenVINO f32 was 13 % faster at batch 1 but 19 % slower at batch 8 than ONNX Runtime
+    FP32: docs/results.md).
 
     Returns:
         ``(name, reason)``, name one of ``onnxruntime``, ``openvino``, ``tensorrt``.
@@ -428,7 +428,7 @@ def choose_backend(path: str | Path, metadata: ModelMetadata, backend: str = "au
 
         if cpu_supports_bf16() or not ort_ok:
             return "openvino", ("CPU with bf16, OpenVINO installed" if ort_ok else "CPU, only OpenVINO installed")
-        return "onnxruntime", "CPU without bf16: OpenVINO f32 is no faster than ONNX Runtime (docs/benchmarks.md)"
+        return "onnxruntime", "CPU without bf16: OpenVINO f32 is no faster than ONNX Runtime (docs/results.md)"
     if ort_ok:
         return "onnxruntime", "CPU, OpenVINO not installed"
     raise BackendError(f"{p}: neither onnxruntime nor openvino is installed: pip install 'segadapt[ort]' or "

@@ -3,6 +3,10 @@
 ``segadapt --help`` imports neither torch nor onnxruntime: parsers are built from torch-free modules, and each
 subcommand imports its implementation when it runs. Errors about user input (missing or malformed files, bad
 values) are printed as one line ``error: ...`` with exit status 2, without a traceback.
+
+``--help`` of the commands with many flags starts with an "essential" group, then groups one config section each.
+``train-source``, ``adapt`` and ``pipeline`` end with a few lines (:mod:`segadapt.console`): where the result file is
+and its headline numbers; ``--json`` prints the whole result as JSON instead.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ def _resolved_config(cls, ns: argparse.Namespace):
     return cfg
 
 
+def _print_result(result: dict, as_json: bool, lines, *args) -> None:
+    """A command's result on stdout: the whole dict as JSON with ``--json``, else a few lines for a person
+    (``lines(result, *args)``, from :mod:`segadapt.console`)."""
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("\n".join(lines(result, *args)))
+
+
 def _preflight(command: str, arg) -> None:
     """The command's input and output checks (:mod:`segadapt.preflight`), before any model loads; one line each."""
     from segadapt import preflight
@@ -62,11 +75,11 @@ def _cmd_train_source(ns: argparse.Namespace) -> int:
     if cfg is not None:
         _preflight("train_source", cfg)
         from segadapt.adapt.train_source import train_source
-        from segadapt.console import log
+        from segadapt.console import log, train_source_lines
 
         summary = train_source(cfg, log=log)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
-            print(json.dumps(summary, indent=1))
+            _print_result(summary, ns.json, train_source_lines)
     return 0
 
 
@@ -77,11 +90,11 @@ def _cmd_adapt(ns: argparse.Namespace) -> int:
     if cfg is not None:
         _preflight("adapt", cfg)
         from segadapt.adapt.engine import adapt
-        from segadapt.console import log
+        from segadapt.console import adapt_lines, log
 
         summary = adapt(cfg, log=log)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
-            print(json.dumps(summary, indent=1))
+            _print_result(summary, ns.json, adapt_lines, cfg.out)
     return 0
 
 
@@ -108,12 +121,11 @@ def _cmd_pipeline(ns: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     _preflight("pipeline", cfg)
-    from segadapt.console import log
+    from segadapt.console import log, pipeline_lines
     from segadapt.pipeline import run_pipeline
 
     rep = run_pipeline(cfg, log=log)
-    print(json.dumps(rep["metrics"], indent=1))
-    print(f"report: {cfg.out}/report.md")
+    _print_result(rep, ns.json, pipeline_lines, cfg.out)
     return 0
 
 
@@ -274,13 +286,57 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _config_options(sp: argparse.ArgumentParser, cls, print_config: bool = True) -> None:
-    from segadapt.cli_args import add_dataclass_arguments
+#: one-line descriptions of the config sections' help groups (``--rccr.*`` under "rccr:", ...)
+SECTION_TEXT = {
+    "strong": "photometric augmentation of the student's strong view",
+    "teacher": "EMA teacher of the self-training (mean teacher)",
+    "pseudo": "pseudo-label selection (CBST class-balanced thresholds)",
+    "depth": "CrossMatch RGB-D auxiliary stream, training only (off unless --depth.provider is set)",
+    "rectifier": "per-pixel reliability of the pseudo-labels (IR2F rectification; on by default)",
+    "rccr": "RCCR region-wise contrastive consistency (off by default)",
+    "bida": "BiDA bi-directional pixel-prototype contrast (off by default)",
+    "monitor": "label-free monitor of the run and its optional stopping rule",
+    "seco": "SeCo connectivity-driven pseudo-label pass before self-training (off by default)",
+    "model": "the segmenter to build",
+    "photometric": "photometric augmentation of the training frames",
+    "UDA mode": "labelled source frames during adaptation (off unless --source-data is set)",
+    "target footage": "how frames are read from video targets",
+    "shapes": "dynamic graphs and batch",
+    "INT8": "INT8 quantisation and its calibration",
+    "graph": "graph input, output and conversion",
+    "checks": "parity check against PyTorch",
+}
+#: top-level fields listed under a group of their own instead of the command's general group
+FIELD_GROUPS = {
+    "adapt": {**{f: "UDA mode" for f in ("source_data", "source_weight", "source_batch_size", "source_mix")},
+              **{f: "target footage" for f in ("video_stride", "video_max_frames", "video_skip_duplicates",
+                                                 "video_cache")}},
+    "export": {**{f: "shapes" for f in ("batch", "dynamic", "min_size", "max_size", "max_batch")},
+               **{f: "INT8" for f in ("calib", "calib_frames", "int8_backend", "int8_calibration")},
+               **{f: "graph" for f in ("input_layout", "output", "class_dtype", "opset", "simplify",
+                                       "legacy_exporter", "workspace")},
+               **{f: "checks" for f in ("parity_data", "parity_frames")}},
+}
 
-    sp.add_argument("--config", default=None, help="JSON file with config values (flags override it)")
-    if print_config:
-        sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    add_dataclass_arguments(sp, cls)
+
+def _config_options(sp: argparse.ArgumentParser, cls, command: str, essential: tuple, usage: str,
+                    general: str, result_json: str = ""):
+    """The flags of a config dataclass, grouped for ``--help``: "essential" (``essential`` and ``--config``) first,
+    then -h/-q/-v/--print-config(/--json), the command's ``general`` group, then one group per config section.
+    ``usage``: the short usage line (argparse's own would list every flag). ``result_json``: help of a ``--json``
+    switch (none when empty). Returns the ``group_for`` callback, to add more flags to a section's group."""
+    from segadapt.cli_args import add_dataclass_arguments, essential_group, section_groups
+
+    sp.usage = usage
+    recipes = " (recipes: configs/*.json in the repository)" if command == "adapt" else ""
+    essential_group(sp).add_argument("--config", default=None, metavar="FILE",
+                                     help=f"JSON file with config values; flags override it{recipes}")
+    sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if result_json:
+        sp.add_argument("--json", action="store_true", help=result_json)
+    groups = section_groups(sp, general, SECTION_TEXT, FIELD_GROUPS.get(command))
+    add_dataclass_arguments(sp, cls, essential=essential, group_for=groups)
+    return groups
 
 
 def _fill_data(d: argparse.ArgumentParser) -> None:
@@ -298,7 +354,7 @@ def _fill_data(d: argparse.ArgumentParser) -> None:
     v.add_argument("--from", dest="from_format", required=True, metavar="FORMAT", help="label format: "
                    "cityscapes-ids, cityscapes-trainids, cityscapes-color or palette:FILE (classes + palette JSON)")
     v.add_argument("--to", required=True, metavar="CLASSES.json", help="the output class set (names, palette, "
-                   "ignore index), e.g. ../shared/data/camvid-day2dusk/classes.json")
+                   "ignore index), e.g. the classes.json of a CamVid data root")
     v.add_argument("--map", default="", metavar="MAP.json", help='JSON {"map": {"source class": "target class" or '
                    "null}} or cityscapes-camvid11 (default: that map for a Cityscapes format and the CamVid-11 "
                    "classes, else classes of the same name)")
@@ -314,16 +370,21 @@ def _fill_data(d: argparse.ArgumentParser) -> None:
 def _fill_train_source(t: argparse.ArgumentParser) -> None:
     from segadapt.adapt.config import SourceTrainConfig
 
-    _config_options(t, SourceTrainConfig)
+    _config_options(t, SourceTrainConfig, "train-source", ("data", "out", "steps", "size", "batch_size", "device"),
+                    "%(prog)s [--data DIR] [--out DIR] [--steps N] [options]", "training",
+                    "print the whole summary as JSON on stdout (also in <out>/history.json)")
     t.set_defaults(_run=_cmd_train_source)
 
 
 def _fill_adapt(a: argparse.ArgumentParser) -> None:
     from segadapt.adapt.config import AdaptConfig
 
-    _config_options(a, AdaptConfig)
-    a.add_argument("--depth", dest="depth.provider", choices=["none", "files", "stereo", "model"], default=None,
-                   help="depth for the training-only RGB-D stream (same as --depth.provider)")
+    groups = _config_options(a, AdaptConfig, "adapt", ("checkpoint", "target", "out", "steps", "device", "size",
+                                                     "keep_aspect"),
+                             "%(prog)s --checkpoint DIR --target DIR --out DIR [options]", "adaptation",
+                             "print the whole summary as JSON on stdout (also in <out>/summary.json)")
+    groups("depth.provider").add_argument("--depth", dest="depth.provider", default=None,
+                                          choices=["none", "files", "stereo", "model"], help="same as --depth.provider")
     a.set_defaults(_run=_cmd_adapt)
 
 
@@ -347,32 +408,46 @@ def _fill_evaluate(e: argparse.ArgumentParser) -> None:
 def _fill_export(x: argparse.ArgumentParser) -> None:
     from segadapt.export.config import ExportConfig
 
-    _config_options(x, ExportConfig)
+    _config_options(x, ExportConfig, "export", ("checkpoint", "out", "name", "format", "imgsz", "half", "int8"),
+                    "%(prog)s --checkpoint DIR [--out DIR] [--format onnx|engine|triton] [options]", "export")
     x.set_defaults(_run=_cmd_export)
 
 
+def _first_group(parser: argparse.ArgumentParser, title: str):
+    """An argument group listed first in ``--help`` (as :func:`segadapt.cli_args.essential_group`, which ``predict``
+    must not import: it reads the adaptation configs' type helpers)."""
+    g = parser.add_argument_group(title)
+    parser._action_groups.remove(g)
+    parser._action_groups.insert(0, g)
+    return g
+
+
 def _fill_predict(pr: argparse.ArgumentParser) -> None:
-    pr.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it), OpenVINO .xml "
-                    "(x.xml.json beside it) or .engine file "
-                    "(x.engine.json beside it)")
-    pr.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
-    pr.add_argument("--out", required=True, help="output directory")
-    pr.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu (default: all "
+    pr.usage = "%(prog)s --model FILE --source PATH --out DIR [options]"
+    ess = _first_group(pr, "essential")
+    ess.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it), OpenVINO .xml "
+                     "(x.xml.json beside it) or .engine file (x.engine.json beside it)")
+    ess.add_argument("--source", required=True, help="image, folder of images, video file or camera index")
+    ess.add_argument("--out", required=True, help="output directory")
+    rt = pr.add_argument_group("runtime", "where and how the model runs")
+    rt.add_argument("--providers", default="", help="ONNX Runtime providers in order, e.g. cuda,cpu (default: all "
                     "available)")
-    pr.add_argument("--threads", type=_non_negative_int, default=0,
+    rt.add_argument("--threads", type=_non_negative_int, default=0,
                     help="ONNX Runtime / OpenVINO threads (0 = default)")
-    _backend_options(pr)
-    pr.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+    _backend_options(rt)
+    rt.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
                     help="model input size (dynamic graphs only; default: the metadata's)")
-    pr.add_argument("--letterbox", action="store_true", help="keep the aspect ratio (pad) instead of stretching")
-    pr.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")
-    pr.add_argument("--batch", type=_positive_int, default=1, help="frames per inference call (default: 1)")
-    pr.add_argument("--max-frames", type=_non_negative_int, default=0, help="stop after N frames (cameras; 0 = all)")
-    pr.add_argument("--save-class-maps", action="store_true", help="also write single-channel class-id PNGs")
-    pr.add_argument("--watch", action="store_true", help="hot swap: when --model is replaced by a complete model "
+    rt.add_argument("--letterbox", action="store_true", help="keep the aspect ratio (pad) instead of stretching")
+    rt.add_argument("--batch", type=_positive_int, default=1, help="frames per inference call (default: 1)")
+    out = pr.add_argument_group("output")
+    out.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")
+    out.add_argument("--max-frames", type=_non_negative_int, default=0, help="stop after N frames (cameras; 0 = all)")
+    out.add_argument("--save-class-maps", action="store_true", help="also write single-channel class-id PNGs")
+    hs = pr.add_argument_group("hot swap")
+    hs.add_argument("--watch", action="store_true", help="hot swap: when --model is replaced by a complete model "
                     "with the same classes and input (e.g. a new export), switch to it without stopping; other "
                     "files are refused with a warning and the current model keeps running")
-    pr.add_argument("--watch-interval", type=_non_negative_float, default=0.5, metavar="SECONDS",
+    hs.add_argument("--watch-interval", type=_non_negative_float, default=0.5, metavar="SECONDS",
                     help="with --watch: look at the model file at most this often (default: 0.5)")
     pr.set_defaults(_run=_cmd_predict)
 
@@ -418,7 +493,7 @@ def _fill_demo(dm: argparse.ArgumentParser) -> None:
     dm.set_defaults(_run=_cmd_demo)
 
 
-def _backend_options(sp: argparse.ArgumentParser) -> None:
+def _backend_options(sp) -> None:
     """``--backend`` and ``--precision`` of the commands that run an exported model (predict, demo)."""
     sp.add_argument("--backend", choices=["auto", "onnxruntime", "openvino", "tensorrt"], default="auto",
                     help="runtime: auto = by file (.engine -> tensorrt, .xml -> openvino) and, for .onnx, the fastest "
@@ -432,7 +507,10 @@ def _backend_options(sp: argparse.ArgumentParser) -> None:
 def _fill_pipeline(pl: argparse.ArgumentParser) -> None:
     from segadapt.pipeline import PipelineConfig
 
-    _config_options(pl, PipelineConfig)
+    _config_options(pl, PipelineConfig, "pipeline", ("data", "out", "preset", "source_checkpoint", "uda", "device",
+                                                     "until"),
+                    "%(prog)s [--data DIR] [--out DIR] [--preset quick|full] [options]", "pipeline",
+                    "print the whole report as JSON on stdout (also in <out>/report.json)")
     pl.set_defaults(_run=_cmd_pipeline)
 
 

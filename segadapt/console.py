@@ -1,6 +1,10 @@
-"""What the command line prints: log levels (``--quiet``/``--verbose``), library warnings and progress bars.
+"""What the command line prints: log levels (``--quiet``/``--verbose``), library warnings, progress bars and the
+closing lines of the long commands.
 
 - Messages go through :mod:`logging` (logger ``segadapt``) to stderr; results (tables, JSON) go to stdout.
+- ``train-source``, ``adapt`` and ``pipeline`` end with a few lines on stdout (:func:`train_source_lines`,
+  :func:`adapt_lines`, :func:`pipeline_lines`): where the result is and its headline numbers. The whole result is
+  in the run folder's JSON file, and on stdout instead with ``--json``.
 - Warnings that a user cannot act on are hidden unless ``--verbose``: every warning raised inside the libraries in
   :data:`NOISY_MODULES` and every DeprecationWarning/FutureWarning; other warnings (segadapt's own) show.
 - tqdm progress bars redraw in place on a terminal (at most every 2 s). Where stderr is a file or a pipe (a log), a
@@ -133,3 +137,78 @@ def setup_console(quiet: bool = False, verbose: bool = False, log_interval: floa
 def log(msg: str) -> None:
     """INFO message of the command line (the ``log`` callback handed to training, export and the pipeline)."""
     LOG.info(msg)
+
+
+# -- the few lines a command ends with (the whole result is in its JSON file, or on stdout with --json) -----------
+
+def train_source_lines(summary: dict) -> list:
+    """``segadapt train-source``'s closing lines: the best checkpoint and its validation mIoU (0-100), steps made,
+    where the whole summary is."""
+    out = summary.get("out", "")
+    made = f"{summary.get('steps')} steps in {summary.get('seconds', 0.0):.0f} s"
+    if summary.get("stopped_early"):
+        made += ", stopped early by the time budget"
+    if summary.get("best_step", -1) >= 0:
+        head = (f"best checkpoint: {out}/best (val mIoU {summary['best_val_miou']:.2f} at step "
+                f"{summary['best_step']}; {made})")
+    else:
+        head = f"no validation split: the model is {out}/last ({made})"
+    return [head, f"summary and validation history: {out}/history.json"]
+
+
+def adapt_lines(summary: dict, out: str) -> list:
+    """``segadapt adapt``'s closing lines: the adapted checkpoint, steps and size, the label-free monitor's last
+    signals and an early stop, where the whole summary is."""
+    size = "x".join(map(str, summary.get("size") or []))
+    if not summary.get("steps") and "keep" not in summary:
+        how = f"AdaBN only, at {size}"
+    else:
+        who = "EMA teacher" if summary.get("keep") == "teacher" else summary.get("keep", "")
+        how = f"{who} after {summary.get('steps')} steps at {size}, {summary.get('seconds', 0.0):.0f} s"
+    lines = [f"adapted checkpoint: {summary.get('adapted', out + '/adapted')} ({how})"]
+    last = (summary.get("monitor") or {}).get("last")
+    if last:
+        agree = "no anchor" if last.get("anchor_agreement") is None else f"{last['anchor_agreement']:.3f}"
+        plot = f"; plot {summary['monitor_plot']}" if summary.get("monitor_plot") else ""
+        lines.append(f"monitor at step {last['step']} (no labels): class-share drift {last['class_drift']:.3f}, "
+                     f"teacher-anchor agreement {agree}, teacher entropy {last['entropy']:.3f} of log K{plot}")
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early: {summary['stopped_early']}")
+    lines.append(f"summary: {out}/summary.json")
+    return lines
+
+
+def pipeline_lines(rep: dict, out: str) -> list:
+    """``segadapt pipeline``'s closing lines: mIoU (0-100) of the source-only and adapted models per evaluated split,
+    export parity, the adapted model's files, the overlay video and where the report is."""
+    lines = [f"report: {out}/report.md (every number: {out}/report.json)"]
+    metrics = rep.get("metrics", {})
+    splits = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics))
+    if splits:
+        w = max(len(s) for s in [*splits, "mIoU (%)"]) + 2
+        lines.append(f"{'mIoU (%)':<{w}} source-only  adapted  change")
+        for split in splits:
+            src, ada = (metrics.get(f"{m}/{split}", {}).get("miou") for m in ("source_only", "adapted"))
+            change = f"{ada - src:+7.2f}" if src is not None and ada is not None else "    n/a"
+            lines.append(f"{split:<{w}} {_num(src, 11)}  {_num(ada, 7)}  {change}")
+    parity = rep.get("export_parity") or {}
+    if parity:
+        lines.append("export parity, same class as PyTorch: " + ", ".join(
+            f"{k} {v['class_agreement'] * 100:.2f} %" for k, v in parity.items()))
+    files = rep.get("files") or {}
+    if files.get("adapted_checkpoint"):
+        onnx = f", ONNX {files['onnx.adapted.fp32']}" if files.get("onnx.adapted.fp32") else ""
+        lines.append(f"adapted model: checkpoint {files['adapted_checkpoint']}{onnx}")
+    video = rep.get("video") or {}
+    if video.get("output"):
+        lines.append(f"video: {video['output']} ({video.get('frames')} frames, {video.get('fps', 0.0):.1f} "
+                     f"frames/s end to end)")
+    for name, st in (rep.get("steps") or {}).items():
+        if st.get("cut_short"):
+            lines.append(f"{name}: cut short at {st['done']} of {st['planned']} steps by the "
+                         f"{st['minutes_cap']}-minute cap (not comparable to a full run)")
+    return lines
+
+
+def _num(v, width: int) -> str:
+    return f"{v:{width}.2f}" if v is not None else f"{'n/a':>{width}}"

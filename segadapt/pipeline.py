@@ -45,9 +45,8 @@ class PipelineConfig:
     out: str = "runs/pipeline"
     """run directory (resumable: finished steps are skipped)"""
     preset: Literal["quick", "full"] = "quick"
-    """quick: 120x160, 800 source + 150 adaptation steps (about 10 min on 2 CPU cores); full: 360x480,
-    benchmark-length schedules (a GPU). Presets count steps, not minutes: the same seed gives the same result on
-    any machine of the same kind"""
+    """quick: 120x160, 800 source + 150 adaptation steps (a CPU); full: 360x480, 20000 + 3000 steps (a GPU).
+    A preset counts steps, not minutes"""
     source_checkpoint: str = ""
     """reuse this source model instead of training one"""
     arch: Literal["deeplabv3-mobilenetv2", "segformer"] = "deeplabv3-mobilenetv2"
@@ -55,25 +54,23 @@ class PipelineConfig:
     size: Size = (0, 0)
     """H W of training and inference; 0 0 = the preset's"""
     keep_aspect: NonNegInt = 0
-    """adaptation and target evaluation at the target's aspect: short side in pixels, the long side from the target
-    frames, rounded to the model's stride (e.g. 120 -> 120x400 on KITTI); 0 = --size"""
+    """adaptation and target evaluation at the target's aspect: short side in pixels, long side from the frames
+    (e.g. 120 -> 120x400 on KITTI); 0 = --size"""
     source_steps: NonNegInt = 0
     """source training steps; 0 = the preset's"""
     source_minutes: NonNegFloat = 0.0
-    """optional wall-clock cap on source training in minutes (0 = none); a run it stops is reported as cut short,
-    with the steps it made, and is no longer comparable to a full one"""
+    """wall-clock cap on source training, minutes (0 = none); a run it stops is reported as cut short"""
     adapt_steps: NonNegInt = 0
     """adaptation steps; 0 = the preset's"""
     adapt_minutes: NonNegFloat = 0.0
-    """optional wall-clock cap on adaptation in minutes (0 = none); reported like --source-minutes"""
+    """wall-clock cap on adaptation, minutes (0 = none); reported like --source-minutes"""
     adapt_teacher_alpha: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.0
-    """EMA momentum of the adaptation's teacher; 0 = the preset's (quick: 0.99 for its 150 steps, full: 0.999).
-    Raise it to 0.999 when --adapt-steps makes a quick run long (docs/benchmarks.md: with 0.99 a
-    1000-step run on CamVid dusk fell below AdaBN)"""
+    """EMA momentum of the adaptation's teacher, in [0, 1); 0 = the preset's (quick 0.99, full 0.999).
+    Use 0.999 for runs of 1000 steps or more"""
     target_split: str = "target_adapt"
-    """target split folder under --data (images for adaptation; labels, if present, only to measure)"""
+    """target split folder under --data (its images adapt; its labels, if any, only measure)"""
     video: str = ""
-    """clip segmented at the end; empty = the dash-cam clip in the data root, or the target frames if it is missing"""
+    """clip segmented at the end; empty = the dash-cam clip in the data root, else the target frames"""
     video_max_frames: NonNegInt = 0
     """segment at most this many frames of the clip (0 = all)"""
     device: str = "auto"
@@ -81,11 +78,10 @@ class PipelineConfig:
     seed: NonNegInt = 0
     """random seed of every step"""
     until: Literal["train_source", "adapt", "evaluate", "export", "video"] = "video"
-    """run the steps up to this one, then write the report (e.g. evaluate: no ONNX export and no video)"""
+    """last step to run before the report (e.g. evaluate: no export, no video)"""
     uda: bool = False
-    """UDA mode: adapt with the data root's labelled source_train as source data (source CE + DACS mix; RCCR and
-    BiDA in their paper forms) at the UDA mode's learning rate (``AdaptConfig.learning_rate``); off = source-free,
-    nothing reads source data during adaptation"""
+    """UDA mode: adapt with the data root's labelled source_train as source data, at the UDA learning rate
+    (6e-5); false = source-free"""
     rccr: RCCRConfig = field(default_factory=RCCRConfig)
     bida: BiDAConfig = field(default_factory=BiDAConfig)
     seco: SecoConfig = field(default_factory=SecoConfig)
