@@ -1,7 +1,7 @@
 """Photometric augmentation on batched images (image only; labels and depth are untouched).
 
 Used for source training (a source model must not hinge on one exposure) and for the student's strong view during
-adaptation (DAFormer/DACS recipe, methods.md section 0.2: colour jitter with p 0.8, Gaussian blur with p 0.5,
+adaptation (the DAFormer/DACS recipe's probabilities: colour jitter with p 0.8, Gaussian blur with p 0.5,
 sigma ~ U(0.15, 1.15)). All functions take and return (B, 3, H, W) float tensors with values in [0, 1] and draw one
 set of random parameters per sample.
 """
@@ -103,7 +103,8 @@ def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def class_mix_masks(labels: torch.Tensor, ignore_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix masks between target images (DACS, methods.md 0.2, source-free: target with target).
+    """ClassMix masks between target images (ClassMix, Olsson et al. WACV 2021; DACS mixes source onto target, here
+    target with target: see docs/method-notes.md, DACS).
 
     For each image i, half of the classes present in its (pseudo-)label are chosen at random (ceil(n/2)); the mask
     is 1 on its pixels of those classes. :func:`mix` pastes them onto image ``(i + 1) % B``.

@@ -1,4 +1,4 @@
-"""Evaluation of a segmenter on a labelled split: one confusion matrix over the whole set (methods.md 0.1).
+"""Evaluation of a segmenter on a labelled split: one confusion matrix over the whole set (as mmsegmentation does).
 
 Frames are resized to the inference size, logits are upsampled bilinearly to the label's own resolution, and the
 argmax is compared with the label there. Target labels are read only here, never during adaptation.

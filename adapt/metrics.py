@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix accumulated over a whole set (methods.md 0.1).
+"""Segmentation metrics from one confusion matrix accumulated over a whole set (as mmsegmentation and DAFormer do).
 
 IoU_c = TP_c / (TP_c + FP_c + FN_c). A class that appears neither in the labels nor in the predictions of the whole
 set has an undefined IoU (NaN) and is left out of the mean, as in mmsegmentation's ``nanmean``; a class that

@@ -2,8 +2,8 @@
 
 A user adapting to footage without labels cannot see whether a long run (the CLI's 1000 steps, the ``full``
 preset's 3000) drifted. At each logged step (``--log-every``) the monitor reads only what the loop already computed
-on the weak view -- the EMA teacher's probabilities, the frozen AdaBN anchor's when the run keeps one
-(:func:`segadapt.adapt.engine.uses_anchor`: no extra forward pass is made for the monitor), the pseudo-labels
+on the weak view -- the EMA teacher's probabilities, the frozen AdaBN anchor's when the run keeps one (it does when
+a component or ``pseudo.anchor_weight`` reads it: no extra forward pass is made for the monitor), the pseudo-labels
 and the mask of real (non-padding) pixels -- and records:
 
 - ``coverage`` per class: share of valid pixels carrying each class's pseudo-label (the plot's first panel; the
@@ -19,18 +19,19 @@ and the mask of real (non-padding) pixels -- and records:
 The new ``coverage.jsonl`` keys are ``entropy``, ``anchor_agreement``, ``class_drift``, ``drift_reference`` and
 ``teacher_shares`` (K floats; a resumed run reads its monitor history back from them).
 
-Relative entropy floor [RECON, ``monitor.entropy_floor``, off by default]: the run also stops when the teacher's
-mean entropy over the last ``patience`` logged steps has fallen to that share of its mean over the first ones
-(:func:`entropy_floor_reason`; measured in docs/benchmarks.md, "Where a long run should stop"). Like the rule
-below it acts only with ``monitor.stop``; both rules are then checked.
+Relative entropy floor (our design, not from a paper: see docs/method-notes.md, Label-free monitor;
+``monitor.entropy_floor``, off by default): the run also stops when the teacher's mean entropy over the last
+``patience`` logged steps has fallen to that share of its mean over the first ones (:func:`entropy_floor_reason`;
+measured 2026-12-02: docs/changelog.md). Like the rule below it acts only with
+``monitor.stop``; both rules are then checked.
 
-Stopping rule [RECON: our design, no paper proposes it; thresholds unmeasured, off by default]: a logged step
-*violates* when ``class_drift > max_drift`` or (with an anchor) ``anchor_agreement < min_agreement``; with
-``monitor.stop`` the run stops, saving its checkpoint, after ``patience`` consecutive violating logged steps, and
-``summary.json`` records the reason. Rationale: self-training failure modes on a target without labels show up as
-the teacher's class distribution collapsing toward a few classes (drift up, entropy down) and as the teacher
-leaving the source model's decisions on most pixels (agreement down); the anchor is the label-free reference
-already kept for the rectifier (methods.md 0.2 / IR2F 5.3 adaptation of this repo). Both rise and fall during
+Stopping rule (our design, no paper proposes it: see docs/method-notes.md, Label-free monitor; thresholds not
+calibrated, off by default): a logged step *violates* when ``class_drift > max_drift`` or (with an anchor)
+``anchor_agreement < min_agreement``; with ``monitor.stop`` the run stops, saving its checkpoint, after ``patience``
+consecutive violating logged steps, and ``summary.json`` records the reason. Rationale: self-training failure modes
+on a target without labels show up as the teacher's class distribution collapsing toward a few classes (drift up,
+entropy down) and as the teacher leaving the source model's decisions on most pixels (agreement down); the anchor is
+the label-free reference already kept for the rectifier (see docs/method-notes.md, IR2F). Both rise and fall during
 healthy adaptation too, which is why the thresholds are loose, need ``patience`` and are for the user to tune.
 """
 
@@ -208,7 +209,7 @@ def _violation(s: MonitorStep, cfg: MonitorConfig) -> Optional[str]:
 
 
 def entropy_floor_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> Optional[str]:
-    """The relative entropy floor [RECON: our rule, measured in docs/benchmarks.md "Where a long run should stop"]:
+    """The relative entropy floor (our rule, measured 2026-12-02: docs/changelog.md):
     a reason when the teacher's mean entropy over the last ``cfg.patience`` logged steps is at most
     ``cfg.entropy_floor`` times its mean over the first ``cfg.patience`` logged steps, else None (also when
     ``cfg.entropy_floor`` is 0 = off, or fewer than 2 x patience steps are logged). Relative, so that it does not
@@ -225,7 +226,7 @@ def entropy_floor_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> 
 
 
 def stop_reason(history: Sequence[MonitorStep], cfg: MonitorConfig) -> Optional[str]:
-    """The label-free stopping rule [RECON, module docstring]: a reason when each of the last ``cfg.patience``
+    """The label-free stopping rule (our design, module docstring): a reason when each of the last ``cfg.patience``
     logged steps violates (drift above ``cfg.max_drift`` or anchor agreement below ``cfg.min_agreement``), or when
     the relative entropy floor is reached (:func:`entropy_floor_reason`, with ``cfg.entropy_floor`` > 0), else
     None."""

@@ -15,7 +15,8 @@ from segadapt.adapt.training.distributed import all_reduce_sum, pool_class_thres
 def class_balanced_thresholds(probs: torch.Tensor, fraction: float = 0.5, cap: float = 0.9,
                               floor: float = 0.0, sample: int = 200_000,
                               valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-class confidence thresholds, CBST-style (Zou et al., ECCV 2018; methods.md 1.3 "class-wise top-k%").
+    """Per-class confidence thresholds, CBST-style (Zou et al., ECCV 2018: class-wise top-k%; the cap and floor are
+    our design, see docs/method-notes.md, CBST).
 
     For each class c, the threshold is the confidence above which the top ``fraction`` of the pixels predicted as c
     lie, capped at ``cap`` (so frequent, confident classes do not crowd out rare ones) and floored at ``floor``.
@@ -88,8 +89,8 @@ class ThresholdTracker:
 
 
 class ClassFrequencyWeights:
-    """Per-pixel loss weights that lift rare pseudo-label classes [RECON; class-balanced self-training in the spirit
-    of CBST (Zou et al., ECCV 2018), which balances by thresholds only].
+    """Per-pixel loss weights that lift rare pseudo-label classes (our design, in the spirit of CBST, Zou et al.,
+    ECCV 2018, which balances by thresholds only: see docs/method-notes.md, CBST).
 
     Self-training on CamVid dusk drives the rare classes (pole, sign, pedestrian, bicyclist) to 0 IoU within 150
     steps even with class-balanced thresholds: they are few, their gradients are swamped by road and sky, and the
@@ -149,7 +150,7 @@ def pseudo_label(probs: torch.Tensor, thresholds: torch.Tensor | float, ignore_i
     Rules (``lambda_c`` = the threshold of class c):
 
     * ``"argmax"``: label = argmax_c p_c, kept where p_label >= lambda_label.
-    * ``"cbst"``: CBST's class-normalised rule (Zou et al., ECCV 2018, sec. 4.2; methods.md 1.3 / 3 "CBST-style"):
+    * ``"cbst"``: CBST's class-normalised rule (Zou et al., ECCV 2018, sec. 4.2):
       label = argmax_c p_c / lambda_c, kept where max_c p_c / lambda_c >= 1. A pixel whose rare class is confident
       relative to that class's (low) threshold takes the rare class even when a common class has the larger p.
       With a scalar threshold both rules give the same labels and mask.
@@ -186,8 +187,9 @@ def pseudo_label(probs: torch.Tensor, thresholds: torch.Tensor | float, ignore_i
 
 
 def kept_fraction(step: int, fraction: float, start: float = 0.0, ramp_steps: int = 0) -> float:
-    """The CBST kept share at ``step`` under a linear curriculum [RECON: CBST (Zou et al., ECCV 2018, sec. 4.2)
-    grows the kept portion p from 20 % by 5 % per self-training round; here a linear ramp over steps].
+    """The CBST kept share at ``step`` under a linear curriculum (CBST, Zou et al., ECCV 2018, sec. 4.2, grows the
+    kept portion p from 20 % by 5 % per self-training round; the linear ramp over steps is our design, see
+    docs/method-notes.md, CBST).
 
     Args:
         step: 0-based training step.
@@ -205,8 +207,9 @@ def kept_fraction(step: int, fraction: float, start: float = 0.0, ramp_steps: in
 
 def fuse_dual_head(p_rgb: torch.Tensor, p_rgbd: torch.Tensor, require_agreement: bool = True
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CrossMatch dual-head pseudo-label denoising [RECON, methods.md 1.3]: average the RGB and RGB-D teachers'
-    softmax; optionally keep only pixels where both heads' argmax agree.
+    """CrossMatch dual-head pseudo-label denoising (Yin et al., ICCV 2023; this fusion rule is our design, not the
+    paper's: see docs/method-notes.md, CrossMatch): average the RGB and RGB-D teachers' softmax; optionally keep
+    only pixels where both heads' argmax agree.
 
     Args:
         p_rgb, p_rgbd: (B, K, H, W) probabilities of the two teachers.

@@ -1,11 +1,12 @@
-"""EMA teacher for source-free self-training (mean teacher; DAFormer/MIC's split of the teacher into its own module,
-methods.md 0.2).
+"""EMA teacher for source-free self-training (mean teacher, Tarvainen and Valpola, NeurIPS 2017; a module of its own
+as in DAFormer, Hoyer et al. CVPR 2022).
 
-Source-free specifics (measured on CamVid day -> dusk, docs/benchmarks.md): the teacher starts as the (AdaBN-adapted)
-source model and follows the student with a *fixed* momentum (default 0.99, no warm-up ramp: DAFormer's ramp
-``min(1 - 1/(t+1), 0.999)`` let the teacher collapse from 33 to 13 mIoU within 100 steps when there is no source loss to
-anchor it). Dropout and DropPath are off in the teacher. BatchNorm running statistics are copied, not averaged, from the
-student (whose statistics are frozen after AdaBN), so teacher and student normalise identically.
+Source-free specifics (our design, not the papers': see docs/method-notes.md, Mean teacher): the teacher starts as
+the (AdaBN-adapted) source model and follows the student with a *fixed* momentum (``--teacher.alpha``, default 0.999;
+the quick recipe's 150 steps use 0.99), with no warm-up ramp: DAFormer's ramp ``min(1 - 1/(t+1), 0.999)`` let the
+teacher collapse from 33 to 13 mIoU within 100 steps on CamVid dusk (first release, 2026-11-21) when there is no
+source loss to anchor it. Dropout and DropPath are off in the teacher. BatchNorm running statistics are copied, not
+averaged, from the student (whose statistics are frozen after AdaBN), so teacher and student normalise identically.
 """
 
 from __future__ import annotations

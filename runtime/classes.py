@@ -20,7 +20,7 @@ class ClassInfo:
         stuff: optional per-class flag, True for amorphous "stuff" (road, sky, ...), False for countable "things"
             (car, pedestrian, ...); read from a ``"stuff"`` list of booleans in ``classes.json``. None (the file has
             no such list) = :func:`default_stuff_flags` by class name, see :meth:`stuff_flags`. Used by SeCo's
-            pseudo-label pass (methods.md 3.2).
+            pseudo-label pass (see docs/method-notes.md, SeCo).
     """
 
     names: Tuple[str, ...]
@@ -100,10 +100,10 @@ class ClassInfo:
 
 
 #: Built-in stuff/things split by (lower-case) class name, for class files without a ``stuff`` list. Cityscapes-19
-#: follows SeCo (methods.md 3.2): stuff = road, sidewalk, building, wall, fence, vegetation, terrain, sky; things =
-#: pole, traffic light/sign, person, rider and the vehicles. CamVid-11 maps onto it (Pavement = sidewalk, Tree =
-#: vegetation, SignSymbol = sign, Pedestrian = person, Bicyclist = rider): stuff = Sky, Building, Road, Pavement,
-#: Tree, Fence; things = Pole, SignSymbol, Car, Pedestrian, Bicyclist.
+#: follows SeCo (Zhao et al., arXiv 2312.06331): stuff = road, sidewalk, building, wall, fence, vegetation, terrain,
+#: sky; things = pole, traffic light/sign, person, rider and the vehicles. CamVid-11 maps onto it (Pavement =
+#: sidewalk, Tree = vegetation, SignSymbol = sign, Pedestrian = person, Bicyclist = rider): stuff = Sky, Building,
+#: Road, Pavement, Tree, Fence; things = Pole, SignSymbol, Car, Pedestrian, Bicyclist.
 STUFF_BY_NAME = {
     **{n: True for n in ("road", "sidewalk", "pavement", "building", "wall", "fence", "vegetation", "tree",
                          "terrain", "sky")},

@@ -95,7 +95,7 @@ class PipelineConfig:
 PIPELINE_PRESETS = {
     # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (793 steps fit a 7-minute
     # cap); the steps, not the minutes, are the preset, so that a rerun gives the same model.
-    # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/benchmarks.md)
+    # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/changelog.md, 2026-12-02)
     "quick": {"size": (120, 160), "source_steps": 800, "source_minutes": 0.0, "batch_size": 8,
               "adapt_steps": 150, "adapt_minutes": 0.0, "adapt_teacher_alpha": 0.99},
     "full": {"size": (360, 480), "source_steps": 20000, "source_minutes": 0.0, "batch_size": 8,

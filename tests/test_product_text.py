@@ -42,7 +42,8 @@ def work_log_lines(text: str) -> list[tuple[int, str, str]]:
 def test_the_patterns_catch_a_work_log_and_pass_product_text():
     bad = ["as measured in session 12", "Session 3's model", "see issue #14", "(#13)", "runs/s11/quick_s0/source",
            "/work/runs/x", "../shared/docs/methods.md 2.1", "[RECON] our design"]
-    good = ["measured on 2026-12-04 (segadapt 0.1.0)", "the colour #1f77b4", "border: 1px solid #444", "step #", "rank 1 of 3 sessions",
+    good = ["measured on 2026-12-04 (segadapt 0.1.0)", "the colour #1f77b4", "border: 1px solid #444", "step #",
+            "rank 1 of 3 sessions",
             "`--seed 0`", "docs/method-notes.md, RCCR", "a 2-core machine", "&#39;"]
     assert all(work_log_lines(b) for b in bad), [b for b in bad if not work_log_lines(b)]
     assert not [g for g in good if work_log_lines(g)]

@@ -5,7 +5,7 @@ annotation paths; images are 360x480 RGB PNGs, annotations single-channel class 
 are fetched one by one from ``--base-url`` (default: the repository's raw-file address), so any mirror with the same
 layout works, including a local HTTP server.
 
-Split rule (the same as ``../shared/data/camvid-day2dusk``): the three SegNet splits are pooled and regrouped by
+Split rule (the same as ``$SEGADAPT_DATA/camvid-day2dusk``): the three SegNet splits are pooled and regrouped by
 sequence, so that day and dusk never share a split:
 
 * ``source_train``: sequences 0006R0 and 0016E5 (day), 406 frames

@@ -6,7 +6,7 @@ one of three Cityscapes forms: label ids (0-33, ``*_labelIds.png``, KITTI's ``se
 cityscapesScripts' ``helpers/labels.py`` (Cordts et al., CVPR 2016).
 
 :data:`CAMVID11_MAP` maps every Cityscapes class name to a CamVid-11 class name or None (ignore). It is the mapping
-of ``../shared/data/kitti-semantics`` (its README): sidewalk -> Pavement, vegetation -> Tree, traffic light/sign ->
+of the ``kitti-semantics`` data set (its README): sidewalk -> Pavement, vegetation -> Tree, traffic light/sign ->
 SignSymbol, truck/bus -> Car, person -> Pedestrian, rider/bicycle/motorcycle -> Bicyclist; wall, terrain, guard
 rail, parking, rail track, bridge, tunnel, train, caravan, trailer and the void classes -> ignore. Classes that
 share a colour share a target, so ids and colours convert alike: polegroup -> Pole (pole's colour), license plate

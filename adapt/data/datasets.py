@@ -1,6 +1,6 @@
 """Datasets over image folders and video files.
 
-Layout of a split directory (as in ``../shared/data/camvid-day2dusk``)::
+Layout of a split directory (as in ``$SEGADAPT_DATA/camvid-day2dusk``)::
 
     <split>/images/<name>.png|jpg      RGB frames
     <split>/labels/<name>.png          optional; single channel, value = class id, ignore index for void

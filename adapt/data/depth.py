@@ -1,8 +1,8 @@
-"""Depth providers for the training-only RGB-D auxiliary stream (CrossMatch, methods.md 1.3).
+"""Depth providers for the training-only RGB-D auxiliary stream (CrossMatch, Yin et al. ICCV 2023).
 
 Every provider is a callable ``(image_path, image (H, W, 3) uint8 RGB) -> (depth (H, W) float32, valid (H, W) bool)``
-whose depth is *normalised inverse depth* (disparity-like: near = large) in [0, 1] per image, 0 where invalid
-[RECON: methods.md 1.3 "inverse depth or disparity, per-image normalised to [0, 1], invalid pixels set to 0"].
+whose depth is *normalised inverse depth* (disparity-like: near = large) in [0, 1] per image, 0 where invalid (our
+design, not the paper's: see docs/method-notes.md, CrossMatch).
 Normalisation divides by the image's 99th percentile of valid values (robust to a few very near pixels) and clips.
 
 * ``files``: depth or disparity maps beside the images (same stem, ``.png``/``.npy``/``.tiff``); KITTI-style uint16

@@ -1,9 +1,10 @@
-"""BiDA: bi-directional pixel-prototype contrast (Lee et al., ECCV 2022; methods.md 4), source-free and UDA forms.
+"""BiDA: bi-directional pixel-prototype contrast (Lee et al., ECCV 2022), source-free and UDA forms.
 
-The paper (abstract, methods.md 4.1) pulls target pixel features toward the *source* prototype of their class and
-source pixel features toward the *target* prototypes, transfers labels to target pixels from the nearest source
-prototype, and calibrates class-wise domain biases of the prototypes. Its code does not match the abstract
-(methods.md 4.2), so this follows the reconstruction of methods.md 4.3 [RECON throughout]:
+The paper pulls target pixel features toward the *source* prototype of their class and source pixel features toward
+the *target* prototypes, transfers labels to target pixels from the nearest source prototype, and calibrates
+class-wise domain biases of the prototypes. The authors' code (cvlab-yonsei/DASS) has no calibration, no momentum
+prototypes and leaves the label transfer unused, so this component is built from the paper's text; every detail
+below is our design, not the paper's (see docs/method-notes.md, BiDA):
 
 * Embeddings: a projection head on the decoder features (1x1 conv, ReLU, 1x1 conv, L2-norm); the teacher embeds with
   an EMA copy of it (momentum head).
@@ -22,11 +23,11 @@ prototype, and calibrates class-wise domain biases of the prototypes. Its code d
   gradient reaches the projection head only, the samples are stored features). Classes without a prototype on the
   other side are left out of the logits and the labels.
 
-UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; methods.md 4.3 as in the paper, with source labels):
+UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; as in the paper, with source labels):
 
 * Source prototypes P^s_c: EMA (``proto_momentum``) of the mean momentum-head embedding of the EMA teacher's decoder
   features on the step's source frames under their labels (nearest-downsampled; void skipped), updated at the start
-  of each step (before the vote, so that step 0 has prototypes) [RECON: teacher features, as for P^t]; no pass over
+  of each step (before the vote, so that step 0 has prototypes; teacher features, as for P^t: our design); no pass over
   target frames, no stored source samples.
 * Source -> target-prototype term: CE over [head(student features on the source frames) . P^t / t] with the source
   labels: the gradient reaches the student (the paper's T->S term), not only the head.

@@ -1,13 +1,14 @@
-"""RCCR: region-wise contrastive consistency (Zhou et al., ICME 2022; methods.md 2), source-free and UDA forms.
+"""RCCR: region-wise contrastive consistency (Zhou et al., ICME 2022), source-free and UDA forms.
 
-What the paper's code does (methods.md 2.2, [CODE]): a CutMix box pastes the target crop's region into a source crop;
+What the authors' code does (qianyuzqy/RCCR): a CutMix box pastes the target crop's region into a source crop;
 student embeddings (projection head, 128-d, L2-normalised) inside the box are anchors, the *positive* of each is the
 teacher's embedding (momentum projection head = EMA of the student's) at the same location of the un-augmented
 target, the negatives are entries of a FIFO memory bank of detached student and teacher embeddings whose label differs
 from the anchor's pseudo-label (class-filtered), InfoNCE with temperature 0.1, anchors gated by teacher confidence
 > 0.75, loss weight ramped as ``0.01 exp(-5 (1 - sqrt(t / T)))``.
 
-Source-free form [RECON, configurable in :class:`~segadapt.adapt.methods.config.RCCRConfig`]:
+Source-free form (our design, not the paper's: see docs/method-notes.md, RCCR; configurable in
+:class:`~segadapt.adapt.methods.config.RCCRConfig`):
 
 * No second student forward: the loop's strong view is target-to-target ClassMix + photometric, so every strong-view
   pixel comes from one of two target frames at the *same* location (``augment.mix``). Its positive is the teacher's
@@ -18,14 +19,14 @@ Source-free form [RECON, configurable in :class:`~segadapt.adapt.methods.config.
 * Bank labels are the teacher's argmax (no threshold), mixed like the strong view for student entries; the bank and
   the samples per step are smaller than the code's 24000 / 4000 because our feature maps are small.
 
-UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; methods.md 2.2 branch 2, the paper's code): per frame a
-CutMix box (area ratio r ~ U(0, 1) = Beta(1, 1), side ratio sqrt(r), on the decoder's grid: the code's 8-pixel grid
+UDA form (``--source-data``, :mod:`segadapt.adapt.methods.uda`; the form of the authors' code): per frame a CutMix
+box (area ratio r ~ U(0, 1) = Beta(1, 1), side ratio sqrt(r), on the decoder's grid: the code's 8-pixel grid
 is its output stride) of the weak target view replaces the same box of a source frame; colour jitter and blur; one
 more student pass on it. Anchors are the student's embeddings in the box (cells wholly inside, real, teacher
 confidence > ``confidence``), positives the teacher's at the same location of the un-augmented target; bank labels of
 the student entries are the source labels (nearest-downsampled; void ones kept, as in the code: they are negatives
-to every anchor) outside the box and the teacher's argmax inside. [RECON]: one box per frame (the code draws one per
-batch), crop padding never an anchor or a bank entry.
+to every anchor) outside the box and the teacher's argmax inside. Our design in it: one box per frame (the code
+draws one per batch), crop padding never an anchor or a bank entry.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = ["RCCR", "MemoryBank", "cutmix_boxes", "info_nce", "ramp_weight"]
 
 
 def cutmix_boxes(n: int, grid: Tuple[int, int], device="cpu") -> torch.Tensor:
-    """RCCR's CutMix boxes on a (h, w) grid (methods.md 2.2 branch 2 step 1): per frame an area ratio r ~ U(0, 1)
+    """RCCR's CutMix boxes on a (h, w) grid (the authors' code, its first step): per frame an area ratio r ~ U(0, 1)
     (Beta(1, 1)), sides floor(sqrt(r) * side) (at least 1 cell), a uniform position (global torch RNG).
 
     Returns:
@@ -63,7 +64,7 @@ def cutmix_boxes(n: int, grid: Tuple[int, int], device="cpu") -> torch.Tensor:
 
 
 def ramp_weight(weight: float, step: int, steps: int, ramp: bool = True) -> float:
-    """RCCR's weight ramp ``w exp(-5 (1 - sqrt(t / T)))`` (methods.md 2.2 step 7); ``w`` when ``ramp`` is off."""
+    """RCCR's weight ramp ``w exp(-5 (1 - sqrt(t / T)))`` (the authors' code); ``w`` when ``ramp`` is off."""
     if not ramp:
         return weight
     t = min(max(step, 0) / max(steps, 1), 1.0)
@@ -71,7 +72,7 @@ def ramp_weight(weight: float, step: int, steps: int, ramp: bool = True) -> floa
 
 
 class MemoryBank:
-    """FIFO ring buffer of detached (N, E) embeddings and their int64 labels (methods.md 2.2 step 4).
+    """FIFO ring buffer of detached (N, E) embeddings and their int64 labels (RCCR's memory bank).
 
     ``push`` overwrites the oldest entries once ``size`` are held; ``features``/``labels`` return copies of the held
     entries.
@@ -117,7 +118,7 @@ class MemoryBank:
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, anchor_labels: torch.Tensor, bank_feats: torch.Tensor,
              bank_labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-anchor InfoNCE with one positive and the class-filtered bank as negatives (methods.md 2.2 steps 4-5).
+    """Per-anchor InfoNCE with one positive and the class-filtered bank as negatives (RCCR's loss, as in its code).
 
     Args:
         anchors, positives: (N, E) unit vectors (positives detached); anchor_labels: (N,) int64.

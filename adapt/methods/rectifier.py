@@ -7,8 +7,9 @@ By default r is the teacher-anchor confidence prior (ours): the mean of the EMA 
 head (LIIF-style, :class:`~segadapt.adapt.models.rectifier.ImplicitRectifier`) on the teacher's features corrects
 the prior, trained by BCE toward what is observable on the target: the pseudo-label agrees with the anchor, a
 flipped or photometric view, views the head never sees, and with depth the RGB-D teacher
-(:mod:`segadapt.adapt.methods.rectifier_signals`). The paper supervises r with source labels, which a source-free
-run does not have; the prior, the targets and the mixture form are ours.
+(:mod:`segadapt.adapt.methods.rectifier_signals`). IR2F learns r in a setting with labelled source data; a
+source-free run has no labels that show where a pseudo-label is right. The prior, the targets and the mixture form
+are our design, not the paper's (see docs/method-notes.md, IR2F).
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""What the rectifier reads and what it is trained toward (IR2F, Gong et al. CVPR 2023; methods.md 5.3 [RECON]).
+"""What the rectifier reads and what it is trained toward (IR2F, Gong et al. CVPR 2023; our design, not the paper's:
+see docs/method-notes.md, IR2F).
 
-Issue #12: the rectifier's original target (teacher argmax == anchor argmax) was a function of its own inputs (the
-anchor's probabilities enter its latent grid), and its latent grid was the decoder's output-stride grid, too coarse
-for the boundary detail that motivates IR2F. This module adds
+The anchor-agreement target (teacher argmax == anchor argmax) is partly a function of the rectifier's own inputs (the
+anchor's probabilities enter its latent grid), and the decoder's output-stride grid is coarse for the boundary detail
+that motivates IR2F. This module adds
 
 * features at stride 4 or 8 (:func:`rectifier_input`, ``rectifier.features``): the decoder features upsampled to
   the backbone's stride-4/8 grid and concatenated with the backbone's own features there, for both architectures;
 * a source-free target the rectifier cannot compute from its inputs (:func:`view_consensus_probs`,
   ``rectifier.view_consensus``): the teacher's weak-view label is called right where it equals the argmax of the
   teacher's mean probability over views the rectifier never sees, an upscaled view (``view_scale``, default 1.5) and a
-  flipped view with the strong view's colour jitter and blur. Extra teacher passes, no gradients. [RECON: IR2F
-  supervises r with source labels, which a source-free run does not have; the views and their combination are ours]
+  flipped view with the strong view's colour jitter and blur. Extra teacher passes, no gradients. (IR2F learns r
+  with labelled source data at hand, which a source-free run does not have; the views and their combination are
+  our design.)
 * :func:`agreement_target` and :func:`masked_bce`: the binary target (all enabled signals AND-ed) and its BCE over
   real pixels only (crop padding excluded).
 """

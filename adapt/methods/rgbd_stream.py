@@ -10,8 +10,9 @@ weights start at zero) and its own EMA teacher join the loop:
 * cross-modal consistency: each student learns the *other* teacher's own weak-view pseudo-labels, each thresholded
   by its own class-balanced thresholds (``depth.cross_modal_weight``).
 
-Ours (the paper's code was not available): the fusion rule, the cross-modal form, the RGB-D teacher's own momentum
-(``depth.teacher_alpha``), the depth-input weights' own learning rate and the validity channel. Inference never
+Our design, not the paper's (its code was not available; see docs/method-notes.md, CrossMatch): the fusion rule,
+the cross-modal form, the RGB-D teacher's own momentum (``depth.teacher_alpha``), the depth-input weights' own
+learning rate and the validity channel. Inference never
 sees depth: only the RGB student is exported.
 """
 
@@ -44,7 +45,8 @@ def depth_input(batch: dict, validity_channel: bool) -> torch.Tensor:
 
     Args:
         batch: with ``depth`` (B, 1, H, W) float32 in [0, 1] (0 where missing) and ``depth_valid`` (B, 1, H, W) bool.
-        validity_channel: append the validity mask as a second channel (1.0 measured, 0.0 missing) [RECON].
+        validity_channel: append the validity mask as a second channel (1.0 measured, 0.0 missing; our design,
+            see docs/method-notes.md, CrossMatch).
 
     Returns:
         (B, 1 or 2, H, W) float32; channel 0 is depth.

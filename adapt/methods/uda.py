@@ -2,7 +2,7 @@
 
 Source-free by default: with ``AdaptConfig.source_data`` empty nothing here runs and nothing opens a source file.
 With a labelled source split (``DIR/images`` + ``DIR/labels``, the checkpoint's class ids), every step adds, after
-DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling", WACV 2021; methods.md 0.2):
+DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling", WACV 2021):
 
 * a batch of source frames with the target's geometric augmentation (resize to the run's size, random scale and
   crop, flip), from an endless seeded stream whose batch k depends only on (seed, k)
@@ -17,7 +17,7 @@ RCCR and BiDA then run in their paper forms (:mod:`segadapt.adapt.methods.rccr`,
 from the
 :class:`~segadapt.adapt.methods.base.SourceContext` this module builds.
 
-[RECON] choices, ours (configurable where a field is named):
+Our design, not the paper's (see docs/method-notes.md, DACS; configurable where a field is named):
 
 * Pairing: source frame ``i % Bs`` is pasted onto target frame ``i`` (DACS pairs equal batches);
   ``source_batch_size`` (0 = the target's ``batch_size``) sets Bs.
@@ -25,7 +25,8 @@ from the
   mix would paste target classes over the source ones. ``source_mix`` false keeps the source-free strong view
   (target-to-target ClassMix) and adds only the source CE.
 * The rectifier's reliability r is 1 on pasted source pixels (their labels are ground truth); its training signal
-  stays the target-side agreement (IR2F's source-correctness supervision, methods.md 5.3 (a), is not used).
+  stays the target-side agreement (supervising r with source labels is not used; see docs/method-notes.md,
+  IR2F).
 * No photometric augmentation on the source CE's input (DACS: source crops are only cropped and flipped).
 * BatchNorm: the loop freezes it after AdaBN on the target, so source frames are normalised with target statistics
   (DACS trains BatchNorm on both domains).

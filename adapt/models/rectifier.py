@@ -1,5 +1,6 @@
 """IR2F rectifier: per-pixel reliability of pseudo-labels from an implicit neural representation
-(Gong et al., CVPR 2023; methods.md 5.3 [RECON: the paper's code and exact design were not available]).
+(Gong et al., CVPR 2023; our design, since the paper's code and exact design were not available: see
+docs/method-notes.md, IR2F).
 
 LIIF-style head (Chen et al., CVPR 2021): a latent grid (the teacher's features: its decoder features, or those
 upsampled to the backbone's stride-4/8 grid and concatenated with its features there, see
@@ -41,7 +42,8 @@ class ImplicitRectifier(nn.Module):
     ``forward(features, probs, out_size, prior=None)``: features (B, D, h, w), probs (B, num_classes, h, w) or None,
     out_size (H, W), prior (B, H, W) in [0, 1] or None: returns r (B, H, W) float in (0, 1) at the pixel centres of
     an H x W grid. With a prior, ``r = sigmoid(logit(prior) + sum w_i r_i)``: the implicit head learns a per-pixel
-    correction of an observable reliability (:func:`confidence_prior`) instead of starting from nothing [RECON].
+    correction of an observable reliability (:func:`confidence_prior`) instead of starting from nothing (our
+    design, see docs/method-notes.md, IR2F).
     ``query(features, probs, coords, cell, prior)`` does the same at arbitrary coordinates (B, Q, 2) in [-1, 1]
     (y, x), with prior (B, Q), returning (B, Q).
 

@@ -75,7 +75,8 @@ def _hf_class(model_type: str):
 
 
 def arch_of(model_type: str) -> str:
-    """Our architecture name for a transformers ``model_type`` (``segformer`` / ``mobilenet_v2``); KeyError otherwise."""
+    """Our architecture name for a transformers ``model_type`` (``segformer`` / ``mobilenet_v2``); KeyError
+    otherwise."""
     return {"segformer": "segformer", "mobilenet_v2": "deeplabv3-mobilenetv2"}[model_type]
 
 
@@ -175,7 +176,8 @@ class Segmenter(nn.Module):
         return int(self.hf.mobilenet_v2.layer[self._low_level_index(stride)].reduce_1x1.convolution.out_channels)
 
     def forward_low_level(self, pixel_values: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and features at a resolution that can show boundaries (the IR2F rectifier's input, methods.md 5.3).
+        """Logits and features at a resolution that can show boundaries (the IR2F rectifier's input; see
+        docs/method-notes.md, IR2F).
 
         Args:
             pixel_values: (B, C_in, H, W) float, normalised.
@@ -209,7 +211,7 @@ class Segmenter(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: float = 1.0) -> list:
         """AdamW parameter groups: no weight decay on biases and normalisation weights; the decoder/head gets
-        ``lr * head_lr_mult`` (DAFormer uses 10x for the head, methods.md 0.2)."""
+        ``lr * head_lr_mult`` (DAFormer, Hoyer et al. CVPR 2022, uses 10x for the head)."""
         head_prefix = self.HEAD_PREFIX
         groups: Dict[Tuple[bool, bool], list] = {}
         for name, p in self.named_parameters():

@@ -48,7 +48,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6,
                 progress: float | None = None) -> float:
     """LR factor: linear warmup from ``warmup_ratio`` to 1 over ``warmup`` steps, then poly decay to 0 at ``total``
-    (DAFormer schedule, methods.md 0.2).
+    (DAFormer's schedule, Hoyer et al. CVPR 2022).
 
     ``progress`` (in [0, 1]) overrides the step-based position of the poly decay when it is further along; training
     with a wall-clock budget passes ``elapsed / budget`` so that the learning rate reaches 0 when the time is up,

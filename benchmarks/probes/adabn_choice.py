@@ -1,13 +1,14 @@
 """Can a label-free signal tell when AdaBN helps? AdaBN blends and the signals a user without labels can compute.
 
 AdaBN (Li et al. 2016) replaces the source BatchNorm statistics by the target's. On CamVid dusk (a lighting shift)
-it helps the quick source model by +5.3 mIoU, on KITTI (another city and camera) it costs -1.9 (docs/benchmarks.md).
+it helps the quick source model by +5.3 mIoU, on KITTI (another city and camera) it costs -1.9 (measured 2026-12-02).
 This script measures, for each blend ``alpha`` of the statistics (0 = source statistics, 1 = AdaBN;
-``mean = (1 - alpha) * mean_s + alpha * mean_t``, same for the variance [RECON]: the alpha-BN form of Schneider et
-al. 2020, "Improving robustness against common corruptions by covariate shift adaptation", section 3), the mIoU
-(labels read only to score) next to label-free signals on the same unlabelled target frames. It also measures
-AdaBN in only the first share of the BatchNorm layers (``--first``; ``segadapt adapt --adabn-layers``): the input
-side, where a lighting change shows, while the deeper layers' statistics also carry the target's class mix [RECON].
+``mean = (1 - alpha) * mean_s + alpha * mean_t``, same for the variance: the alpha-BN form of Schneider et al.
+2020, "Improving robustness against common corruptions by covariate shift adaptation", section 3; our option, see
+docs/method-notes.md, AdaBN), the mIoU (labels read only to score) next to label-free signals on the same
+unlabelled target frames. It also measures AdaBN in only the first share of the BatchNorm layers (``--first``;
+``segadapt adapt --adabn-layers``): the input side, where a lighting change shows, while the deeper layers'
+statistics also carry the target's class mix (our option, see docs/method-notes.md, AdaBN).
 
   entropy      mean per-pixel softmax entropy / log K (0..1; lower = more confident)
   max_softmax  mean per-pixel max probability
@@ -17,9 +18,10 @@ side, where a lighting change shows, while the deeper layers' statistics also ca
 
 A signal is useful as a rule if ranking the blends by it puts the best-mIoU blend first on both domains.
 
-    python benchmarks/adabn_choice.py --checkpoint /work/runs/quick_s0_a/source/best --json runs/adabn_dusk.json
-    python benchmarks/adabn_choice.py --checkpoint /work/runs/quick_s0_a/source/best \
-        --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 120 --json runs/adabn_kitti.json
+    CK=runs/pipeline/source/best; DATA=path/to/data  # the quick pipeline's source model; the data root
+    python benchmarks/probes/adabn_choice.py --checkpoint $CK --json runs/adabn_dusk.json
+    python benchmarks/probes/adabn_choice.py --checkpoint $CK \
+        --target $DATA/kitti-semantics/target_adapt --keep-aspect 120 --json runs/adabn_kitti.json
 """
 
 from __future__ import annotations

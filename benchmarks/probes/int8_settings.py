@@ -20,9 +20,10 @@ frames:
 * ``default-*`` rows: what the project's code does now (``quantize_openvino``, ``quantize_int8``), so a rerun checks
   the defaults against the table.
 
-Example (the run recorded in docs/benchmarks.md; timings on a shared machine are not meaningful, agreement is):
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/int8_settings.py --checkpoint /work/runs/quick_s0_a/source/best \\
-        --data ../shared/data/camvid-day2dusk/target_adapt --json runs/bench/int8_settings.json
+Example (the run behind the INT8 defaults in docs/results.md; on a shared machine only agreement is meaningful;
+$DATA is the data root):
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/probes/int8_settings.py --checkpoint runs/pipeline/source/best \\
+        --data $DATA/camvid-day2dusk/target_adapt --json runs/bench/int8_settings.json
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ model's prediction, "pixel" = the initial pixel pseudo-labels, "psa", "seco" = a
 
 Target labels are read only here, after the labels are made; nothing is trained on them.
 
-    python benchmarks/seco_labels.py --checkpoint /work/runs/quick_s0_a/source/best \
-        --json runs/seco_labels_quick_s0.json
+    python benchmarks/probes/seco_labels.py --checkpoint runs/pipeline/source/best --json runs/seco_labels.json
 """
 
 from __future__ import annotations

@@ -11,12 +11,14 @@ drift, kept share). Then it says which save each label-free rule picks and what 
                      the first save at or after the step where it fires
   entropy_floor F    ``--monitor.entropy-floor F`` alone: the teacher's mean entropy over the last ``patience``
                      logged steps is at most F x its mean over the first ``patience`` (relative, so that it does not
-                     depend on a domain's entropy level) [RECON]: the first save at or after it fires
+                     depend on a domain's entropy level; our rule, see docs/method-notes.md, Label-free
+                     monitor): the first save at or after it fires
   best (labels)      the save with the highest mIoU: the ceiling, not a rule
 
-    python benchmarks/stop_rule.py --run runs/long/dusk/full_s0 --json runs/long/stop_dusk.json
-    python benchmarks/stop_rule.py --run runs/long/kitti/full_s0 \
-        --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 120 --json runs/long/stop_kitti.json
+    # DATA: the data root
+    python benchmarks/probes/stop_rule.py --run runs/long/dusk/full_s0 --json runs/long/stop_dusk.json
+    python benchmarks/probes/stop_rule.py --run runs/long/kitti/full_s0 \
+        --target $DATA/kitti-semantics/target_adapt --keep-aspect 120 --json runs/long/stop_kitti.json
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ Both are scored here on the model the teacher starts from (the source model with
 the adaptation's default 0.75): its mIoU on the target's labels (read only to score) with each view set. A view set
 that does not beat one pass on both domains is not worth a teacher option.
 
-    python benchmarks/teacher_views.py --checkpoint runs/source/best --json runs/teacher_views_dusk.json
-    python benchmarks/teacher_views.py --checkpoint runs/source/best \
-        --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 180 --json runs/teacher_views_kitti.json
+    # DATA: the data root
+    python benchmarks/probes/teacher_views.py --checkpoint runs/source/best --json runs/teacher_views_dusk.json
+    python benchmarks/probes/teacher_views.py --checkpoint runs/source/best \
+        --target $DATA/kitti-semantics/target_adapt --keep-aspect 180 --json runs/teacher_views_kitti.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adabn_choice import blend  # the AdaBN blend of benchmarks/adabn_choice.py
+from adabn_choice import blend  # the AdaBN blend of benchmarks/probes/adabn_choice.py
 
 # name -> views (scale, mirrored); the softmax is averaged over the views
 VIEW_SETS = {

@@ -1,15 +1,16 @@
-"""SeCo as an offline, source-free pseudo-label pass before self-training (methods.md 3; Zhao et al., arXiv
-2312.06331, "Connectivity-Driven Pseudo-Labeling Makes Stronger Cross-Domain Segmenters", NeurIPS 2024).
+"""SeCo as an offline, source-free pseudo-label pass before self-training (Zhao et al., arXiv 2312.06331;
+"Connectivity-Driven Pseudo-Labeling Makes Stronger Cross-Domain Segmenters", NeurIPS 2024).
 
 1. The source model after AdaBN predicts every target frame at the training size; the initial pixel pseudo-labels
    keep the most confident ``pixel_fraction`` of each class's predicted pixels over the whole footage (CBST-style;
-   SeCo takes any pixel pseudo-labels as input, its examples use class-wise top fractions) [RECON: the fraction].
+   SeCo takes any pixel pseudo-labels as input, its examples use class-wise top fractions; the fraction is our
+   design, see docs/method-notes.md, SeCo).
 2. PSA (:mod:`segadapt.adapt.methods.seco.regions`) aggregates them over SAM masks or superpixels.
 3. SCC (:mod:`segadapt.adapt.methods.seco.scc`) drops or relabels noisy connected components.
 4. The labels are written as PNGs to ``<out>/seco_labels/`` (atomic; ``seco.json`` written last records what made
    them, and a later run with the same inputs reuses them) and travel with the frames as ``fixed_pseudo_label``;
-   :func:`merge_fixed` joins them to the online pseudo-labels in each step (SeCo 3.4 "alternative": fixed
-   pseudo-labels in any self-training) [RECON: the merge modes].
+   :func:`merge_fixed` joins them to the online pseudo-labels in each step (SeCo's route of fixed pseudo-labels in
+   any self-training; the merge modes are our design, see docs/method-notes.md, SeCo).
 
 No target label is read: the frames come from the unlabelled target dataset.
 """
@@ -189,7 +190,7 @@ class FixedLabels:
 
 def merge_fixed(labels: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, fixed: torch.Tensor, mode: str,
                 fill_weight: float, ignore: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Join SeCo's fixed labels to one batch of online pseudo-labels [RECON].
+    """Join SeCo's fixed labels to one batch of online pseudo-labels (our design, see docs/method-notes.md, SeCo).
 
     Args:
         labels: (B, H, W) int64 online labels (``ignore`` where dropped); mask: (B, H, W) bool kept pixels;

@@ -1,15 +1,16 @@
 """SeCo stage A, Pixel Semantic Aggregation (PSA): grow sparse pixel pseudo-labels over image regions.
 
-Zhao et al., "Semantic Connectivity-driven pseudo-labeling" (arXiv 2312.06331), methods.md 3.2 [CODE: PSA/seco_sam.py].
+Zhao et al., "Semantic Connectivity-driven pseudo-labeling" (arXiv 2312.06331), as its code does it (PSA/seco_sam.py).
 Two region sources:
 
 * **SAM** (a local transformers ``SamModel``/``SamProcessor`` directory, no download): automatic masks from a grid of
   point prompts for *stuff* classes, painted with a stuff class when it holds more than ``purity`` (0.20) of the
   mask's labelled pixels; one box + two point prompts per connected component of each *thing* class, painted with
   that class (things overwrite stuff).
-* **Superpixels** (scikit-image SLIC or Felzenszwalb) when no SAM checkpoint is given [RECON]: the same purity rule
-  for stuff; a superpixel takes a thing class when that class holds more than ``thing_purity`` of its labelled
-  pixels (superpixels take no prompts). Reported as such by the pass.
+* **Superpixels** (scikit-image SLIC or Felzenszwalb) when no SAM checkpoint is given (our design, not the paper's:
+  see docs/method-notes.md, SeCo): the same purity rule for stuff; a superpixel takes a thing class when that class
+  holds more than ``thing_purity`` of its labelled pixels (superpixels take no prompts). Reported as such by the
+  pass.
 
 Label maps are (H, W) int64 class ids with ``ignore`` where unlabelled; the output starts all ``ignore``, so a pixel
 no region covers stays unlabelled even if the input labelled it (as in SeCo).
@@ -88,8 +89,8 @@ def keep_thing_pixels(out: np.ndarray, labels: np.ndarray, stuff: np.ndarray, ig
 
 def psa_superpixels(regions: np.ndarray, labels: np.ndarray, stuff: Sequence[bool], ignore: int,
                     purity: float = 0.2, thing_purity: float = 0.5, keep_things: bool = False) -> np.ndarray:
-    """PSA over a superpixel partition [RECON]: stuff by the purity rule, then things (which overwrite stuff) by
-    ``thing_purity``.
+    """PSA over a superpixel partition (our design, see docs/method-notes.md, SeCo): stuff by the purity rule, then
+    things (which overwrite stuff) by ``thing_purity``.
 
     Args:
         regions: (H, W) int region ids 0..R-1 (:func:`superpixels`).
@@ -111,8 +112,9 @@ def psa_superpixels(regions: np.ndarray, labels: np.ndarray, stuff: Sequence[boo
 
 def psa_masks(stuff_masks: Sequence[np.ndarray], thing_masks: Sequence[Tuple[int, np.ndarray]], labels: np.ndarray,
               stuff: Sequence[bool], ignore: int, purity: float = 0.2, keep_things: bool = False) -> np.ndarray:
-    """PSA over SAM masks (methods.md 3.2): each stuff mask in order (later ones overwrite earlier ones) takes the
-    stuff class passing :func:`paint_by_purity`; then each ``(class, mask)`` of the thing prompts is painted.
+    """PSA over SAM masks (as SeCo's code does it): each stuff mask in order (later ones overwrite earlier ones)
+    takes the stuff class passing :func:`paint_by_purity`; then each ``(class, mask)`` of the thing prompts is
+    painted.
 
     Args:
         stuff_masks: (H, W) bool masks of the automatic mask generator.
@@ -149,7 +151,7 @@ def local_entropy(labels: np.ndarray, num_classes: int, ignore: int, radius: int
 
 def thing_prompts(labels: np.ndarray, cls: int, num_classes: int, ignore: int, min_pixels: int = 10,
                   entropy: np.ndarray | None = None) -> List[Tuple[List[float], List[List[float]]]]:
-    """Box + point prompts of SeCo for one thing class (methods.md 3.2 "Things"): per 8-connected component of
+    """Box + point prompts of SeCo for one thing class (as its code makes them): per 8-connected component of
     ``labels == cls`` with at least ``min_pixels`` pixels, the largest contour's minimum-area rectangle expanded by
     area * 1.25 / perimeter on each side (DBNet-style unclip of a rectangle), as an axis-aligned box clipped to the
     frame, and the purest pixel (:func:`local_entropy`) of each raster-order half of the component as two positive
@@ -267,7 +269,8 @@ class SamRegions:
     def psa(self, image: np.ndarray, labels: np.ndarray, stuff: Sequence[bool], ignore: int, purity: float = 0.2,
             min_pixels: int = 10, points_per_side: int = 16, iou_thresh: float = 0.88,
             stability_thresh: float = 0.95, keep_things: bool = False) -> Tuple[np.ndarray, int]:
-        """PSA of one frame with SAM (methods.md 3.2): (H, W) int64 aggregated labels and the number of SAM masks."""
+        """PSA of one frame with SAM (as SeCo's code does it): (H, W) int64 aggregated labels and the number of SAM
+        masks."""
         k = len(stuff)
         emb = self.embed(image)
         auto = self.auto_masks(image, emb, points_per_side, iou_thresh, stability_thresh)

@@ -1,15 +1,15 @@
 """SeCo stage B, Semantic Connectivity Correction (SCC): drop or relabel noisy connected components.
 
-Zhao et al., arXiv 2312.06331, methods.md 3.3 [CODE: SCC/*]. Every 8-connected component of each class in the PSA
+Zhao et al., arXiv 2312.06331, as its code does it (SCC/). Every 8-connected component of each class in the PSA
 maps (OpenCV, no minimum area) is one sample: a crop of the frame around it, with its mask. A connectivity
 classifier learns the components' PSA classes (label smoothing 0.1, SGD Nesterov, lr (1 + 10 p) ** -0.75) for a few
 iterations only, so that it fits the clean majority before the noise (early-loss statistics); then every component
 is scored without augmentation and the loss-distribution rule drops the noisy ones (to ignore) and relabels the
 others with the predicted class.
 
-[RECON], configurable: the classifier is a small CNN trained from scratch (SeCo: an ImageNet ResNet-101 whose stem
-output is multiplied by the mask; here the first block's output is), the crop is (64, 128) by default (SeCo: 256 x
-512) and the iterations are counted for our small sets.
+Our design, not the paper's (configurable; see docs/method-notes.md, SeCo): the classifier is a small CNN trained
+from scratch (SeCo: an ImageNet ResNet-101 whose stem output is multiplied by the mask; here the first block's output
+is), the crop is (64, 128) by default (SeCo: 256 x 512) and the iterations are counted for our small sets.
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ def component_crops(images: Sequence[np.ndarray], comps: Components, idx: np.nda
 
 
 class ConnectivityClassifier(nn.Module):
-    """A small CNN classifying a component crop [RECON for SeCo's ResNet-101]: the first block's output is multiplied
-    by the component mask (zeroing the context outside it, as SeCo does after the stem), then three strided blocks,
-    global average pooling and a xavier-initialised linear layer.
+    """A small CNN classifying a component crop (our design in place of SeCo's ResNet-101; see
+    docs/method-notes.md, SeCo): the first block's output is multiplied by the component mask (zeroing the context
+    outside it, as SeCo does after the stem), then three strided blocks, global average pooling and a
+    xavier-initialised linear layer.
 
     Input: (B, 3, h, w) float32 normalised crops and (B, 1, h, w) float32 {0, 1} masks. Output: (B, K) logits.
     """
@@ -187,7 +188,7 @@ def train_and_score(images: Sequence[np.ndarray], comps: Components, num_classes
 
 def scc_decisions(losses: np.ndarray, labels: np.ndarray, preds: np.ndarray, rule: str = "both_loss",
                   relabel: bool = True) -> np.ndarray:
-    """SeCo's loss-distribution noise rule (methods.md 3.3, step 6-7; ratio 0.5 = medians).
+    """SeCo's loss-distribution noise rule (as its code applies it; ratio 0.5 = medians).
 
     Args:
         losses: (N,) per-component loss toward the PSA class; labels: (N,) PSA classes; preds: (N,) predictions.
