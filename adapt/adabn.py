@@ -10,7 +10,7 @@ the source statistics in the deeper ones (our option, not Li et al.'s: see docs/
 spirit of partial and blended BatchNorm adaptation such as Schneider et al. 2020, section 3). Rationale: a lighting
 or sensor change shows in the early layers' statistics, while the deep layers' statistics also carry the target's
 class mix, which AdaBN then normalises away (measured 2026-12-02 with the full method, ``layers`` 0.75: +0.32 mIoU
-on CamVid dusk over 3 seeds, -0.87 on KITTI, so the default stays 1: docs/changelog.md).
+on CamVid dusk over 3 seeds, -0.86 on KITTI (seed 0), so the default stays 1: docs/changelog.md).
 
 ``alpha`` < 1 blends the statistics instead of replacing them: ``mean = (1 - alpha) * mean_source + alpha *
 mean_target``, the same for the variance (the alpha-BN form of Schneider et al. 2020, "Improving robustness

@@ -14,35 +14,36 @@ Target labels are used only for measuring, after adaptation. Also reports how we
 predicts pseudo-label correctness (AUROC against the real labels) next to its confidence prior alone and the
 teacher's max-softmax confidence.
 
+$DATA is the data root (the folder holding camvid-day2dusk/ and kitti-semantics/).
 CamVid day -> dusk (docs/results.md; the source model from benchmarks/source_only.py, 4000 steps):
-    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --steps 150 --seeds 0 1 2 \
-        --work runs/bench3/adapt_camvid --json runs/bench3/adaptation_camvid.json
+    python benchmarks/adaptation.py --checkpoint runs/source_long/best --steps 150 --seeds 0 1 2 \
+        --work runs/bench/adapt_camvid --json runs/bench/adaptation_camvid.json
 CamVid -> KITTI (kitti-semantics/target_adapt: 100 frames, 3.3:1; the same source model, at its short side 180):
-    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best \
-        --target ../shared/data/kitti-semantics/target_adapt --keep-aspect 180 --steps 150 --seeds 0 1 2 \
-        --rows self_training full --work runs/bench3/adapt_kitti --json runs/bench3/adaptation_kitti.json
+    python benchmarks/adaptation.py --checkpoint runs/source_long/best \
+        --target $DATA/kitti-semantics/target_adapt --keep-aspect 180 --steps 150 --seeds 0 1 2 \
+        --rows self_training full --work runs/bench/adapt_kitti --json runs/bench/adaptation_kitti.json
 Ablations: the full method without one component, paired on the same seeds (a row per --ablate):
-    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --rows self_training full \
+    python benchmarks/adaptation.py --checkpoint runs/source_long/best --rows self_training full \
         --ablate full-classmix:class_mix=false --ablate full-class_weights:pseudo.class_weight_power=0.0 \
-        --work runs/bench3/adapt_ablate --json runs/bench3/ablate_camvid.json
+        --work runs/bench/adapt_ablate --json runs/bench/ablate_camvid.json
 UDA mode (labelled source frames join, --source-data; rows = the full method + source data, with and
 without RCCR/BiDA in their paper forms; source_mix=false = source CE with the source-free target-to-target mix):
-    S=../shared/data/camvid-day2dusk/source_train
+    S=$DATA/camvid-day2dusk/source_train
     python benchmarks/adaptation.py --checkpoint runs/pipeline/source/best --skip-baselines --rows \
         --ablate uda:source_data=$S --ablate uda+rccr:source_data=$S,rccr.enabled=true \
         --ablate uda+bida:source_data=$S,bida.enabled=true --steps 150 --seeds 0 1 2 \
         --work runs/uda/adapt --json runs/uda/adaptation_uda.json
 One row with a changed setting (every self-training row gets the --set overrides):
-    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
-        --set pseudo.class_weight_power=0.0 --work runs/bench3/adapt_nocw
+    python benchmarks/adaptation.py --checkpoint runs/source_long/best --skip-baselines --rows full \
+        --set pseudo.class_weight_power=0.0 --work runs/bench/adapt_nocw
 The rectifier's INR, its target and features (each run prints r's AUROC next to its prior's and
 max-softmax's):
-    python benchmarks/adaptation.py --checkpoint runs/bench3/source_dlv3_long/best --skip-baselines --rows full \
+    python benchmarks/adaptation.py --checkpoint runs/source_long/best --skip-baselines --rows full \
         --set rectifier.inr=true --set rectifier.features=stride4 --set rectifier.view_consensus=true \
-        --set rectifier.anchor_consistency=false --work runs/bench3/adapt_views
+        --set rectifier.anchor_consistency=false --work runs/bench/adapt_views
 Any folder with depth (KITTI stereo here, a functional check on 5 frames):
-    python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target ../shared/data/kitti5/image_2 \
-        --labels ../shared/data/kitti5/label_camvid11 --depth stereo --right-dir ../shared/data/kitti5/image_3 \
+    python benchmarks/adaptation.py --checkpoint runs/bench/source_dlv3/best --target $DATA/kitti5/image_2 \
+        --labels $DATA/kitti5/label_camvid11 --depth stereo --right-dir $DATA/kitti5/image_3 \
         --size 120 400 --steps 30 --seeds 0 --json runs/bench/adaptation_kitti5.json
 """
 

@@ -10,7 +10,7 @@ other, so small numeric differences flip classes more often).
 
 Run on a quiet machine (nothing else running; every backend runs in its own process):
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_bench.py --dlv3 runs/pipeline/source/best \\
-        --frames ../shared/data/camvid-day2dusk/target_adapt --json runs/bench/cpu_bench.json
+        --frames $DATA/camvid-day2dusk/target_adapt --json runs/bench/cpu_bench.json
 Then the tables only, from the JSON:
     python benchmarks/cpu_bench.py --table runs/bench/cpu_bench.json
 """
@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from segadapt.adapt.config import default_camvid_dir
 from segadapt.export.bench import format_bench, run_bench
 from segadapt.runtime.files import write_atomic
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dlv3", help="DeepLabV3-MobileNetV2 checkpoint")
     ap.add_argument("--segformer", default="", help="SegFormer-b0 checkpoint (default: a random-initialised one)")
-    ap.add_argument("--frames", default="../shared/data/camvid-day2dusk/target_adapt")
+    ap.add_argument("--frames", default=str(Path(default_camvid_dir()) / "target_adapt"))
     ap.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=50)

@@ -8,8 +8,8 @@ any failure, with its message), latency p50/p95/max, whether the server is still
 memory.
 
     python benchmarks/demo_load.py --model runs/pipeline/export/model.onnx \
-        --image ../shared/data/camvid-day2dusk/target_adapt/images/0001TP_006690.png \
-        --video ../shared/data/video/solidWhiteRight.mp4 --clients 8 --seconds 60 --json runs/demo_load.json
+        --image $DATA/camvid-day2dusk/target_adapt/images/0001TP_006690.png \
+        --video $DATA/video/solidWhiteRight.mp4 --clients 8 --seconds 60 --json runs/demo_load.json
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class ExportConfig:
     int8: bool = False
     """also write an INT8 Q/DQ graph calibrated on the frames in --calib"""
     calib: str = ""
-    """folder of real target frames for INT8 calibration (default: --parity-data)"""
+    """folder of real target frames, or a video, for INT8 calibration (default: --parity-data)"""
     calib_frames: PositiveInt = 32
     """number of frames used for INT8 calibration"""
     int8_backend: Literal["auto", "onnxruntime", "tensorrt", "openvino"] = "auto"
@@ -69,7 +69,8 @@ class ExportConfig:
     workspace: PositiveFloat = 4.0
     """TensorRT workspace memory limit, GiB"""
     parity_data: str = ""
-    """folder of real frames for the parity check against PyTorch (default: --calib, else CamVid tiny target)"""
+    """folder of real frames, or a video, for the parity check against PyTorch (default: --calib, else CamVid tiny
+    target)"""
     parity_frames: PositiveInt = 8
     """number of frames compared in the parity check"""
     legacy_exporter: bool = False

@@ -381,7 +381,7 @@ def _fill_adapt(a: argparse.ArgumentParser) -> None:
 
     groups = _config_options(a, AdaptConfig, "adapt", ("checkpoint", "target", "out", "steps", "device", "size",
                                                      "keep_aspect"),
-                             "%(prog)s --checkpoint DIR --target DIR --out DIR [options]", "adaptation",
+                             "%(prog)s --checkpoint DIR --target PATH [--out DIR] [options]", "adaptation",
                              "print the whole summary as JSON on stdout (also in <out>/summary.json)")
     groups("depth.provider").add_argument("--depth", dest="depth.provider", default=None,
                                           choices=["none", "files", "stereo", "model"], help="same as --depth.provider")
@@ -497,8 +497,8 @@ def _backend_options(sp) -> None:
     """``--backend`` and ``--precision`` of the commands that run an exported model (predict, demo)."""
     sp.add_argument("--backend", choices=["auto", "onnxruntime", "openvino", "tensorrt"], default="auto",
                     help="runtime: auto = by file (.engine -> tensorrt, .xml -> openvino) and, for .onnx, the fastest "
-                    "installed for the device (ONNX Runtime with a GPU provider, else OpenVINO on the CPU, else ONNX "
-                    "Runtime); the choice is logged (default: auto)")
+                    "installed for the device (ONNX Runtime with a GPU provider, else OpenVINO on a CPU with bf16 or "
+                    "when it is the only runtime, else ONNX Runtime); the choice is logged (default: auto)")
     sp.add_argument("--precision", choices=["auto", "f32", "bf16"], default="auto",
                     help="OpenVINO inference precision: auto = bf16 where the CPU has it (AVX512-BF16/AMX), else f32 "
                     "(default: auto)")

@@ -178,15 +178,23 @@ def export(cfg) -> None:
     check_output_dir(out, "--out")
     need = info.weights_bytes * (1 + 0.5 * cfg.half + 2.25 * cfg.int8 + (cfg.format != "onnx"))
     check_free_space(out, need, "--out", "the exported graphs")
-    calib = folder_images(cfg.calib, "--calib", "calibration folder") if cfg.int8 and cfg.calib else []
+    calib = _frames_or_video(cfg.calib, "--calib", "calibration folder") if cfg.int8 and cfg.calib else []
     parity = cfg.parity_data or cfg.calib
     flag = "--parity-data" if cfg.parity_data else "--calib" if cfg.calib else ""
     if not parity:
         parity = str(Path(default_camvid_dir()) / "tiny" / "target")
-        flag = "--parity-data (default: CamVid tiny target)"
-    parity_files = folder_images(parity, flag, "parity frame folder")
+        flag = "--parity-data (default: CamVid tiny target; give a folder of your frames or a video)"
+    parity_files = _frames_or_video(parity, flag, "parity frame folder")
     image_sizes(calib, "--calib")
     image_sizes(parity_files, flag)
+
+
+def _frames_or_video(path: str, flag: str, what: str) -> list:
+    """The image files of a frame folder, or [] for a video file that opens and holds frames (checked here)."""
+    if is_video_path(path) and Path(path).is_file():
+        check_video(path, flag)
+        return []
+    return folder_images(path, flag, what)
 
 
 def _check_predict_size(meta, size, flag: str, model: str) -> None:

@@ -35,7 +35,7 @@ def _flag_line(lines: list, flag: str) -> int:
 
 def test_adapt_help_leads_with_the_essential_flags(capsys):
     lines = _help("adapt", capsys)
-    assert lines[0] == "usage: segadapt adapt --checkpoint DIR --target DIR --out DIR [options]"
+    assert lines[0] == "usage: segadapt adapt --checkpoint DIR --target PATH [--out DIR] [options]"
     target = _flag_line(lines, "--target")
     assert target < 40, "\n".join(lines[:45])
     assert target < _flag_line(lines, "--rccr.enabled") and target < _flag_line(lines, "--source-data")

@@ -21,10 +21,11 @@ def _imports(folder: str):
                     yield f, a.name
 
 
-# what each part may import of the others: export -> adapt and runtime; adapt -> runtime's two torch-free leaf
-# modules (the label set and atomic file writes), nothing else; runtime and demo -> no torch, no adapt, no export
+# what each part may import of the others: export -> adapt and runtime; adapt -> runtime's three torch-free leaf
+# modules (the label set, atomic file writes, Hub ids resolved to the local cache), nothing else; runtime and demo ->
+# no torch, no adapt, no export
 ALLOWED = {
-    "adapt": ("segadapt.adapt", "segadapt.runtime.classes", "segadapt.runtime.files"),
+    "adapt": ("segadapt.adapt", "segadapt.runtime.classes", "segadapt.runtime.files", "segadapt.runtime.hub"),
     "export": ("segadapt.export", "segadapt.adapt", "segadapt.runtime"),
     "runtime": ("segadapt.runtime",),
     "demo": ("segadapt.demo", "segadapt.runtime"),
