@@ -21,7 +21,7 @@ class ExportConfig:
     Q/DQ), then optionally a TensorRT engine or a Triton repository; metadata beside every file."""
 
     checkpoint: str = ""
-    """the segadapt checkpoint (or local transformers directory) to export (required)"""
+    """the segadapt checkpoint, local transformers directory or cached Hugging Face Hub id to export (required)"""
     out: str = ""
     """output directory; empty = <checkpoint>-export"""
     name: str = "model"

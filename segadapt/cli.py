@@ -389,7 +389,8 @@ def _fill_adapt(a: argparse.ArgumentParser) -> None:
 
 
 def _fill_evaluate(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--checkpoint", required=True, help="segadapt checkpoint or local transformers directory")
+    e.add_argument("--checkpoint", required=True,
+                   help="segadapt checkpoint, local transformers directory or cached Hugging Face Hub id")
     e.add_argument("--data", required=True, help="split directory with images/ and labels/")
     e.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="inference size (default: the checkpoint's input size)")
