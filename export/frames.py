@@ -8,8 +8,9 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
-_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+from segadapt.runtime.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from segadapt.runtime.inputs import probe_video
+
 
 
 def _video_frames(path: Path, n: int, size: Tuple[int, int]) -> List[np.ndarray]:
@@ -17,8 +18,7 @@ def _video_frames(path: Path, n: int, size: Tuple[int, int]) -> List[np.ndarray]
     one decoding pass that keeps only the chosen frames, so a long video costs no memory)."""
     import av
 
-    with av.open(str(path)) as c:
-        total = sum(p.size > 0 for p in c.demux(video=0))
+    total = probe_video(path).present  # packets with data, counted without decoding
     if total == 0:
         raise ValueError(f"{path}: no video frame")
     keep = set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist())
@@ -40,6 +40,7 @@ def load_frames(folder: str | Path, n: int, size: Tuple[int, int]) -> List[np.nd
 
     Raises:
         FileNotFoundError: no such folder or file. ValueError: no readable image or frame in it (the message names it).
+        segadapt.runtime.inputs.InputError: a video file that is empty or not a video.
     """
     d = Path(folder)
     if d.is_file() and d.suffix.lower() in VIDEO_SUFFIXES:
@@ -48,7 +49,7 @@ def load_frames(folder: str | Path, n: int, size: Tuple[int, int]) -> List[np.nd
         d = d / "images"
     if not d.is_dir():
         raise FileNotFoundError(f"{folder}: no such frame folder")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in _SUFFIXES)
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{d}: no image files")
     idx = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)

@@ -414,18 +414,11 @@ def _fill_export(x: argparse.ArgumentParser) -> None:
     x.set_defaults(_run=_cmd_export)
 
 
-def _first_group(parser: argparse.ArgumentParser, title: str):
-    """An argument group listed first in ``--help`` (as :func:`segadapt.cli_args.essential_group`, which ``predict``
-    must not import: it reads the adaptation configs' type helpers)."""
-    g = parser.add_argument_group(title)
-    parser._action_groups.remove(g)
-    parser._action_groups.insert(0, g)
-    return g
-
-
 def _fill_predict(pr: argparse.ArgumentParser) -> None:
     pr.usage = "%(prog)s --model FILE --source PATH --out DIR [options]"
-    ess = _first_group(pr, "essential")
+    from segadapt.console import first_help_group
+
+    ess = first_help_group(pr, "essential")
     ess.add_argument("--model", required=True, help=".onnx (metadata embedded, or x.json beside it), OpenVINO .xml "
                      "(x.xml.json beside it) or .engine file (x.engine.json beside it)")
     ess.add_argument("--source", required=True, help="image, folder of images, video file or camera index")

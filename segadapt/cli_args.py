@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from segadapt.adapt.typed_config import check_config, check_value, choices, field_docs, from_dict, hints, unwrap
+from segadapt.console import first_help_group
 
 
 def _parse_bool(s: str) -> bool:
@@ -81,15 +82,8 @@ ESSENTIAL_TITLE = "essential"
 
 
 def essential_group(parser: argparse.ArgumentParser):
-    """The parser's argument group titled "essential", created on first use and shown before every other group of
-    ``--help`` (argparse lists groups in the order they were made, so it is moved to the front)."""
-    for g in parser._action_groups:
-        if g.title == ESSENTIAL_TITLE:
-            return g
-    g = parser.add_argument_group(ESSENTIAL_TITLE)
-    parser._action_groups.remove(g)
-    parser._action_groups.insert(0, g)
-    return g
+    """The parser's argument group titled "essential", shown before every other group of ``--help``."""
+    return first_help_group(parser, ESSENTIAL_TITLE)
 
 
 def section_groups(parser: argparse.ArgumentParser, general: str, descriptions: Optional[Dict[str, str]] = None,

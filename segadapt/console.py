@@ -212,3 +212,15 @@ def pipeline_lines(rep: dict, out: str) -> list:
 
 def _num(v, width: int) -> str:
     return f"{v:{width}.2f}" if v is not None else f"{'n/a':>{width}}"
+
+
+def first_help_group(parser, title: str, description: str | None = None):
+    """The argument group of ``parser`` titled ``title``, created on first use and listed first in ``--help``
+    (argparse lists groups in the order they were made, so a new one is moved to the front)."""
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    g = parser.add_argument_group(title, description)
+    parser._action_groups.remove(g)
+    parser._action_groups.insert(0, g)
+    return g
