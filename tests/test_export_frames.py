@@ -29,3 +29,14 @@ def test_the_export_check_takes_a_video_or_a_frame_folder_and_names_a_broken_one
     broken.write_bytes(b"not a video")
     with pytest.raises(InputError, match="broken.mp4.*--parity-data"):
         _frames_or_video(str(broken), "--parity-data", "parity frame folder")
+
+
+def test_a_folder_of_webp_frames_loads_as_the_export_check_accepts_it(tmp_path):
+    import cv2
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :, 0] = 200  # red in RGB
+    assert cv2.imwrite(str(tmp_path / "a.webp"), rgb[:, :, ::-1], [cv2.IMWRITE_WEBP_QUALITY, 101])  # lossless
+    assert len(_frames_or_video(str(tmp_path), "--parity-data", "parity frame folder")) == 1
+    (frame,) = load_frames(tmp_path, 4, (20, 30))
+    assert np.array_equal(frame, rgb)
