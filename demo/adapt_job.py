@@ -297,7 +297,8 @@ class AdaptJob:
                     break
             if self._cancelled.is_set():
                 self.status.stage = "cancelled"
-                self.status.message = f"Cancelled at step {self.status.step} of {self.status.steps}."
+                self.status.message = (f"Cancelled at step {self.status.step} of {self.status.steps}; "
+                                       "the adaptation process was stopped.")
             elif self.status.stage != "failed":
                 self.status.stage = "done"
                 self.status.onnx = self.out_dir / f"{self.name}.onnx"

@@ -269,17 +269,18 @@ def build_adapt_tab(predictor: Predictor, reference: Optional[Predictor], settin
         job = tab.jobs.get(getattr(request, "session_hash", None) or "default")
         if job is None or job.status.finished:
             return "Nothing to cancel."
-        job.cancel()
-        return f"**Cancelled** at step {job.status.step} of {job.status.steps}; the adaptation process was stopped."
+        job.cancel()  # the running job's own generator then writes "Cancelled ...": one writer of the status line
+        return gr.skip()
 
     preset.change(on_preset, preset, [steps, minutes], queue=False)
-    event = start.click(run, [files, model, preset, steps, minutes],
-                        [status, progress, slider, gallery, download, serve], api_name="adapt_start",
-                        concurrency_limit=1, concurrency_id="adapt")
+    start.click(run, [files, model, preset, steps, minutes], [status, progress, slider, gallery, download, serve],
+                api_name="adapt_start", concurrency_limit=1, concurrency_id="adapt")
 
     def serve_it(request: gr.Request):
         return tab.serve(getattr(request, "session_hash", None) or "default")
 
     serve.click(serve_it, None, status, api_name="adapt_serve")
-    cancel.click(stop, None, status, api_name="adapt_cancel", cancels=[event], concurrency_limit=None)
+    # no ``cancels=[event]``: Gradio would stop the generator between two of its updates, and a stale "Adapting"
+    # update could land after the cancel's; the job ends its own process and reports it
+    cancel.click(stop, None, status, api_name="adapt_cancel", concurrency_limit=None)
     return tab
