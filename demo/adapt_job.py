@@ -5,8 +5,9 @@
 then ``python -m segadapt export`` of the adapted checkpoint with the served model's input and output (so that the new
 file can replace it under a running runtime, see :mod:`segadapt.runtime.hot_swap`), each in its own process group,
 and reports progress from the run's ``coverage.jsonl`` (one JSON line per step: step, share of pixels kept as
-pseudo-labels, losses, coverage per class). :meth:`AdaptJob.cancel` ends the child's whole process group. A crash of
-a child is a failed job, never a crash of the demo.
+pseudo-labels, losses, coverage per class); :func:`read_selection` reads the verdict of a finished run (whether the
+model it picked is expected to beat the source model). :meth:`AdaptJob.cancel` ends the child's whole process
+group. A crash of a child is a failed job, never a crash of the demo.
 
 Plain Python (numpy, OpenCV, subprocess): the Gradio tab in :mod:`segadapt.demo.adapt_tab` drives it, tests can too.
 """
@@ -343,6 +344,23 @@ class AdaptJob:
             s.losses = {k: float(v) for k, v in rec.items() if k.startswith("loss")}
             s.coverage = dict(rec.get("coverage", {}))
             return
+
+
+def read_selection(run_dir: str | Path) -> dict:
+    """The label-free selection an adaptation run recorded: ``summary.json``'s ``selection`` in ``run_dir``
+    (``rule``, ``picked``, ``verdict`` of ``better`` / ``no better`` / ``uncertain``, ``margin``, ``reason``,
+    ``candidates``).
+
+    Returns:
+        that dict, or {} when the run recorded no verdict (older runs, ``--select last``) or the file is missing or
+        unreadable. Never raises.
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    sel = summary.get("selection") if isinstance(summary, dict) else None
+    return sel if isinstance(sel, dict) and sel.get("verdict") else {}
 
 
 def _last_error(log: Path) -> str:

@@ -9,6 +9,11 @@ of a model is :attr:`AdaptSettings.checkpoint` (``segadapt demo --checkpoint``) 
 The adapted model is exported with the served model's input and output into the served model's folder as
 ``<stem>.adapted-<time>.onnx`` (+ ``.json``), so it can replace the served file under a running runtime
 (``segadapt predict --watch``; the demo's own predictor watches its file too).
+
+The adaptation states a verdict (is the model it picked expected to beat the reference model?); the result shows it,
+and serving a model whose verdict is not ``better`` takes a second click. Serving first keeps the replaced model and
+its metadata beside it (``<stem>.previous-<time>.onnx``, see :func:`~segadapt.runtime.hot_swap.keep_copy`);
+**Revert to the previous model** serves that copy again.
 """
 
 
@@ -23,8 +28,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from segadapt.demo.adapt_job import (INSTALL_HINT, PRESETS, AdaptJob, Budget, Footage, FootageCaps, FootageError,
-                                     JobStatus, missing_adapt_modules, prepare_footage)
+                                     JobStatus, missing_adapt_modules, prepare_footage, read_selection)
 from segadapt.runtime.backends import BackendError
+from segadapt.runtime.hot_swap import file_sha256, keep_copy
 from segadapt.runtime.predictor import Predictor
 
 CUSTOM = "Custom"
@@ -82,6 +88,30 @@ def status_markdown(st: JobStatus) -> str:
     return f"{line}\n\n{st.message}" if st.message else line
 
 
+def verdict_markdown(selection: dict) -> str:
+    """Markdown for the adaptation's verdict (from :func:`~segadapt.demo.adapt_job.read_selection`): the verdict,
+    the validator margin and the reason; for ``no better`` / ``uncertain`` also that adaptation is not expected to
+    help and which candidate the run picked. "" when ``selection`` has no verdict."""
+    verdict = str(selection.get("verdict") or "")
+    if not verdict:
+        return ""
+    try:
+        margin = f" (validator margin {float(selection['margin']):+.3g})"
+    except (KeyError, TypeError, ValueError):
+        margin = ""
+    reason = str(selection.get("reason") or "").strip()
+    reason = f": {reason}" + ("" if reason.endswith((".", "!", "?")) else ".") if reason else "."
+    picked = str(selection.get("picked") or "")
+    if verdict == "better":
+        return f"**Verdict: better than the reference model**{margin}{reason}" + (
+            f" The run picked `{picked}`." if picked else "")
+    head = "no better than the reference model" if verdict == "no better" else verdict
+    what = ("the reference model's own weights (`source`)" if picked == "source" else f"`{picked}`" if picked
+            else "a candidate")
+    return (f"**Verdict: {head}**{margin}{reason} Adaptation is not expected to help on this footage; the run "
+            f"picked {what}.")
+
+
 def progress_html(st: JobStatus, top: int = 6) -> str:
     """A progress bar and the pseudo-label coverage of the classes with the most pixels (last step)."""
     rows = "".join(
@@ -119,6 +149,28 @@ def compare(reference: Predictor, adapted: Predictor, footage: Footage, n: int =
     return pairs[len(pairs) // 2], items, changed / max(1, total) * 100
 
 
+@dataclass
+class Kept:
+    """What one serve replaced: the kept copy of the model file (``path``), the tab's model label and its entry
+    (predictor, checkpoint, why-not) before the serve, and the adapted model file that was served."""
+
+    path: Path
+    label: str
+    entry: Tuple[Predictor, Optional[Path], str]
+    adapted: Path
+
+
+def _remove_copy(path: Path) -> None:
+    """Delete a kept copy and its metadata file (best effort)."""
+    from segadapt.runtime.metadata import metadata_path
+
+    for p in (path, metadata_path(path)):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 class AdaptTab:
     """The tab's state and callbacks (one running job per browser session, at most one at a time overall)."""
 
@@ -133,6 +185,8 @@ class AdaptTab:
         self.work.mkdir(parents=True, exist_ok=True)
         self.missing = missing_adapt_modules()
         self.jobs: Dict[str, AdaptJob] = {}
+        self.armed: Dict[str, AdaptJob] = {}  # session -> job whose serving was asked once despite its verdict
+        self.previous: Dict[str, Kept] = {}  # session -> what its last serve replaced
 
     def availability(self) -> str:
         """Markdown: what the tab does, or why adaptation cannot run here and how to enable it."""
@@ -187,14 +241,21 @@ class AdaptTab:
         ref = self.models[model_label][0]
         new = Predictor(st.onnx, providers=["cpu"])
         pair, items, pct = compare(ref, new, job.footage, self.settings.compare_frames)
-        st.message = (f"New model: `{st.onnx}` ({job.footage.note}). On these frames it changes {pct:.1f} % of the "
+        verdict = verdict_markdown(read_selection(job.run_dir) or new.metadata.adaptation)
+        st.message = ((f"{verdict}\n\n" if verdict else "")
+                      + f"New model: `{st.onnx}` ({job.footage.note}). On these frames it changes {pct:.1f} % of the "
                       f"pixels' classes. **Serve the adapted model** swaps it into this demo; a runtime started with "
                       f"`segadapt predict --watch` takes it when it replaces its model file.")
         files = [str(st.onnx), str(metadata_path(st.onnx))]
         return status_markdown(st), progress_html(st), pair, items, files
 
     def serve(self, key: str) -> str:
-        """Serve the session's adapted model: :meth:`ModelWatcher.install` over the served model's file."""
+        """Serve the session's adapted model over the served model's file (:meth:`ModelWatcher.install`), after
+        keeping a copy of the file it replaces (:func:`keep_copy`) for :meth:`revert`.
+
+        When the run's verdict is ``no better`` or ``uncertain``, the first call only warns (markdown) and arms; the
+        next call of the same session for the same job serves. Never raises: every failure is the returned message.
+        """
         job = self.jobs.get(key)
         if job is None or job.status.stage != "done":
             return "Nothing to serve: run an adaptation first."
@@ -202,19 +263,69 @@ class AdaptTab:
         if watcher is None:
             return (f"This demo does not watch its model (started with --no-watch): copy `{job.status.onnx}` over "
                     f"`{self.served.model_path}` and restart it.")
-        ev = watcher.install(job.status.onnx)
+        sel = read_selection(job.run_dir)
+        if sel and sel.get("verdict") != "better" and self.armed.get(key) is not job:
+            self.armed[key] = job
+            return (f"**Not served yet.** {verdict_markdown(sel)}\n\nPress **Serve the adapted model** again to "
+                    f"serve it anyway; the current model is kept and **Revert to the previous model** brings it back.")
+        self.armed.pop(key, None)
+        served = Path(str(self.served.model_path))
+        try:
+            if file_sha256(served) == file_sha256(job.status.onnx):
+                return f"Already serving this adapted model: `{served.name}` holds it."
+            kept = keep_copy(served)
+        except OSError as e:
+            return f"**Not served**: the current model could not be kept first, so it keeps serving ({e})."
+        try:
+            ev = watcher.install(job.status.onnx)
+        except OSError as e:
+            _remove_copy(kept)
+            return f"**Not served**: {e}; the current model keeps serving."
         if not ev.swapped:
+            _remove_copy(kept)
             return f"**Refused**: {ev.message}"
         label = next(k for k, v in self.models.items() if v[0] is self.served)
+        self.previous[key] = Kept(kept, label, self.models[label], Path(job.status.onnx))
         self.models[label] = (self.served, job.run_dir / "adapted", "")  # the next adaptation continues from it
         return (f"**Serving** the adapted model (sha256 {ev.new_sha256[:12]}, was {ev.old_sha256[:12]}): "
-                f"`{self.served.model_path}` now holds it; the Image and Video tabs use it.")
+                f"`{served.name}` now holds it; the Image and Video tabs use it. The model it replaced is kept as "
+                f"`{kept.name}`: **Revert to the previous model** serves it again.")
+
+    def revert(self, key: str) -> str:
+        """Serve again the model the session's last :meth:`serve` replaced (its kept copy, through the same watcher).
+
+        The served file is copied first unless it is the adapted model, whose own file still exists. Never raises:
+        every failure is the returned message (the current model then keeps serving).
+        """
+        prev, watcher = self.previous.get(key), self.served.watcher
+        if prev is None or watcher is None:
+            return "Nothing to revert: serve an adapted model first."
+        if not prev.path.is_file():
+            return f"The kept copy `{prev.path.name}` is gone; nothing was changed."
+        served = Path(str(self.served.model_path))
+        note = f" The adapted model stays in `{prev.adapted.name}`."
+        try:
+            if not (prev.adapted.is_file() and file_sha256(prev.adapted) == file_sha256(served)):
+                note = f" The model it replaced is kept as `{keep_copy(served).name}`."
+        except OSError as e:
+            return f"**Not reverted**: the current model could not be kept first, so it keeps serving ({e})."
+        try:
+            ev = watcher.install(prev.path)
+        except OSError as e:
+            return f"**Not reverted**: {e}; the current model keeps serving."
+        if not ev.swapped:
+            return f"**Refused**: {ev.message}"
+        self.models[prev.label] = prev.entry  # adaptations start from the reverted model's checkpoint again
+        del self.previous[key]
+        return (f"**Reverted**: serving the previous model again (sha256 {ev.new_sha256[:12]}, from "
+                f"`{prev.path.name}`); `{served.name}` holds it.{note}")
 
 
 def build_adapt_tab(predictor: Predictor, reference: Optional[Predictor], settings: AdaptSettings) -> AdaptTab:
     """Add the Adapt tab's components and events to the current ``gr.Blocks`` (call inside ``gr.Tab``).
 
-    Endpoints: ``/adapt_start`` (a generator: progress updates), ``/adapt_cancel`` and ``/adapt_serve``.
+    Endpoints: ``/adapt_start`` (a generator: progress updates), ``/adapt_cancel``, ``/adapt_serve`` and
+    ``/adapt_revert``.
     """
     import gradio as gr
 
@@ -243,7 +354,9 @@ def build_adapt_tab(predictor: Predictor, reference: Optional[Predictor], settin
             gallery = gr.Gallery(label="Frames of your footage: reference (top) and adapted (bottom)", columns=2,
                                  height=320, object_fit="contain", elem_id="adapt-gallery")
             download = gr.File(label="Adapted model and its metadata", file_count="multiple", elem_id="adapt-download")
-            serve = gr.Button("Serve the adapted model", visible=False)
+            with gr.Row():
+                serve = gr.Button("Serve the adapted model", visible=False)
+                revert = gr.Button("Revert to the previous model", visible=False)
 
     def on_preset(name):
         b = presets.get(name)
@@ -276,11 +389,25 @@ def build_adapt_tab(predictor: Predictor, reference: Optional[Predictor], settin
     start.click(run, [files, model, preset, steps, minutes], [status, progress, slider, gallery, download, serve],
                 api_name="adapt_start", concurrency_limit=1, concurrency_id="adapt")
 
-    def serve_it(request: gr.Request):
-        return tab.serve(getattr(request, "session_hash", None) or "default")
-
-    serve.click(serve_it, None, status, api_name="adapt_serve")
+    _serving_events(tab, serve, revert, status)
     # no ``cancels=[event]``: Gradio would stop the generator between two of its updates, and a stale "Adapting"
     # update could land after the cancel's; the job ends its own process and reports it
     cancel.click(stop, None, status, api_name="adapt_cancel", concurrency_limit=None)
     return tab
+
+
+def _serving_events(tab: AdaptTab, serve, revert, status) -> None:
+    """Wire the serve and revert buttons (endpoints ``/adapt_serve``, ``/adapt_revert``): each answers in ``status``
+    and shows the revert button while the session has a served model to revert."""
+    import gradio as gr
+
+    def serve_it(request: gr.Request):
+        key = getattr(request, "session_hash", None) or "default"
+        return tab.serve(key), gr.update(visible=key in tab.previous)
+
+    def revert_it(request: gr.Request):
+        key = getattr(request, "session_hash", None) or "default"
+        return tab.revert(key), gr.update(visible=key in tab.previous)
+
+    serve.click(serve_it, None, [status, revert], api_name="adapt_serve")
+    revert.click(revert_it, None, [status, revert], api_name="adapt_revert")

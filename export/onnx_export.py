@@ -39,7 +39,7 @@ from segadapt.export.config import ExportConfig
 from segadapt.export.frames import load_frames
 from segadapt.export.wrapper import ExportWrapper
 from segadapt.runtime.files import write_atomic, write_error
-from segadapt.runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.metadata import ModelMetadata, metadata_path, selection_record
 
 # Kept in FP32 in the FP16 graph: normalisation statistics, softmax and resizing lose accuracy or overflow in FP16.
 FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "Resize", "Erf", "ArgMax",
@@ -484,7 +484,8 @@ def _reference(wrapper: ExportWrapper, x_np: np.ndarray, b: int) -> Tuple[np.nda
 
 
 def _base_metadata(cfg: ExportConfig, ck: Path, model, meta_ck, wrapper: ExportWrapper, size) -> dict:
-    """The metadata fields shared by every graph of one export (everything but precision, parity, quantization)."""
+    """The metadata fields shared by every graph of one export (everything but precision, parity, quantization);
+    ``adaptation`` is the checkpoint's ``info["selection"]`` (verdict, margin, picked, rule, reason) when it has one."""
     return dict(
         classes=list(meta_ck.classes.names), palette=[list(c) for c in meta_ck.classes.palette],
         ignore_index=meta_ck.classes.ignore_index, input_name=wrapper.input_name, output_name=wrapper.output_name,
@@ -494,7 +495,8 @@ def _base_metadata(cfg: ExportConfig, ck: Path, model, meta_ck, wrapper: ExportW
         output_dtype=cfg.class_dtype if cfg.output == "class_map" else "float32",
         output_stride=1 if cfg.output == "class_map" else model.output_stride, format="onnx", arch=model.arch,
         source_checkpoint=str(ck), source_checkpoint_sha256=checkpoint_hash(ck) if is_checkpoint(ck) else "",
-        exporter=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        exporter=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        adaptation=selection_record((meta_ck.info or {}).get("selection")))  # the adaptation's verdict, if any
 
 
 def export_onnx(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:

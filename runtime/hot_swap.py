@@ -16,9 +16,12 @@ file is refused:
 Each refusal is one warning line, logged once per file version. A swap replaces ``predictor.backend`` (and
 ``predictor.metadata``) by assignment; :meth:`Predictor.infer_prepared` reads the backend once per batch, so each
 frame's result comes from exactly one model, and no frame is dropped. The swap is logged with both models' SHA-256
-prefixes. The batch that notices a new file waits for it to load (tens of milliseconds for a small ONNX model on a
-CPU, longer for a TensorRT engine): the next frame after the file appeared is segmented by the new model.
-:meth:`ModelWatcher.install` serves another model file at once (checked first, then copied over the watched files).
+prefixes and, when the new model's metadata records one (``adaptation``), the verdict and validator margin of the
+adaptation that made it (``adaptation verdict: no better (margin -0.8)``). The batch that notices a new file waits
+for it to load (tens of milliseconds for a small ONNX model on a CPU, longer for a TensorRT engine): the next frame
+after the file appeared is segmented by the new model.
+:meth:`ModelWatcher.install` serves another model file at once (checked first, then copied over the watched files);
+:func:`keep_copy` keeps the files it would replace beside them, so that they can be installed back.
 
 Writers should write model files atomically (``segadapt export`` does: a temporary file, then a rename); a file
 copied in place with ``cp`` is refused while half-written and taken once complete.
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-from segadapt.runtime.metadata import ModelMetadata, metadata_path
+from segadapt.runtime.metadata import ModelMetadata, metadata_path, verdict_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from segadapt.runtime.backends import Backend
@@ -79,7 +82,8 @@ class SwapEvent:
 
     Attributes:
         swapped: True when the predictor now serves the new model, False when it was refused.
-        message: the one-line log message (names the file, both SHA-256 prefixes or the reason for refusing).
+        message: the one-line log message (names the file, both SHA-256 prefixes or the reason for refusing; for a
+            swap to a model made by ``segadapt adapt`` with selection, its verdict and margin).
         old_sha256, new_sha256: hex digests of the model files (new: "" when the file could not be read).
         time: ``time.time()`` of the decision.
     """
@@ -197,8 +201,9 @@ class ModelWatcher:
         p.metadata = meta
         self.sha256 = new_sha
         self.swaps += 1
+        verdict = verdict_line(meta.adaptation)  # what the adaptation that made it expects of it, when recorded
         msg = (f"{self.path}: swapped model sha256 {old_sha[:12]} -> {new_sha[:12]} ({meta.precision}, "
-               f"{backend.describe()})")
+               f"{backend.describe()})" + (f"; {verdict}" if verdict else ""))
         return SwapEvent(True, msg, old_sha, new_sha, time.time())
 
     def install(self, model: str | Path) -> SwapEvent:
@@ -227,6 +232,45 @@ class ModelWatcher:
         del self.events[:-50]
         if self.on_event is not None:
             self.on_event(ev)
+
+
+def keep_copy(model: str | Path, tag: str = "previous") -> Path:
+    """Copy a model file and its metadata file beside them before they are replaced, so the model is not lost.
+
+    ``dir/m.onnx`` (+ ``dir/m.json``) -> ``dir/m.<tag>-<YYYYmmdd-HHMMSS>.onnx`` (+ its :func:`metadata_path`), a
+    ``-2``, ``-3``... suffix when that name is taken. Each file is written atomically (a temporary file in the same
+    folder, then a rename), the metadata first, so the copy never exists without it; a model without a metadata file
+    (ONNX with embedded metadata) is copied alone. The copy can be served again with :meth:`ModelWatcher.install`.
+
+    Returns:
+        the path of the model's copy.
+
+    Raises:
+        FileNotFoundError: ``model`` does not exist.
+        OSError: the copy cannot be written (e.g. a read-only folder or a full disk); nothing is left behind.
+    """
+    from segadapt.runtime.files import atomic_output
+
+    src = Path(model)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: model file not found")
+    stem, n = f"{src.stem}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    dst = src.with_name(stem + src.suffix)
+    while dst.exists() or metadata_path(dst).exists():
+        n += 1
+        dst = src.with_name(f"{stem}-{n}{src.suffix}")
+    pairs = [(metadata_path(src), metadata_path(dst))] if metadata_path(src).is_file() else []
+    done: List[Path] = []
+    try:
+        for a, b in pairs + [(src, dst)]:
+            with atomic_output(b, needed=a.stat().st_size, what="copy of the served model") as tmp:
+                shutil.copyfile(a, tmp)
+            done.append(b)
+    except BaseException:
+        for b in done:
+            b.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def _embedded_disagrees(backend, meta: ModelMetadata) -> str:

@@ -53,6 +53,11 @@ class ModelMetadata:
             (``QDQ``), ``activation_type``/``weight_type`` (``uint8``/``int8``), ``activation_symmetric``,
             ``weight_symmetric``, ``per_channel``, ``op_types``, ``calibration_method``, ``calibration_frames``,
             ``calibration_data``.
+        adaptation: the label-free selection of the ``segadapt adapt`` run that made the model: ``verdict``
+            (``better``, ``no better`` or ``uncertain``: whether the picked model is expected to beat the source
+            model), ``margin`` (the validator margin, float, may be negative), ``picked`` (the candidate kept, e.g.
+            ``source``, ``adabn_0.75``, ``step_000150``), ``rule`` (how it was picked) and ``reason`` (one sentence).
+            Empty for a model not made by ``segadapt adapt`` with selection (and in metadata written before it).
     """
 
     classes: List[str]
@@ -83,6 +88,7 @@ class ModelMetadata:
     gpu_compute_capability: Optional[str] = None
     parity: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
+    adaptation: dict = field(default_factory=dict)
     created: str = ""
     metadata_version: int = METADATA_VERSION
 
@@ -138,6 +144,30 @@ class ModelMetadata:
             ValueError: not JSON or not valid metadata (the message names the file).
         """
         return cls.from_dict(read_json_object(path, "model metadata"), str(path))
+
+
+#: the keys of a selection record (the adaptation's ``selection``) that metadata keeps
+SELECTION_KEYS = ("verdict", "margin", "picked", "rule", "reason")
+
+
+def selection_record(selection) -> dict:
+    """The :data:`SELECTION_KEYS` of an adaptation's selection record (``summary.json``'s ``selection``, or a
+    checkpoint's ``info["selection"]``); {} when ``selection`` is not a dict or names no verdict."""
+    if not isinstance(selection, dict) or not selection.get("verdict"):
+        return {}
+    return {k: selection[k] for k in SELECTION_KEYS if k in selection}
+
+
+def verdict_line(selection) -> str:
+    """``adaptation verdict: <verdict> (margin <m>)`` for a selection record, "" when it has no verdict."""
+    rec = selection_record(selection)
+    if not rec:
+        return ""
+    try:
+        margin = f" (margin {float(rec['margin']):+.3g})"
+    except (KeyError, TypeError, ValueError):
+        margin = ""
+    return f"adaptation verdict: {rec['verdict']}{margin}"
 
 
 def metadata_path(model_path: str | Path) -> Path:

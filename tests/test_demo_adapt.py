@@ -133,11 +133,21 @@ def test_browser_adapts_and_cancels(tiny_onnx, small_clip, tmp_path):
             assert page.locator("#adapt-download >> text=.onnx").count() >= 1
             assert page.locator("#adapt-download >> text=.json").count() >= 1
             page.screenshot(path=str(shot), full_page=True)
-            # serve it: the demo's predictor swaps to it (same classes and input), the served file now holds it
+            # serve it: the demo's predictor swaps to it (same classes and input), the served file now holds it;
+            # a model the adaptation does not expect to help takes a second click
+            original = file_sha256(served)
             page.get_by_role("button", name="Serve the adapted model").click()
+            page.wait_for_function(f"/^(Serving|Not served yet)/.test({status})", timeout=60000, polling=200)
+            if page.inner_text("#adapt-status").startswith("Not served yet"):
+                assert "Verdict:" in page.inner_text("#adapt-status") and pred.watcher.swaps == 0
+                page.get_by_role("button", name="Serve the adapted model").click()
             page.wait_for_function(f"{status}.startsWith('Serving')", timeout=60000, polling=200)
             adapted = next(served.parent.glob("served.adapted-*.onnx"))
             assert pred.watcher.swaps == 1 and file_sha256(served) == file_sha256(adapted) == pred.watcher.sha256
+            # one click serves the replaced model again, from the copy kept beside it
+            page.get_by_role("button", name="Revert to the previous model").click()
+            page.wait_for_function(f"{status}.startsWith('Reverted')", timeout=60000, polling=200)
+            assert pred.watcher.swaps == 2 and file_sha256(served) == original == pred.watcher.sha256
             # a second, longer run: cancel it once it has started stepping
             page.get_by_label("Long (500 steps)").check()
             page.get_by_role("button", name="Start adaptation").click()
