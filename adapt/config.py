@@ -253,6 +253,28 @@ class MonitorConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Label-free selection of the adapted model (``--select auto``): candidates, validators and the rule."""
+
+    frames: Annotated[int, Bounds(2, 100000)] = 32
+    """target frames the candidates are scored on (evenly spread over the footage; all when fewer)"""
+    blends: bool = True
+    """also score AdaBN at blends 0.5, 0.75 and 1 (each is one pass over the target frames)"""
+    rule: str = "last"
+    """how the pick is made: last, reference, mixval, max:<validator> or guard:<validator> (validators: entropy, im,
+    snd, mixval_intra, mixval_inter, agreement, drift; docs/method-notes.md, Label-free selection)"""
+    margin: NonNegFloat = 0.0
+    """verdict: the pick is called better (or no better) than the source model only when its validator margin
+    over the source model is above this (or below minus this); in between: uncertain"""
+
+    def check(self) -> None:
+        from segadapt.adapt.selection import RULES
+
+        if self.rule not in RULES:
+            raise ValueError(f"--selection.rule {self.rule!r}: expected one of {', '.join(RULES)}")
+
+
+@dataclass
 class AdaptConfig:
     """Adaptation (``segadapt adapt``): a source checkpoint and unlabelled target footage in, an adapted checkpoint of
     the same architecture out; there is no field for target labels. Source-free by default: with ``source_data``
@@ -340,6 +362,10 @@ class AdaptConfig:
     keep_saves: bool = False
     """also keep the adapted model of every save as saves/step_<N>/ (to pick a step afterwards, e.g. by the
     monitor's signals in coverage.jsonl; each copy is one model's weights)"""
+    select: Literal["auto", "last"] = "auto"
+    """which model adapted/ holds: auto = the candidate (source model, AdaBN blends, every save) that the label-free
+    selection rule picks, with a verdict against the source model (selection.json); last = the last save"""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     debug_every: NonNegInt = 100
     """write a debug grid (frame, pseudo-label, rectifier values) every N steps; 0 = never"""
     log_every: PositiveInt = 20

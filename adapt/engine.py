@@ -46,6 +46,7 @@ from segadapt.adapt.models.checkpoint import (CheckpointMeta, checkpoint_hash, i
                                               load_segmenter, load_training_state, save_checkpoint)
 from segadapt.adapt.models.segmenter import upsample_logits
 from segadapt.adapt.monitor import LabelFreeMonitor
+from segadapt.adapt.select_adapted import select_adapted
 from segadapt.adapt.pseudo_label import ClassFrequencyWeights, ThresholdTracker, kept_fraction, pseudo_label
 from segadapt.adapt.teacher import EMATeacher
 from segadapt.adapt.training import distributed
@@ -74,7 +75,11 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
         if not cfg.self_training:
             return engine.finish_adabn_only() if distributed.is_main() else {"steps": 0}
         engine.setup_training()
-        return engine.run()
+        summary = engine.run()
+        if cfg.select == "auto" and distributed.is_main():
+            summary["selection"] = select_adapted(engine, engine.log)
+            write_json(engine.out / "summary.json", summary)
+        return summary
 
 
 class Engine:

@@ -33,7 +33,7 @@ def save_state(engine, step: int, elapsed: float) -> None:
         ts["class_weights"] = engine.class_weights.state_dict()
     engine.out_meta.info.update(step=step)
     keep = engine.teacher.model if engine.cfg.keep == "teacher" else student
-    if engine.cfg.keep_saves:  # before last/: a kill after last/ cannot lose this step's copy
+    if engine.cfg.keep_saves or engine.cfg.select == "auto":  # before last/: a kill after it cannot lose this copy
         save_checkpoint(engine.out / "saves" / f"step_{step:06d}", keep, engine.out_meta)
     save_checkpoint(engine.out / "last", student, engine.out_meta, ts)
     save_checkpoint(engine.out / "adapted", keep, engine.out_meta)

@@ -1,0 +1,131 @@
+"""Picking the adapted model without labels, and the verdict against the source model.
+
+After training, every candidate (the source model, AdaBN blends, the run's saves) has been scored by the validators
+(:mod:`segadapt.adapt.selection_scores`). A *rule* maps those scores to one candidate; the *verdict* says whether
+that candidate is expected to be better than the source model: ``better``, ``no better`` or ``uncertain``, with the
+validator margin. Candidates are given as ``{name: {validator: value, ...}}``; names are ``source``,
+``adabn_<blend>`` and ``step_<NNNNNN>`` (a save; the highest step is the run's last).
+
+Rules (``RULES``):
+
+- ``last``: the last save (what ``--select last`` keeps);
+- ``max:<validator>``: the candidate with the best value of one validator (direction from
+  :data:`~segadapt.adapt.validators.HIGHER_IS_BETTER`);
+- ``mixval``: MixVal's rank combination (Hu et al., NeurIPS 2023, §3.3): the sum of each candidate's ranks by
+  ICE_intra and by ICE_inter, the highest sum wins;
+- ``guard:<validator>``: the last save unless the validator finds it worse than the reference (AdaBN at the run's
+  blend), then the best of the candidates that did not self-train (our design).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+
+from segadapt.adapt.validators import HIGHER_IS_BETTER
+
+__all__ = ["Pick", "RULES", "Verdict", "last_save", "pick", "verdict"]
+
+_SCORED = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
+RULES: List[str] = (["last", "source", "reference", "mixval"] + [f"max:{v}" for v in _SCORED]
+                    + [f"guard:{v}" for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter")])
+
+
+@dataclass
+class Pick:
+    """The rule's choice: the candidate's ``name``, the ``rule`` and the ``validator`` it compared on (None for
+    ``last``/``source``/``reference``)."""
+
+    name: str
+    rule: str
+    validator: str | None = None
+
+
+@dataclass
+class Verdict:
+    """``verdict``: ``better``, ``no better`` or ``uncertain``; ``margin``: the validator's value of the pick minus
+    the source model's, signed so that + favours the pick; ``reason``: one sentence for the user."""
+
+    verdict: str
+    margin: float
+    reason: str
+
+
+def last_save(cands: Dict[str, dict]) -> str:
+    """The save with the highest step.
+
+    Raises:
+        ValueError: no ``step_*`` candidate."""
+    saves = sorted(n for n in cands if n.startswith("step_"))
+    if not saves:
+        raise ValueError("no saves among the candidates")
+    return saves[-1]
+
+
+def _signed(cands: Dict[str, dict], v: str) -> Dict[str, float]:
+    """{name: value of ``v``, signed so that higher is better}, NaN values left out."""
+    s = 1.0 if HIGHER_IS_BETTER[v] else -1.0
+    return {n: s * c[v] for n, c in cands.items() if v in c and not np.isnan(c[v])}
+
+
+def _reference(cands: Dict[str, dict]) -> str:
+    """The reference candidate: the one with agreement 1 (AdaBN at the run's blend), else ``source``."""
+    return next((n for n, c in cands.items() if c.get("agreement") == 1.0 and n != "source"), "source")
+
+
+def _mixval_ranks(cands: Dict[str, dict]) -> Dict[str, float]:
+    names = list(cands)
+    total = np.zeros(len(names))
+    for v in ("mixval_intra", "mixval_inter"):
+        vals = np.array([np.nan_to_num(cands[n].get(v, np.nan), nan=-1.0) for n in names])
+        total += vals.argsort().argsort()
+    return dict(zip(names, total.tolist()))
+
+
+def pick(cands: Dict[str, dict], rule: str) -> Pick:
+    """The candidate ``rule`` picks (module docstring).
+
+    Raises:
+        ValueError: an unknown rule, or a rule that needs a save when there is none."""
+    if rule == "last":
+        return Pick(last_save(cands), rule)
+    if rule == "source":
+        return Pick("source", rule)
+    if rule == "reference":
+        return Pick(_reference(cands), rule)
+    if rule == "mixval":
+        r = _mixval_ranks(cands)
+        return Pick(max(r, key=r.get), rule, "mixval_inter")
+    kind, _, v = rule.partition(":")
+    if v not in HIGHER_IS_BETTER or kind not in ("max", "guard"):
+        raise ValueError(f"unknown selection rule {rule!r} (one of: {', '.join(RULES)})")
+    s = _signed(cands, v)
+    if kind == "max":
+        return Pick(max(s, key=s.get), rule, v)
+    last, ref = last_save(cands), _reference(cands)
+    if s.get(last, -np.inf) >= s.get(ref, -np.inf):
+        return Pick(last, rule, v)
+    untrained = {n: x for n, x in s.items() if not n.startswith("step_")}
+    return Pick(max(untrained, key=untrained.get), rule, v)
+
+
+def verdict(cands: Dict[str, dict], p: Pick, margin: float = 0.0, validator: str = "") -> Verdict:
+    """Whether the pick is expected to be better than the source model, by ``validator`` (default: the rule's own;
+    ``im`` for rules without one): ``better`` when the pick is not the source model and its margin over the source
+    is above ``margin``, ``no better`` when the pick is the source model or its margin is below ``-margin``,
+    ``uncertain`` in between."""
+    v = validator or p.validator or "im"
+    s = _signed(cands, v)
+    m = s.get(p.name, np.nan) - s.get("source", np.nan)
+    if p.name == "source":
+        return Verdict("no better", 0.0, "the source model scored best: adaptation is not expected to help here")
+    if np.isnan(m):
+        return Verdict("uncertain", float("nan"), f"{v} could not be computed for the pick or the source model")
+    if m > margin:
+        return Verdict("better", float(m), f"{p.name} scores above the source model by {m:.3f} ({v})")
+    if m < -margin:
+        return Verdict("no better", float(m), f"{p.name} scores below the source model by {-m:.3f} ({v})")
+    return Verdict("uncertain", float(m), f"{p.name} and the source model score within {margin:g} of each other "
+                                          f"({v})")

@@ -1,0 +1,121 @@
+"""Analysis of benchmarks/selection.py's runs: rank correlations of the validators with mIoU, each rule's regret, and
+the leave-one-domain-out choice of a rule (numpy only; labels were read only to compute each candidate's mIoU)."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from segadapt.adapt.selection import RULES, pick, verdict
+from segadapt.adapt.validators import HIGHER_IS_BETTER
+
+__all__ = ["analyse", "kendall", "print_analysis", "spearman"]
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties averaged."""
+    order = x.argsort(kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        same = x == v
+        r[same] = r[same].mean()
+    return r
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def kendall(x, y) -> float:
+    """Kendall's tau-b."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    iu = np.triu_indices(len(x), 1)
+    s, tx, ty = (dx * dy)[iu].sum(), (dx[iu] != 0).sum(), (dy[iu] != 0).sum()
+    return float(s / np.sqrt(tx * ty)) if tx and ty else float("nan")
+
+
+def _correlations(runs: List[dict]) -> Dict[str, Dict[str, float]]:
+    """{validator: {spearman, kendall}} mean over runs, each validator signed so that + means 'agrees with mIoU'."""
+    out: Dict[str, Dict[str, list]] = {}
+    for r in runs:
+        c = r["candidates"]
+        names = list(c)
+        miou = [c[n]["miou"] for n in names]
+        for v, higher in HIGHER_IS_BETTER.items():
+            vals = [c[n].get(v, float("nan")) * (1 if higher else -1) for n in names]
+            if any(np.isnan(vals)):
+                continue
+            d = out.setdefault(v, {"spearman": [], "kendall": []})
+            d["spearman"].append(spearman(vals, miou))
+            d["kendall"].append(kendall(vals, miou))
+    return {v: {k: float(np.nanmean(x)) for k, x in d.items()} for v, d in out.items()}
+
+
+def _rule_outcomes(runs: List[dict]) -> Dict[str, dict]:
+    """{rule: {regret, vs_source, worst_vs_source, picks}}: mean and worst over runs."""
+    res = {}
+    for rule in RULES:
+        regret, vs_src, picks, signs = [], [], [], []
+        for r in runs:
+            c = r["candidates"]
+            best = max(v["miou"] for v in c.values())
+            p = pick(c, rule)
+            regret.append(c[p.name]["miou"] - best)
+            vs_src.append(c[p.name]["miou"] - c["source"]["miou"])
+            picks.append(p.name)
+            v = verdict(c, p)
+            true = c[p.name]["miou"] - c["source"]["miou"]
+            signs.append(_verdict_ok(v.verdict, true))
+        res[rule] = {"regret": float(np.mean(regret)), "worst_regret": float(np.min(regret)),
+                     "vs_source": float(np.mean(vs_src)), "worst_vs_source": float(np.min(vs_src)),
+                     "verdict_ok": float(np.mean(signs)), "picks": picks}
+    return res
+
+
+def _verdict_ok(v: str, true_gain: float) -> bool:
+    """A verdict is right when its sign matches a true difference over 1 mIoU ('uncertain' is never wrong, and
+    under 1 mIoU any verdict but a confident wrong sign is accepted)."""
+    if v == "uncertain" or abs(true_gain) <= 1.0:
+        return True
+    return (v == "better") == (true_gain > 0)
+
+
+def analyse(runs: List[dict]) -> dict:
+    """Per domain: correlations and rule outcomes; then leave-one-domain-out: the rule with the least mean regret
+    (ties: the better worst case against the source) on one domain, reported on the other."""
+    domains = sorted({r["domain"] for r in runs})
+    per = {d: {"correlations": _correlations([r for r in runs if r["domain"] == d]),
+               "rules": _rule_outcomes([r for r in runs if r["domain"] == d])} for d in domains}
+    lodo = {}
+    for d in domains:
+        others = [o for o in domains if o != d]
+        if not others:
+            continue
+        pooled = _rule_outcomes([r for r in runs if r["domain"] in others])
+        chosen = max(pooled, key=lambda k: (round(pooled[k]["regret"], 2), pooled[k]["worst_vs_source"]))
+        lodo[d] = {"chosen_on": others, "rule": chosen, "outcome": per[d]["rules"][chosen]}
+    return {"domains": per, "leave_one_domain_out": lodo}
+
+
+def print_analysis(a: dict) -> None:
+    for d, res in a["domains"].items():
+        print(f"\n== {d}: validator vs mIoU (mean over seeds)")
+        for v, c in sorted(res["correlations"].items(), key=lambda kv: -kv[1]["spearman"]):
+            print(f"  {v:14s} spearman {c['spearman']:+.2f}  kendall {c['kendall']:+.2f}")
+        print(f"== {d}: rules (regret = pick - best candidate; vs source)")
+        for rule, o in sorted(res["rules"].items(), key=lambda kv: -kv[1]["regret"]):
+            print(f"  {rule:22s} regret {o['regret']:+.2f} (worst {o['worst_regret']:+.2f})  vs source "
+                  f"{o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f})  verdict ok {o['verdict_ok']:.2f}  "
+                  f"{' '.join(o['picks'])}")
+    for d, lo in a["leave_one_domain_out"].items():
+        o = lo["outcome"]
+        print(f"LODO: chosen on {'+'.join(lo['chosen_on'])}: {lo['rule']} -> on {d}: regret {o['regret']:+.2f}, vs "
+              f"source {o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f}), verdict ok {o['verdict_ok']:.2f}")
