@@ -256,16 +256,19 @@ class MonitorConfig:
 class SelectionConfig:
     """Label-free selection of the adapted model (``--select auto``): candidates, validators and the rule."""
 
-    frames: Annotated[int, Bounds(2, 100000)] = 32
-    """target frames the candidates are scored on (evenly spread over the footage; all when fewer)"""
+    frames: Annotated[int, Bounds(2, 100000)] = 16
+    """target frames the candidates are scored on (evenly spread over the footage; all when fewer); each candidate
+    costs two forward passes per frame"""
     blends: bool = True
     """also score AdaBN at blends 0.5, 0.75 and 1 (each is one pass over the target frames)"""
-    rule: str = "last"
-    """how the pick is made: last, reference, mixval, max:<validator> or guard:<validator> (validators: entropy, im,
-    snd, mixval_intra, mixval_inter, agreement, drift; docs/method-notes.md, Label-free selection)"""
-    margin: NonNegFloat = 0.0
-    """verdict: the pick is called better (or no better) than the source model only when its validator margin
-    over the source model is above this (or below minus this); in between: uncertain"""
+    rule: str = "mixval"
+    """how the pick is made: mixval (MixVal's rank sum), last, reference, max:<validator> or guard:<validator>
+    (validators: entropy, im, snd, mixval_intra, mixval_inter, agreement, drift); chosen by measurement, see
+    docs/results.md"""
+    margin: NonNegFloat = 0.05
+    """verdict: the pick is better than the source model when its margin on the rule's validator (mixval: rank
+    sum / 2 (N - 1), in [0, 1]) is above this, no better below minus this (or when the pick is the source
+    model), else uncertain"""
 
     def check(self) -> None:
         from segadapt.adapt.selection import RULES

@@ -11,7 +11,7 @@ Rules (``RULES``):
 - ``last``: the last save (what ``--select last`` keeps);
 - ``max:<validator>``: the candidate with the best value of one validator (direction from
   :data:`~segadapt.adapt.validators.HIGHER_IS_BETTER`);
-- ``mixval``: MixVal's rank combination (Hu et al., NeurIPS 2023, §3.3): the sum of each candidate's ranks by
+- ``mixval``: MixVal's rank combination (Hu et al., NeurIPS 2023): the sum of each candidate's ranks by
   ICE_intra and by ICE_inter, the highest sum wins;
 - ``guard:<validator>``: the last save unless the validator finds it worse than the reference (AdaBN at the run's
   blend), then the best of the candidates that did not self-train (our design).
@@ -30,7 +30,7 @@ __all__ = ["Pick", "RULES", "Verdict", "last_save", "pick", "verdict"]
 
 _SCORED = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
 RULES: List[str] = (["last", "source", "reference", "mixval"] + [f"max:{v}" for v in _SCORED]
-                    + [f"guard:{v}" for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter")])
+                    + [f"guard:{v}" for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "mixval")])
 
 
 @dataclass
@@ -65,7 +65,11 @@ def last_save(cands: Dict[str, dict]) -> str:
 
 
 def _signed(cands: Dict[str, dict], v: str) -> Dict[str, float]:
-    """{name: value of ``v``, signed so that higher is better}, NaN values left out."""
+    """{name: value of ``v``, signed so that higher is better}, NaN values left out; ``v = "mixval"``: MixVal's rank
+    sum divided by its maximum, 2 (N - 1), in [0, 1]."""
+    if v == "mixval":
+        r = _mixval_ranks(cands)
+        return {n: x / max(1, 2 * (len(r) - 1)) for n, x in r.items()}
     s = 1.0 if HIGHER_IS_BETTER[v] else -1.0
     return {n: s * c[v] for n, c in cands.items() if v in c and not np.isnan(c[v])}
 
@@ -80,7 +84,7 @@ def _mixval_ranks(cands: Dict[str, dict]) -> Dict[str, float]:
     total = np.zeros(len(names))
     for v in ("mixval_intra", "mixval_inter"):
         vals = np.array([np.nan_to_num(cands[n].get(v, np.nan), nan=-1.0) for n in names])
-        total += vals.argsort().argsort()
+        total += vals.argsort(kind="stable").argsort(kind="stable")
     return dict(zip(names, total.tolist()))
 
 
@@ -97,9 +101,9 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
         return Pick(_reference(cands), rule)
     if rule == "mixval":
         r = _mixval_ranks(cands)
-        return Pick(max(r, key=r.get), rule, "mixval_inter")
+        return Pick(max(r, key=r.get), rule, "mixval")
     kind, _, v = rule.partition(":")
-    if v not in HIGHER_IS_BETTER or kind not in ("max", "guard"):
+    if v not in (*HIGHER_IS_BETTER, "mixval") or kind not in ("max", "guard"):
         raise ValueError(f"unknown selection rule {rule!r} (one of: {', '.join(RULES)})")
     s = _signed(cands, v)
     if kind == "max":

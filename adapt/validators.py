@@ -10,13 +10,13 @@ pixels, False on padding; None = all real); padding never counts. Each function 
 direction ("higher is better" or "lower is better") is in its docstring, and :data:`HIGHER_IS_BETTER` records it.
 
 - entropy: Morerio, Cavazza, Murino, "Minimal-Entropy Correlation Alignment for Unsupervised Deep Domain
-  Adaptation", ICLR 2018 (§3: entropy of the target predictions as the validation criterion).
+  Adaptation", ICLR 2018: entropy of the target predictions as the validation criterion.
 - information maximisation (IM): the diversity-minus-uncertainty objective of Shi and Sha (ICML 2012) and SHOT
-  (Liang et al., ICML 2020, §3.2), used as a validator by Musgrave et al., ECCV 2022.
+  (Liang et al., ICML 2020), used as a validator by Musgrave et al., ECCV 2022.
 - SND: Saito et al., "Tune it the Right Way: Unsupervised Validation of Domain Adaptation via Soft Neighborhood
-  Density", ICCV 2021 (§3, Eq. 1-3; §4.4 samples pixels for segmentation).
+  Density", ICCV 2021 (its segmentation experiments sample pixels).
 - MixVal: Hu et al., "Mixed Samples as Probes for Unsupervised Model Selection in Domain Adaptation", NeurIPS 2023
-  (§3: inference-time mixup with lambda = 0.55 labelled by the dominant sample's pseudo-label; ICE_intra on pairs of
+  (inference-time mixup with lambda = 0.55 labelled by the dominant sample's pseudo-label; ICE_intra on pairs of
   the same class, ICE_inter on pairs of different classes). Segmentation form (our design): a frame is mixed with
   another frame of the sample; each pixel is an intra pair where the two frames' pseudo-labels agree there, an
   inter pair where they differ.
@@ -40,9 +40,9 @@ __all__ = ["HIGHER_IS_BETTER", "MIXVAL_LAMBDA", "SND_TEMPERATURE", "agreement", 
 #: the validators' direction (True: a higher value is taken as a better model)
 HIGHER_IS_BETTER = {"entropy": False, "im": True, "snd": True, "mixval_intra": True, "mixval_inter": True,
                     "agreement": True, "drift": False}
-#: MixVal's mixing weight of the dominant frame (Hu et al. 2023, §3.2)
+#: MixVal's mixing weight of the dominant frame (Hu et al., NeurIPS 2023)
 MIXVAL_LAMBDA = 0.55
-#: SND's temperature (Saito et al. 2021, §3)
+#: SND's temperature (Saito et al., ICCV 2021)
 SND_TEMPERATURE = 0.05
 
 
@@ -82,7 +82,7 @@ def mean_entropy(probs: torch.Tensor, valid: Optional[torch.Tensor] = None) -> f
 
 
 def information_maximization(probs: torch.Tensor, valid: Optional[torch.Tensor] = None) -> float:
-    """IM validator (SHOT, Liang et al. ICML 2020, §3.2): entropy of the mean prediction minus the mean per-pixel
+    """IM validator (as in SHOT, Liang et al., ICML 2020): entropy of the mean prediction minus the mean per-pixel
     entropy, both divided by log K; in [-1, 1], higher is better. A model that predicts one class everywhere
     scores at most 0; confident and diverse predictions score near 1. NaN with no valid pixel.
 
@@ -101,7 +101,7 @@ def information_maximization(probs: torch.Tensor, valid: Optional[torch.Tensor] 
 
 def snd(probs: torch.Tensor, valid: Optional[torch.Tensor] = None, pixels: int = 4000,
         temperature: float = SND_TEMPERATURE, generator: Optional[torch.Generator] = None) -> float:
-    """Soft Neighborhood Density (Saito et al., ICCV 2021, §3 Eq. 1-3; pixels sampled for segmentation, §4.4):
+    """Soft Neighborhood Density (Saito et al., ICCV 2021; pixels sampled, as for segmentation there):
     L2-normalised probability vectors of ``pixels`` valid pixels drawn at random, their cosine similarities with
     the diagonal masked, a softmax of each row divided by ``temperature``, the mean entropy of the rows. Higher is
     taken as better (dense neighbourhoods). A model predicting one class everywhere reaches the maximum, log(n - 1)
@@ -131,7 +131,7 @@ def snd(probs: torch.Tensor, valid: Optional[torch.Tensor] = None, pixels: int =
 
 
 def mix_frames(a: torch.Tensor, b: torch.Tensor, lam: float = MIXVAL_LAMBDA) -> torch.Tensor:
-    """MixVal's inference-time mixup (Hu et al., NeurIPS 2023, §3): ``lam * a + (1 - lam) * b`` of two (B, 3, H, W)
+    """MixVal's inference-time mixup (Hu et al., NeurIPS 2023): ``lam * a + (1 - lam) * b`` of two (B, 3, H, W)
     frames (uint8 or float; the result is float32 in the same units). ``lam`` > 0.5 keeps ``a`` dominant.
 
     Raises:

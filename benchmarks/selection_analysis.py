@@ -88,6 +88,33 @@ def _verdict_ok(v: str, true_gain: float) -> bool:
     return (v == "better") == (true_gain > 0)
 
 
+def _verdict_outcomes(runs: List[dict], rule: str) -> Dict[str, dict]:
+    """{"<validator>@<margin>": {right, wrong_better, verdicts}}: over the runs where the pick differs from the
+    source model by more than 1 mIoU, the share whose verdict has the true sign (``uncertain`` counts as not right);
+    ``wrong_better``: the share of all runs called ``better`` while the pick is below the source model."""
+    out = {}
+    for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift", "mixval"):
+        for m in MARGINS:
+            right, big, wrong, verdicts = 0, 0, 0, []
+            for r in runs:
+                c = r["candidates"]
+                p = pick(c, rule)
+                true = c[p.name]["miou"] - c["source"]["miou"]
+                vd = verdict(c, p, m, validator=v).verdict
+                verdicts.append(vd)
+                if abs(true) > 1.0:
+                    big += 1
+                    right += vd == ("better" if true > 0 else "no better")
+                wrong += vd == "better" and true < 0
+            out[f"{v}@{m:g}"] = {"right": right / big if big else float("nan"), "cases": big,
+                                 "wrong_better": wrong / len(runs), "verdicts": verdicts}
+    return out
+
+
+#: verdict margins tried (validator units; most validators live in [0, 1])
+MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
 def analyse(runs: List[dict]) -> dict:
     """Per domain: correlations and rule outcomes; then leave-one-domain-out: the rule with the least mean regret
     (ties: the better worst case against the source) on one domain, reported on the other."""
@@ -102,6 +129,11 @@ def analyse(runs: List[dict]) -> dict:
         pooled = _rule_outcomes([r for r in runs if r["domain"] in others])
         chosen = max(pooled, key=lambda k: (round(pooled[k]["regret"], 2), pooled[k]["worst_vs_source"]))
         lodo[d] = {"chosen_on": others, "rule": chosen, "outcome": per[d]["rules"][chosen]}
+        vo = _verdict_outcomes([r for r in runs if r["domain"] in others], chosen)
+        key = max(vo, key=lambda k: (np.nan_to_num(vo[k]["right"], nan=1.0) - vo[k]["wrong_better"],
+                                     -float(k.split("@")[1])))
+        lodo[d]["verdict"] = {"by": key, "on_this_domain": _verdict_outcomes([r for r in runs if r["domain"] == d],
+                                                                             chosen)[key]}
     return {"domains": per, "leave_one_domain_out": lodo}
 
 
@@ -117,5 +149,9 @@ def print_analysis(a: dict) -> None:
                   f"{' '.join(o['picks'])}")
     for d, lo in a["leave_one_domain_out"].items():
         o = lo["outcome"]
+        vd = lo["verdict"]
         print(f"LODO: chosen on {'+'.join(lo['chosen_on'])}: {lo['rule']} -> on {d}: regret {o['regret']:+.2f}, vs "
-              f"source {o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f}), verdict ok {o['verdict_ok']:.2f}")
+              f"source {o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f}); verdict by {vd['by']}: "
+              f"right {vd['on_this_domain']['right']:.2f} of {vd['on_this_domain']['cases']} runs over 1 mIoU, "
+              f"'better' while worse {vd['on_this_domain']['wrong_better']:.2f}: "
+              f"{' '.join(vd['on_this_domain']['verdicts'])}")

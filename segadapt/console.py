@@ -174,6 +174,11 @@ def adapt_lines(summary: dict, out: str) -> list:
                      f"teacher-anchor agreement {agree}, teacher entropy {last['entropy']:.3f} of log K{plot}")
     if summary.get("stopped_early"):
         lines.append(f"stopped early: {summary['stopped_early']}")
+    sel = summary.get("selection")
+    if sel:
+        lines.append(f"selection ({sel['rule']}, {len(sel['candidates'])} candidates, no labels): adapted/ holds "
+                     f"{sel['picked']}; verdict against the source model: {sel['verdict']} ({sel['reason']}); "
+                     f"{out}/selection.json")
     lines.append(f"summary: {out}/summary.json")
     return lines
 
@@ -199,6 +204,10 @@ def pipeline_lines(rep: dict, out: str) -> list:
     if files.get("adapted_checkpoint"):
         onnx = f", ONNX {files['onnx.adapted.fp32']}" if files.get("onnx.adapted.fp32") else ""
         lines.append(f"adapted model: checkpoint {files['adapted_checkpoint']}{onnx}")
+    sel = rep.get("selection")
+    if sel:
+        lines.append(f"label-free verdict against the source model: {sel['verdict']} (the adapted model is "
+                     f"{sel['picked']}, rule {sel['rule']}; {sel['reason']})")
     video = rep.get("video") or {}
     if video.get("output"):
         lines.append(f"video: {video['output']} ({video.get('frames')} frames, {video.get('fps', 0.0):.1f} "

@@ -388,6 +388,7 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
         "timings_s": {k: round(v.get("seconds", 0.0), 1) for k, v in d.items()},
         "files": files,
         "adapt_monitor": adapt_monitor(d.get("adapt", {}).get("summary", {})),
+        "selection": d.get("adapt", {}).get("summary", {}).get("selection"),
     }
 
 
@@ -440,6 +441,25 @@ def _monitor_lines(rep: dict) -> List[str]:
         lines.append(f"The run **stopped early**: {mon['stopped_early']}.")
     if mon.get("plot"):
         lines += ["", f"![adaptation monitor]({os.path.relpath(mon['plot'], rep['config']['out'])})"]
+    return lines
+
+
+#: validators shown in the report's candidates table (all are in selection.json)
+_SHOWN = ("entropy", "im", "snd", "mixval_inter", "agreement", "drift")
+
+
+def selection_lines(sel: dict | None) -> List[str]:
+    """Markdown lines for the label-free selection: the verdict, then a table of every candidate's validator values
+    (the pick in bold). Empty without a selection (``--select last``)."""
+    if not sel:
+        return []
+    lines = ["", f"Label-free selection (rule `{sel['rule']}`, {len(sel['candidates'])} candidates on "
+                 f"{sel['frames']} target frames, {sel['seconds']:.1f} s): the adapted model is **{sel['picked']}**. "
+                 f"Verdict against the source model: **{sel['verdict']}** ({sel['reason']}).", "",
+             "| candidate | " + " | ".join(_SHOWN) + " |", "|---|" + "---|" * len(_SHOWN)]
+    for name, v in sel["candidates"].items():
+        shown = f"**{name}**" if name == sel["picked"] else name
+        lines.append(f"| {shown} | " + " | ".join(f"{v.get(k, float('nan')):.3f}" for k in _SHOWN) + " |")
     return lines
 
 
@@ -496,6 +516,7 @@ def report_markdown(rep: dict) -> str:
         src = rep["files"].get("video_source")
         lines += ["", f"Video: {v['frames']} frames{f' of `{src}`' if src else ''}, {v['fps']:.1f} frames/s end to "
                   f"end ({v['codec']}), `{v['output']}`"]
+    lines += selection_lines(rep.get("selection"))
     lines += _monitor_lines(rep)
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), "", "Files:", ""]
     lines += [f"- {k}: `{v}`" for k, v in rep["files"].items() if v]
