@@ -63,7 +63,10 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
 
     Writes ``<out>/adapted`` (the adapted checkpoint), ``<out>/last`` (+ training state for ``--resume``),
     ``<out>/coverage.jsonl`` (per logged step: losses, pseudo-label coverage per class, the label-free monitor's
-    signals, :mod:`segadapt.adapt.monitor`), ``<out>/monitor.png``, ``<out>/debug/*.png``.
+    signals, :mod:`segadapt.adapt.monitor`), ``<out>/monitor.png``, ``<out>/debug/*.png``; with ``select`` auto
+    also ``<out>/saves/step_N`` and ``<out>/selection.json``, and ``adapted/`` holds the label-free pick
+    (:mod:`segadapt.adapt.select_adapted`); under torchrun rank 0 scores the candidates after the process group
+    ends.
 
     Raises:
         FileNotFoundError / ValueError: bad checkpoint, target or settings (one line naming the input).
@@ -76,10 +79,11 @@ def adapt(cfg: AdaptConfig, log: Callable[[str], None] = print) -> dict:
             return engine.finish_adabn_only() if distributed.is_main() else {"steps": 0}
         engine.setup_training()
         summary = engine.run()
-        if cfg.select == "auto" and distributed.is_main():
-            summary["selection"] = select_adapted(engine, engine.log)
-            write_json(engine.out / "summary.json", summary)
-        return summary
+        main = distributed.is_main()
+    if cfg.select == "auto" and main:  # after leaving the process group: rank 0 alone, no collective operation
+        summary["selection"] = select_adapted(engine, engine.log)
+        write_json(engine.out / "summary.json", summary)
+    return summary
 
 
 class Engine:

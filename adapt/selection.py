@@ -26,7 +26,7 @@ import numpy as np
 
 from segadapt.adapt.validators import HIGHER_IS_BETTER
 
-__all__ = ["Pick", "RULES", "Verdict", "last_save", "pick", "verdict"]
+__all__ = ["Pick", "RULES", "Verdict", "last_save", "pick", "signed_scores", "verdict"]
 
 _SCORED = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
 RULES: List[str] = (["last", "source", "reference", "mixval"] + [f"max:{v}" for v in _SCORED]
@@ -64,7 +64,7 @@ def last_save(cands: Dict[str, dict]) -> str:
     return saves[-1]
 
 
-def _signed(cands: Dict[str, dict], v: str) -> Dict[str, float]:
+def signed_scores(cands: Dict[str, dict], v: str) -> Dict[str, float]:
     """{name: value of ``v``, signed so that higher is better}, NaN values left out; ``v = "mixval"``: MixVal's rank
     sum divided by its maximum, 2 (N - 1), in [0, 1]."""
     if v == "mixval":
@@ -105,7 +105,7 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
     kind, _, v = rule.partition(":")
     if v not in (*HIGHER_IS_BETTER, "mixval") or kind not in ("max", "guard"):
         raise ValueError(f"unknown selection rule {rule!r} (one of: {', '.join(RULES)})")
-    s = _signed(cands, v)
+    s = signed_scores(cands, v)
     if kind == "max":
         return Pick(max(s, key=s.get), rule, v)
     last, ref = last_save(cands), _reference(cands)
@@ -121,7 +121,7 @@ def verdict(cands: Dict[str, dict], p: Pick, margin: float = 0.0, validator: str
     is above ``margin``, ``no better`` when the pick is the source model or its margin is below ``-margin``,
     ``uncertain`` in between."""
     v = validator or p.validator or "im"
-    s = _signed(cands, v)
+    s = signed_scores(cands, v)
     m = s.get(p.name, np.nan) - s.get("source", np.nan)
     if p.name == "source":
         return Verdict("no better", 0.0, "the source model scored best: adaptation is not expected to help here")

@@ -7,7 +7,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from segadapt.adapt.selection import RULES, pick, verdict
+from segadapt.adapt.selection import RULES, signed_scores, pick, verdict
 from segadapt.adapt.validators import HIGHER_IS_BETTER
 
 __all__ = ["analyse", "kendall", "print_analysis", "spearman"]
@@ -49,8 +49,9 @@ def _correlations(runs: List[dict]) -> Dict[str, Dict[str, float]]:
         c = r["candidates"]
         names = list(c)
         miou = [c[n]["miou"] for n in names]
-        for v, higher in HIGHER_IS_BETTER.items():
-            vals = [c[n].get(v, float("nan")) * (1 if higher else -1) for n in names]
+        for v in (*HIGHER_IS_BETTER, "mixval"):
+            signed = signed_scores(c, v)
+            vals = [signed.get(n, float("nan")) for n in names]
             if any(np.isnan(vals)):
                 continue
             d = out.setdefault(v, {"spearman": [], "kendall": []})

@@ -292,7 +292,7 @@ def test_adabn_alpha_blends_source_and_target_statistics():
 @pytest.fixture()
 def adapt_cfg(tiny_checkpoint, tiny, tmp_path):
     return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
-                       steps=3, batch_size=4, num_workers=0, debug_every=2, log_every=1, save_every=2,
+                       select="last", steps=3, batch_size=4, num_workers=0, debug_every=2, log_every=1, save_every=2,
                        rectifier=RectifierConfig(warmup_steps=1, inr=True))
 
 
@@ -376,7 +376,7 @@ def test_adapt_resume_and_depth_path(adapt_cfg, kitti, tmp_path):
     assert st["class_weights"]["freq"].shape == (11,) and abs(float(st["class_weights"]["freq"].sum()) - 1) < 1e-4
     # RGB-D auxiliary stream on real stereo
     cfg = AdaptConfig(checkpoint=adapt_cfg.checkpoint, target=str(kitti / "image_2"), out=str(tmp_path / "kd"),
-                      size=(96, 320), steps=2, batch_size=2, num_workers=0, debug_every=1,
+                      select="last", size=(96, 320), steps=2, batch_size=2, num_workers=0, debug_every=1,
                       depth=DepthConfig(provider="stereo", right_dir=str(kitti / "image_3")))
     s = adapt(cfg, log=lambda *_: None)
     assert "loss_cross_modal" in s["last_losses"] and "rgbd_stream" in s["methods"]

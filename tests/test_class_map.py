@@ -139,7 +139,7 @@ def test_keep_aspect_for_evaluate_and_adapt(tiny_checkpoint, shared_data, tmp_pa
     with pytest.raises(ValueError, match="exclude each other"):
         evaluate_checkpoint(tiny_checkpoint, split, size=(96, 320), keep_aspect=96, progress=False)
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(split), out=str(tmp_path / "ad"), keep_aspect=96,
-                      steps=2, batch_size=2, num_workers=0, debug_every=0, save_every=2,
+                      select="last", steps=2, batch_size=2, num_workers=0, debug_every=0, save_every=2,
                       rectifier=RectifierConfig(enabled=False))
     s = adapt(cfg, log=lambda *_: None)
     assert s["size"] == [96, 320]

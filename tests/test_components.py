@@ -299,6 +299,7 @@ def test_class_means():
 
 def _adapt_cfg(ckpt, tiny, out, steps, resume=False, **components):
     return AdaptConfig(checkpoint=str(ckpt), target=str(tiny / "target"), out=str(out), steps=steps, size=(48, 64),
+                       select="last",
                        batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1, resume=resume,
                        rectifier=RectifierConfig(enabled=False), **components)
 

@@ -50,7 +50,7 @@ class CountingDepth:
 
 def depth_cfg(ckpt, folder: Path, out: Path, **kw) -> AdaptConfig:
     base = dict(checkpoint=str(ckpt), target=str(folder / "images"), out=str(out), size=(64, 208), steps=5,
-                batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=5,
+                select="last", batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=5,
                 rectifier=RectifierConfig(enabled=False),
                 depth=DepthConfig(provider="files", directory=str(folder / "disp")))
     base.update(kw)

@@ -90,7 +90,7 @@ def test_stopping_rule_needs_patience_consecutive_violations():
 @pytest.fixture()
 def tiny_adapt(tiny_checkpoint, tiny, tmp_path):
     return AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
-                       steps=3, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=100,
+                       select="last", steps=3, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=100,
                        rectifier=RectifierConfig(warmup_steps=1))
 
 

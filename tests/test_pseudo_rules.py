@@ -43,7 +43,7 @@ def run(tiny_checkpoint, tiny, tmp_path):
     from segadapt.adapt.engine import Engine
 
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
-                      steps=1, batch_size=2, num_workers=0, adabn=False)
+                      select="last", steps=1, batch_size=2, num_workers=0, adabn=False)
     r = Engine(cfg, log=lambda *_: None)
     r.setup_training()
     return r

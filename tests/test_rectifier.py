@@ -184,6 +184,7 @@ def test_tiny_adaptation_with_view_consensus_target_and_low_level_features(tiny_
 
     rc = RectifierConfig(warmup_steps=1, features="stride8", view_consensus=True, anchor_consistency=False, inr=True)
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
+                      select="last",
                       steps=2, batch_size=2, num_workers=0, debug_every=0, log_every=1, save_every=2, rectifier=rc)
     s = adapt(cfg, log=lambda *_: None)
     assert s["steps"] == 2 and s["last_losses"]["loss_rectifier_bce"] > 0

@@ -244,7 +244,7 @@ def test_adapt_with_seco_writes_reuses_and_trains_on_the_labels(tiny_checkpoint,
     from segadapt.adapt.engine import adapt
 
     cfg = AdaptConfig(checkpoint=str(tiny_checkpoint), target=str(tiny / "target"), out=str(tmp_path / "ad"),
-                      steps=1, batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1,
+                      select="last", steps=1, batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1,
                       rectifier=RectifierConfig(enabled=False),
                       seco=SecoConfig(enabled=True, scc_iterations=5, scc_batch=8, scc_crop=(32, 64), merge="replace"))
     logs = []

@@ -22,7 +22,7 @@ IGNORE = 11
 
 def _cfg(ckpt, tiny, out, steps=2, **kw) -> AdaptConfig:
     return AdaptConfig(checkpoint=str(ckpt), target=str(tiny / "target"), out=str(out), steps=steps, size=(48, 64),
-                       batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1,
+                       select="last", batch_size=4, num_workers=0, debug_every=0, log_every=1, save_every=1,
                        rectifier=RectifierConfig(enabled=False), **kw)
 
 
