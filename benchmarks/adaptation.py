@@ -278,7 +278,8 @@ def main() -> int:
     t0 = time.time()
     base = dict(checkpoint=a.checkpoint, target=str(target), size=size, steps=a.steps, batch_size=a.batch_size,
                 lr=a.lr, teacher=TeacherConfig(alpha=a.teacher_alpha), num_workers=0, debug_every=0, log_every=10,
-                save_every=a.steps, grad_share_every=a.grad_share_every)
+                save_every=a.steps, grad_share_every=a.grad_share_every,
+                select="last")  # the method's last model; label-free selection: benchmarks/selection.py
     if not a.skip_baselines:
         res["rows"].update(baseline_rows(a, base, ds_eval, size, work))
     variants = row_variants(a)
