@@ -31,6 +31,7 @@ from segadapt.demo.adapt_job import (INSTALL_HINT, PRESETS, AdaptJob, Budget, Fo
                                      JobStatus, missing_adapt_modules, prepare_footage, read_selection)
 from segadapt.runtime.backends import BackendError
 from segadapt.runtime.hot_swap import file_sha256, keep_copy
+from segadapt.runtime.metadata import margin_text
 from segadapt.runtime.predictor import Predictor
 
 CUSTOM = "Custom"
@@ -95,10 +96,7 @@ def verdict_markdown(selection: dict) -> str:
     verdict = str(selection.get("verdict") or "")
     if not verdict:
         return ""
-    try:
-        margin = f" (validator margin {float(selection['margin']):+.3g})"
-    except (KeyError, TypeError, ValueError):
-        margin = ""
+    margin = margin_text(selection, "validator margin")
     reason = str(selection.get("reason") or "").strip()
     reason = f": {reason}" + ("" if reason.endswith((".", "!", "?")) else ".") if reason else "."
     picked = str(selection.get("picked") or "")

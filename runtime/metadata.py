@@ -158,16 +158,18 @@ def selection_record(selection) -> dict:
     return {k: selection[k] for k in SELECTION_KEYS if k in selection}
 
 
+def margin_text(selection: dict, label: str = "margin") -> str:
+    """`` (<label> +0.071)`` for a selection record's ``margin``; "" when it has none or it is not a number."""
+    try:
+        return f" ({label} {float(selection['margin']):+.3g})"
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def verdict_line(selection) -> str:
     """``adaptation verdict: <verdict> (margin <m>)`` for a selection record, "" when it has no verdict."""
     rec = selection_record(selection)
-    if not rec:
-        return ""
-    try:
-        margin = f" (margin {float(rec['margin']):+.3g})"
-    except (KeyError, TypeError, ValueError):
-        margin = ""
-    return f"adaptation verdict: {rec['verdict']}{margin}"
+    return f"adaptation verdict: {rec['verdict']}{margin_text(rec)}" if rec else ""
 
 
 def metadata_path(model_path: str | Path) -> Path:

@@ -445,7 +445,7 @@ def _monitor_lines(rep: dict) -> List[str]:
 
 
 #: validators shown in the report's candidates table (all are in selection.json)
-_SHOWN = ("entropy", "im", "snd", "mixval_inter", "agreement", "drift")
+_SHOWN = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
 
 
 def selection_lines(sel: dict | None) -> List[str]:
