@@ -51,6 +51,12 @@ def test_pipeline_end_to_end_and_resume(tiny_data, tmp_path, video_path):
     assert cv2.imread(rep["files"]["overlay_frame"]).shape == (540, 960, 3)
     md = (out / "report.md").read_text()
     assert "Adaptation gain" in md and "adapted.fp16" in md
+    # the label-free selection: its verdict and candidates table, the pick is what was evaluated and exported
+    sel = rep["selection"]
+    assert sel["verdict"] in ("better", "no better", "uncertain") and sel["picked"] in sel["candidates"]
+    assert f"the adapted model is **{sel['picked']}**" in md and "| source |" in md.replace("**", "")
+    assert json.loads(open(rep["files"]["onnx.adapted.fp32"][:-5] + ".json").read())["adaptation"]["picked"] == \
+        sel["picked"]
     # re-running skips every finished step
     logs.clear()
     run_pipeline(cfg, log=logs.append)
