@@ -97,8 +97,20 @@ class Engine:
         self.resume_dir = resume_from(self.out, cfg.resume, log)  # before any model loads: nothing to resume = error
         self.components = build_components(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.clear_stale_saves()
         self.setup_data()
         self.setup_student()
+
+    def clear_stale_saves(self) -> None:
+        """A fresh run (not resumed) in a folder that holds ``saves/`` of an earlier run removes them, so that only
+        this run's saves become selection candidates (its ``adapted/`` and ``last/`` are replaced anyway)."""
+        import shutil
+
+        saves = self.out / "saves"
+        if self.resume_dir is None and saves.is_dir() and distributed.is_main():
+            n = len(list(saves.glob("step_*")))
+            shutil.rmtree(saves)
+            self.log(f"{saves}: removed {n} saves of an earlier run in this folder (a fresh run replaces its models)")
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def setup_data(self) -> None:

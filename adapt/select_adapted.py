@@ -27,10 +27,14 @@ __all__ = ["BLENDS", "candidates", "select_adapted"]
 BLENDS = (0.5, 0.75, 1.0)
 
 
-def candidates(engine) -> List[Tuple[str, Callable]]:
-    """``[(name, build)]`` where ``build()`` returns the candidate model (eval mode, on the run's device)."""
-    cfg, dev, frames = engine.cfg, engine.device, engine.plain_frames(depth=False)
-    ref = engine.anchor if engine.anchor is not None else None
+def candidates(engine, frames) -> List[Tuple[str, Callable]]:
+    """``[(name, build)]`` where ``build()`` returns the candidate model (eval mode, on the run's device).
+
+    Args:
+        engine: the finished :class:`~segadapt.adapt.engine.Engine` (reads ``cfg``, ``device``, ``anchor``, ``out``).
+        frames: the target frames at the run's size without augmentation (for the AdaBN blends).
+    """
+    cfg, dev, ref = engine.cfg, engine.device, engine.anchor
     ref_name = f"adabn_{cfg.adabn_alpha:g}" if cfg.adabn else "source"
     out = [(ref_name, (lambda: ref) if ref is not None else
             (lambda: adabn_source_model(cfg.checkpoint, frames, dev, cfg.adabn_alpha, cfg.adabn_layers,
@@ -54,14 +58,16 @@ def select_adapted(engine, log: Callable[[str], None] = print) -> dict:
     Raises:
         ValueError: no saves in ``<out>/saves`` (the run saved nothing) or an unknown rule.
     """
+    import copy
     import time
 
     cfg, t0 = engine.cfg, time.time()
-    frames = validation_frames(engine.plain_frames(depth=False), cfg.selection.frames)
-    meta = engine.out_meta
+    plain = engine.plain_frames(depth=False)  # built once: for a video, each build is a pass over its index
+    frames = validation_frames(plain, cfg.selection.frames)
+    meta = copy.deepcopy(engine.out_meta)
     scores: Dict[str, dict] = {}
     reference, kept = None, {}
-    for name, build in candidates(engine):
+    for name, build in candidates(engine, plain):
         model = build()
         vals, pred = score_model(model, frames, meta.mean, meta.std, engine.device, reference, seed=cfg.seed)
         if reference is None:  # the first candidate is the reference itself
@@ -76,6 +82,7 @@ def select_adapted(engine, log: Callable[[str], None] = print) -> dict:
     model = kept.get(p.name)
     if model is None:
         model = load_segmenter(engine.out / "saves" / p.name, map_location=engine.device)[0]
+    meta.info["step"] = int(p.name[len("step_"):]) if p.name.startswith("step_") else 0  # the pick's own step
     meta.info["selection"] = {k: record[k] for k in ("rule", "picked", "verdict", "margin", "reason")}
     save_checkpoint(engine.out / "adapted", model, meta)
     write_json(Path(engine.out) / "selection.json", record)

@@ -8,7 +8,8 @@ validator margin. Candidates are given as ``{name: {validator: value, ...}}``; n
 
 Rules (``RULES``):
 
-- ``last``: the last save (what ``--select last`` keeps);
+- ``last``: the last save (what ``--select last`` keeps); ``source``: the source model; ``reference``: AdaBN at the
+  run's blend;
 - ``max:<validator>``: the candidate with the best value of one validator (direction from
   :data:`~segadapt.adapt.validators.HIGHER_IS_BETTER`);
 - ``mixval``: MixVal's rank combination (Hu et al., NeurIPS 2023): the sum of each candidate's ranks by
@@ -26,7 +27,7 @@ import numpy as np
 
 from segadapt.adapt.validators import HIGHER_IS_BETTER
 
-__all__ = ["Pick", "RULES", "Verdict", "last_save", "pick", "signed_scores", "verdict"]
+__all__ = ["Pick", "RULES", "Verdict", "average_ranks", "last_save", "pick", "signed_scores", "verdict"]
 
 _SCORED = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
 RULES: List[str] = (["last", "source", "reference", "mixval"] + [f"max:{v}" for v in _SCORED]
@@ -79,12 +80,24 @@ def _reference(cands: Dict[str, dict]) -> str:
     return next((n for n, c in cands.items() if c.get("agreement") == 1.0 and n != "source"), "source")
 
 
+def average_ranks(x) -> np.ndarray:
+    """Ranks 0..n-1 of ``x`` (ascending), tied values sharing their mean rank; NaN ranks lowest (tied)."""
+    x = np.nan_to_num(np.asarray(x, float), nan=-np.inf)
+    order = x.argsort(kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        same = x == v
+        r[same] = r[same].mean()
+    return r
+
+
 def _mixval_ranks(cands: Dict[str, dict]) -> Dict[str, float]:
+    """{name: rank by ICE_intra + rank by ICE_inter} (ties share their mean rank, NaN lowest)."""
     names = list(cands)
     total = np.zeros(len(names))
     for v in ("mixval_intra", "mixval_inter"):
-        vals = np.array([np.nan_to_num(cands[n].get(v, np.nan), nan=-1.0) for n in names])
-        total += vals.argsort(kind="stable").argsort(kind="stable")
+        total += average_ranks([cands[n].get(v, np.nan) for n in names])
     return dict(zip(names, total.tolist()))
 
 
@@ -100,8 +113,8 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
     if rule == "reference":
         return Pick(_reference(cands), rule)
     if rule == "mixval":
-        r = _mixval_ranks(cands)
-        return Pick(max(r, key=r.get), rule, "mixval")
+        r = _mixval_ranks(cands)  # a tie with the source model keeps the source model: no evidence for a change
+        return Pick(max(r, key=lambda n: (r[n], n == "source")), rule, "mixval")
     kind, _, v = rule.partition(":")
     if v not in (*HIGHER_IS_BETTER, "mixval") or kind not in ("max", "guard"):
         raise ValueError(f"unknown selection rule {rule!r} (one of: {', '.join(RULES)})")
@@ -117,9 +130,11 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
 
 def verdict(cands: Dict[str, dict], p: Pick, margin: float = 0.0, validator: str = "") -> Verdict:
     """Whether the pick is expected to be better than the source model, by ``validator`` (default: the rule's own;
-    ``im`` for rules without one): ``better`` when the pick is not the source model and its margin over the source
-    is above ``margin``, ``no better`` when the pick is the source model or its margin is below ``-margin``,
-    ``uncertain`` in between."""
+    ``im`` for rules without one). For ``mixval`` the margin moves in rank steps of 1 / (2 (N - 1)) for N
+    candidates (0.0625 for 9), so a ``margin`` below one step calls every pick other than the source model
+    better, and ``uncertain`` then needs a tie. ``better``: the pick is not the source model and its margin over
+    the source model is above ``margin``; ``no better``: the pick is the source model or its margin is below
+    ``-margin``; ``uncertain`` in between."""
     v = validator or p.validator or "im"
     s = signed_scores(cands, v)
     m = s.get(p.name, np.nan) - s.get("source", np.nan)

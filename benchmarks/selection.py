@@ -29,17 +29,17 @@ from pathlib import Path
 import torch
 
 from segadapt.adapt.adabn import adabn_source_model
-from segadapt.adapt.config import AdaptConfig, TeacherConfig, default_camvid_dir
+from segadapt.adapt.config import AdaptConfig, TeacherConfig
 from segadapt.adapt.data.datasets import LabeledImageFolder
 from segadapt.adapt.data.target import target_dataset
 from segadapt.adapt.data.transforms import Resize
 from segadapt.adapt.engine import adapt
 from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.models.checkpoint import load_segmenter
+from segadapt.adapt.select_adapted import BLENDS
 from segadapt.adapt.selection_scores import score_model, validation_frames
 from segadapt.runtime.files import write_json
 
-BLENDS = (0.5, 0.75, 1.0)
 
 
 def parse_domain(text: str) -> dict:
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher-alpha", type=float, default=0.99)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--uda", default="", help="also a UDA-mode run per seed with this labelled source split")
-    ap.add_argument("--frames", type=int, default=32, help="validation frames per domain")
+    ap.add_argument("--frames", type=int, default=16, help="validation frames per domain (the product's default)")
     ap.add_argument("--snd-seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default="runs/selection")
@@ -140,10 +140,7 @@ def main(argv=None) -> int:
     else:
         if not a.checkpoint or not a.domain:
             raise SystemExit("--checkpoint and at least one --domain are required (or --analyse FILES)")
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        doms = [parse_domain(d) for d in a.domain] or [
-            {"name": "dusk", "target": str(Path(default_camvid_dir()) / "target_adapt"), "size": (120, 160),
-             "keep_aspect": 0}]
+        doms = [parse_domain(d) for d in a.domain]
         runs = []
         for dom in doms:
             for seed in a.seeds:

@@ -7,26 +7,15 @@ from typing import Dict, List
 
 import numpy as np
 
-from segadapt.adapt.selection import RULES, signed_scores, pick, verdict
+from segadapt.adapt.selection import RULES, average_ranks, pick, signed_scores, verdict
 from segadapt.adapt.validators import HIGHER_IS_BETTER
 
 __all__ = ["analyse", "kendall", "print_analysis", "spearman"]
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties averaged."""
-    order = x.argsort(kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        same = x == v
-        r[same] = r[same].mean()
-    return r
-
-
 def spearman(x, y) -> float:
     """Spearman's rank correlation (NaN when either side is constant)."""
-    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    rx, ry = average_ranks(x), average_ranks(y)
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])

@@ -101,9 +101,9 @@ def verdict_markdown(selection: dict) -> str:
     reason = f": {reason}" + ("" if reason.endswith((".", "!", "?")) else ".") if reason else "."
     picked = str(selection.get("picked") or "")
     if verdict == "better":
-        return f"**Verdict: better than the reference model**{margin}{reason}" + (
+        return f"**Verdict: better than the model it started from**{margin}{reason}" + (
             f" The run picked `{picked}`." if picked else "")
-    head = "no better than the reference model" if verdict == "no better" else verdict
+    head = "no better than the model it started from" if verdict == "no better" else verdict
     what = ("the reference model's own weights (`source`)" if picked == "source" else f"`{picked}`" if picked
             else "a candidate")
     return (f"**Verdict: {head}**{margin}{reason} Adaptation is not expected to help on this footage; the run "

@@ -43,12 +43,23 @@ def test_adapted_holds_the_rules_pick_and_the_run_records_it(select_cfg, tiny_ch
     assert sel["frames"] == 6
     src = tiny_checkpoint if expect == "source" else out / "saves" / expect
     assert same(weights(out / "adapted"), weights(src))  # adapted/ holds exactly the pick
-    info = json.loads((out / "adapted" / "config.json").read_text())
-    recorded = json.dumps(info)
-    assert '"verdict"' in recorded and expect in recorded
+    info = json.loads((out / "adapted" / "config.json").read_text())["info"]
+    assert info["selection"]["picked"] == expect and info["selection"]["verdict"] == sel["verdict"]
+    assert info["step"] == (4 if expect == "step_000004" else 0)  # the pick's own step
     assert json.loads((out / "summary.json").read_text())["selection"]["verdict"] == sel["verdict"]
     if expect == "source":
         assert sel["verdict"] == "no better"
+
+
+def test_saves_of_an_earlier_run_in_the_folder_are_not_candidates(select_cfg):
+    from segadapt.adapt.engine import adapt
+
+    stale = Path(select_cfg.out) / "saves" / "step_000999"
+    stale.mkdir(parents=True)  # an earlier, longer run's save
+    select_cfg.selection.rule = "last"
+    s = adapt(select_cfg, log=lambda *_: None)
+    assert not stale.exists() and s["selection"]["picked"] == "step_000004"
+    assert "step_000999" not in s["selection"]["candidates"]
 
 
 def test_select_last_keeps_todays_behaviour(select_cfg):

@@ -109,3 +109,26 @@ def test_verdict_signs():
     assert v.verdict == "uncertain" and v.margin == pytest.approx(-0.01)
     assert verdict(c, pick(c, "last"), margin=0.005, validator="im").verdict == "no better"
     assert verdict(c, pick(c, "source")).verdict == "no better"
+
+
+def test_mixval_rule_sums_the_two_ranks_and_ties_share_them():
+    from segadapt.adapt.selection import average_ranks
+
+    c = {"source": {"mixval_intra": 0.90, "mixval_inter": 0.55},  # ranks (intra + inter): 0 + 2
+         "step_000010": {"mixval_intra": 0.95, "mixval_inter": 0.53},  # 2 + 1
+         "step_000020": {"mixval_intra": 0.93, "mixval_inter": 0.50}}  # 1 + 0
+    p = pick(c, "mixval")
+    assert p.name == "step_000010" and p.validator == "mixval"
+    v = verdict(c, p, margin=0.05)
+    assert v.verdict == "better" and v.margin == pytest.approx((3 - 2) / 4)  # rank sums / 2 (N - 1)
+    c["source"]["mixval_intra"] = 0.99  # the source model first on both: it is kept, no better
+    assert pick(c, "mixval").name == "source" and verdict(c, pick(c, "mixval")).verdict == "no better"
+    # ties share their mean rank, NaN ranks lowest: four identical candidates are not told apart
+    assert list(average_ranks([1.0, 1.0, float("nan"), 0.5])) == [2.5, 2.5, 0.0, 1.0]
+    same = {n: {"mixval_intra": 1.0, "mixval_inter": float("nan")} for n in ("step_000001", "source", "step_000002")}
+    assert pick(same, "mixval").name == "source" and verdict(same, pick(same, "mixval")).verdict == "no better"
+
+
+def test_confidence_rules_follow_their_direction():
+    c = {"source": {"entropy": 0.3}, "step_000001": {"entropy": 0.1}, "step_000002": {"entropy": 0.2}}
+    assert pick(c, "max:entropy").name == "step_000001"  # lower entropy is taken as better

@@ -138,10 +138,10 @@ def test_result_shows_the_verdict(tab_with_job):
     label = next(iter(tab.models))
     _summary(job, BETTER)
     text = tab.result(label, job)[0]
-    assert "**Verdict: better than the reference model** (validator margin +1.2): All validators prefer" in text
+    assert "**Verdict: better than the model it started from** (validator margin +1.2): All validators prefer" in text
     _summary(job, NO_BETTER)
     text = tab.result(label, job)[0]
-    assert "**Verdict: no better than the reference model** (validator margin -0.8)" in text
+    assert "**Verdict: no better than the model it started from** (validator margin -0.8)" in text
     assert "not expected to help" in text and "(`source`)" in text
     _summary(job, None)  # an older run, or --select last: nothing about a verdict
     assert "Verdict" not in tab.result(label, job)[0]
