@@ -1,6 +1,6 @@
 """Scoring one candidate model on a fixed sample of unlabelled target frames with every label-free validator.
 
-:func:`validation_frames` draws the sample once per run (seeded, at most ``max_frames``, evenly spread when there
+:func:`validation_frames` draws the sample once per run (at most ``max_frames``, evenly spread when there
 are more); :func:`score_model` runs a candidate over it twice (the frames, then MixVal's mixed frames) and returns
 each validator's value (:mod:`segadapt.adapt.validators`) and its class map, so that the reference model's map can
 serve the others' agreement and drift.
@@ -87,17 +87,24 @@ def score_model(model, frames: ValidationFrames, mean, std, device, reference: O
         model: the segmenter, in eval mode, on ``device``.
         frames: the sample (:func:`validation_frames`).
         mean, std: the model's normalisation (RGB in [0, 1] units).
+        device: where the model is (frames go there batch by batch; the results come back to the CPU).
         reference: (N, H, W) uint8 class map of the reference model (the AdaBN source model) for ``agreement`` and
             ``drift``; None leaves both out.
+        batch_size: frames per forward pass.
         snd_pixels: SND's pixel sample (the same pixels for every model with the same ``seed``).
 
     Returns:
         ({validator: value}, (N, H, W) uint8 class map of the model). Keys: ``entropy`` (of log K), ``im``, ``snd``,
         ``mixval_intra``, ``mixval_inter`` (accuracies in [0, 1]; NaN when no pixel is of that kind), and with a
         reference ``agreement`` and ``drift``; plus ``seconds``.
+
+    Raises:
+        ValueError: a ``reference`` whose shape is not (N, H, W).
     """
     t0 = time.time()
     n, (h, w) = len(frames.indices), frames.images.shape[-2:]
+    if reference is not None and tuple(reference.shape) != (n, h, w):
+        raise ValueError(f"reference class map has shape {tuple(reference.shape)}, expected {(n, h, w)}")
     valid = frames.valid
     pick = _snd_pick(valid, snd_pixels, seed)
     pred = torch.empty((n, h, w), dtype=torch.uint8)

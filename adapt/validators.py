@@ -12,7 +12,7 @@ direction ("higher is better" or "lower is better") is in its docstring, and :da
 - entropy: Morerio, Cavazza, Murino, "Minimal-Entropy Correlation Alignment for Unsupervised Deep Domain
   Adaptation", ICLR 2018: entropy of the target predictions as the validation criterion.
 - information maximisation (IM): the diversity-minus-uncertainty objective of Shi and Sha (ICML 2012) and SHOT
-  (Liang et al., ICML 2020), used as a validator by Musgrave et al., ECCV 2022.
+  (Liang et al., ICML 2020), compared with the other validators by Musgrave, Belongie and Lim (2022).
 - SND: Saito et al., "Tune it the Right Way: Unsupervised Validation of Domain Adaptation via Soft Neighborhood
   Density", ICCV 2021 (its segmentation experiments sample pixels).
 - MixVal: Hu et al., "Mixed Samples as Probes for Unsupervised Model Selection in Domain Adaptation", NeurIPS 2023
