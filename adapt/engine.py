@@ -51,7 +51,7 @@ from segadapt.adapt.pseudo_label import ClassFrequencyWeights, ThresholdTracker,
 from segadapt.adapt.teacher import EMATeacher
 from segadapt.adapt.training import distributed
 from segadapt.adapt.training.run_log import StepLogger, gradient_shares
-from segadapt.adapt.training.resume import resume_from
+from segadapt.adapt.training.resume import clear_stale_saves, resume_from
 from segadapt.adapt.training.run_state import STATE_FORMAT, restore_state, save_state
 from segadapt.adapt.training.train_utils import autocast, nan_check, pick_device, seed_everything, set_rng_state
 from segadapt.runtime.files import write_json
@@ -97,20 +97,10 @@ class Engine:
         self.resume_dir = resume_from(self.out, cfg.resume, log)  # before any model loads: nothing to resume = error
         self.components = build_components(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.clear_stale_saves()
+        if distributed.is_main():
+            clear_stale_saves(self.out, self.resume_dir is not None, log)
         self.setup_data()
         self.setup_student()
-
-    def clear_stale_saves(self) -> None:
-        """A fresh run (not resumed) in a folder that holds ``saves/`` of an earlier run removes them, so that only
-        this run's saves become selection candidates (its ``adapted/`` and ``last/`` are replaced anyway)."""
-        import shutil
-
-        saves = self.out / "saves"
-        if self.resume_dir is None and saves.is_dir() and distributed.is_main():
-            n = len(list(saves.glob("step_*")))
-            shutil.rmtree(saves)
-            self.log(f"{saves}: removed {n} saves of an earlier run in this folder (a fresh run replaces its models)")
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def setup_data(self) -> None:

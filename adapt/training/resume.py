@@ -56,3 +56,18 @@ def resume_from(out: Union[str, Path], mode: Union[bool, str], log: Callable[[st
 
 
 __all__ = ["ResumeMode", "resume_from"]
+
+
+def clear_stale_saves(out: str | Path, resumed: bool, log: Callable[[str], None]) -> int:
+    """A fresh run (not ``resumed``) in a folder that holds ``saves/`` of an earlier run removes them, so that only
+    this run's saves become label-free selection candidates (its ``adapted/`` and ``last/`` are replaced anyway).
+    Returns how many saves were removed."""
+    import shutil
+
+    saves = Path(out) / "saves"
+    if resumed or not saves.is_dir():
+        return 0
+    n = len(list(saves.glob("step_*")))
+    shutil.rmtree(saves)
+    log(f"{saves}: removed {n} saves of an earlier run in this folder (a fresh run replaces its models)")
+    return n
