@@ -261,14 +261,14 @@ class SelectionConfig:
     costs two forward passes per frame"""
     blends: bool = True
     """also score AdaBN at blends 0.5, 0.75 and 1 (each is one pass over the target frames)"""
-    rule: str = "mixval"
-    """how the pick is made: mixval (MixVal's rank sum), last, reference, max:<validator> or guard:<validator>
-    (validators: entropy, im, snd, mixval_intra, mixval_inter, agreement, drift); chosen by measurement, see
-    docs/results.md"""
-    margin: NonNegFloat = 0.05
-    """verdict: the pick is better than the source model when its margin on the rule's validator (mixval: rank
-    sum / 2 (N - 1), in [0, 1]) is above this, no better below minus this (or when the pick is the source
-    model), else uncertain"""
+    rule: str = "guard:mixval_intra"
+    """how the pick is made: guard:<validator> (the last save unless the validator scores it below the AdaBN
+    model it started from, then the best model that did not self-train), mixval (MixVal's rank sum), last,
+    reference or max:<validator> (validators: entropy, im, snd, mixval_intra, mixval_inter, agreement, drift);
+    chosen by measurement, see docs/results.md"""
+    confidence: Annotated[float, Bounds(0.5, 0.999)] = 0.9
+    """verdict: the pick is better than the source model when this interval (over resampled frames) of its MixVal
+    intra-class accuracy minus the source model's lies above 0, no better when below 0, else uncertain"""
 
     def check(self) -> None:
         from segadapt.adapt.selection import RULES

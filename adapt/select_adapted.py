@@ -75,9 +75,9 @@ def select_adapted(engine, log: Callable[[str], None] = print) -> dict:
         scores[name] = vals
         kept[name] = model if not name.startswith("step_") else None  # saves are read back from disk
     p = pick(scores, cfg.selection.rule)
-    v = verdict(scores, p, cfg.selection.margin)
+    v = verdict(scores, p, cfg.selection.confidence, seed=cfg.seed)
     record = {"rule": p.rule, "picked": p.name, "verdict": v.verdict, "margin": v.margin, "reason": v.reason,
-              "validator": p.validator, "frames": len(frames.indices), "seconds": time.time() - t0,
+              "interval": v.interval, "validator": p.validator, "frames": len(frames.indices), "seconds": time.time() - t0,
               "candidates": scores}
     model = kept.get(p.name)
     if model is None:

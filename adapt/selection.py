@@ -21,15 +21,18 @@ Rules (``RULES``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from segadapt.adapt.validators import HIGHER_IS_BETTER
 
-__all__ = ["Pick", "RULES", "Verdict", "average_ranks", "last_save", "pick", "signed_scores", "verdict"]
+__all__ = ["Pick", "RULES", "Verdict", "average_ranks", "intra_interval", "last_save", "pick", "signed_scores",
+           "verdict"]
 
 _SCORED = ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift")
+#: bootstrap resamples of the frames behind the verdict's interval
+RESAMPLES = 2000
 RULES: List[str] = (["last", "source", "reference", "mixval"] + [f"max:{v}" for v in _SCORED]
                     + [f"guard:{v}" for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "mixval")])
 
@@ -46,12 +49,14 @@ class Pick:
 
 @dataclass
 class Verdict:
-    """``verdict``: ``better``, ``no better`` or ``uncertain``; ``margin``: the validator's value of the pick minus
-    the source model's, signed so that + favours the pick; ``reason``: one sentence for the user."""
+    """``verdict``: ``better``, ``no better`` or ``uncertain``; ``margin``: MixVal's ICE_intra of the pick minus the
+    source model's (accuracy in [-1, 1]; + favours the pick); ``reason``: one sentence for the user; ``interval``:
+    the bootstrap interval of ``margin`` (None when not computed)."""
 
     verdict: str
     margin: float
     reason: str
+    interval: Optional[Tuple[float, float]] = None
 
 
 def last_save(cands: Dict[str, dict]) -> str:
@@ -128,23 +133,56 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
     return Pick(max(untrained, key=untrained.get), rule, v)
 
 
-def verdict(cands: Dict[str, dict], p: Pick, margin: float = 0.0, validator: str = "") -> Verdict:
-    """Whether the pick is expected to be better than the source model, by ``validator`` (default: the rule's own;
-    ``im`` for rules without one). For ``mixval`` the margin moves in rank steps of 1 / (2 (N - 1)) for N
-    candidates (0.0625 for 9), so a ``margin`` below one step calls every pick other than the source model
-    better, and ``uncertain`` then needs a tie. ``better``: the pick is not the source model and its margin over
-    the source model is above ``margin``; ``no better``: the pick is the source model or its margin is below
-    ``-margin``; ``uncertain`` in between."""
-    v = validator or p.validator or "im"
-    s = signed_scores(cands, v)
-    m = s.get(p.name, np.nan) - s.get("source", np.nan)
+def intra_interval(pick_counts, source_counts, confidence: float = 0.9, resamples: int = RESAMPLES,
+                   seed: int = 0) -> Tuple[float, float, float]:
+    """ICE_intra of the pick minus the source model's, and its two-sided ``confidence`` interval from a paired
+    bootstrap over the frames (Efron and Tibshirani, 1993, ch. 13: the same resampled frames for both models).
+
+    Args:
+        pick_counts, source_counts: per frame [correct, total] intra pixel counts, (N, 2) ints each (the
+            ``mixval_intra_counts`` of :func:`~segadapt.adapt.selection_scores.score_model`).
+        confidence: interval coverage in (0, 1).
+        resamples: bootstrap resamples; ``seed`` seeds them (the verdict is reproducible).
+
+    Returns:
+        (difference, low, high), in ICE_intra units (accuracy in [-1, 1]).
+
+    Raises:
+        ValueError: counts of different shapes, not (N, 2), or N = 0.
+    """
+    a, b = np.asarray(pick_counts, dtype=float), np.asarray(source_counts, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or not len(a):
+        raise ValueError(f"per-frame counts must both be (N, 2) with N >= 1, got {a.shape} and {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+
+    def ice(c, rows):
+        return c[rows, 0].sum(-1) / np.maximum(c[rows, 1].sum(-1), 1.0)
+
+    whole = np.arange(len(a))
+    d = ice(a, idx) - ice(b, idx)
+    q = (1.0 - confidence) / 2.0
+    return float(ice(a, whole) - ice(b, whole)), float(np.quantile(d, q)), float(np.quantile(d, 1.0 - q))
+
+
+def verdict(cands: Dict[str, dict], p: Pick, confidence: float = 0.9, seed: int = 0) -> Verdict:
+    """Whether the pick is expected to be better than the source model, whichever rule picked it: by MixVal's
+    ICE_intra (Hu et al., NeurIPS 2023, sec. 3) of the pick minus the source model's, with a paired bootstrap
+    interval over the scored frames (:func:`intra_interval`). ``better``: the interval lies above 0; ``no better``:
+    it lies below 0, or the pick is the source model; ``uncertain``: it contains 0, or the per-frame counts are
+    missing. A few frames, or a pick that differs little from the source model, give ``uncertain``: the frames
+    cannot tell the two apart."""
     if p.name == "source":
         return Verdict("no better", 0.0, "the source model scored best: adaptation is not expected to help here")
-    if np.isnan(m):
-        return Verdict("uncertain", float("nan"), f"{v} could not be computed for the pick or the source model")
-    if m > margin:
-        return Verdict("better", float(m), f"{p.name} scores above the source model by {m:.3f} ({v})")
-    if m < -margin:
-        return Verdict("no better", float(m), f"{p.name} scores below the source model by {-m:.3f} ({v})")
-    return Verdict("uncertain", float(m), f"{p.name} and the source model score within {margin:g} of each other "
-                                          f"({v})")
+    a = cands.get(p.name, {}).get("mixval_intra_counts")
+    b = cands.get("source", {}).get("mixval_intra_counts")
+    if a is None or b is None:
+        return Verdict("uncertain", float("nan"), "no per-frame MixVal counts to compare the pick with the source "
+                                                  "model")
+    d, lo, hi = intra_interval(a, b, confidence, seed=seed)
+    what = (f"{p.name}'s MixVal intra-class accuracy is {d:+.3f} against the source model's "
+            f"({confidence:.0%} interval over the frames {lo:+.3f} to {hi:+.3f})")
+    if lo > 0:
+        return Verdict("better", d, what, (lo, hi))
+    if hi < 0:
+        return Verdict("no better", d, what, (lo, hi))
+    return Verdict("uncertain", d, what + ": the frames cannot tell the two apart", (lo, hi))

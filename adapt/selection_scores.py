@@ -80,7 +80,7 @@ def _forward(model, images: torch.Tensor, mean, std, device, batch_size: int):
 
 
 def score_model(model, frames: ValidationFrames, mean, std, device, reference: Optional[torch.Tensor] = None,
-                batch_size: int = 8, snd_pixels: int = 4000, seed: int = 0) -> Tuple[Dict[str, float], torch.Tensor]:
+                batch_size: int = 8, snd_pixels: int = 4000, seed: int = 0) -> Tuple[Dict[str, object], torch.Tensor]:
     """Every validator of one model on ``frames`` (module docstring of :mod:`segadapt.adapt.validators`).
 
     Args:
@@ -95,7 +95,8 @@ def score_model(model, frames: ValidationFrames, mean, std, device, reference: O
 
     Returns:
         ({validator: value}, (N, H, W) uint8 class map of the model). Keys: ``entropy`` (of log K), ``im``, ``snd``,
-        ``mixval_intra``, ``mixval_inter`` (accuracies in [0, 1]; NaN when no pixel is of that kind), and with a
+        ``mixval_intra``, ``mixval_inter`` (accuracies in [0, 1]; NaN when no pixel is of that kind),
+        ``mixval_intra_counts`` (per frame [correct, total] pixel counts, a list of N pairs of ints), and with a
         reference ``agreement`` and ``drift``; plus ``seconds``.
 
     Raises:
@@ -136,16 +137,21 @@ def score_model(model, frames: ValidationFrames, mean, std, device, reference: O
 
 
 def _mixval(model, frames: ValidationFrames, pred: torch.Tensor, mean, std, device, batch_size: int
-            ) -> Dict[str, float]:
-    """MixVal's ICE_intra and ICE_inter over the mixed frames (frame i dominant, mixed with its partner)."""
+            ) -> Dict[str, object]:
+    """MixVal's ICE_intra and ICE_inter over the mixed frames (frame i dominant, mixed with its partner), and the
+    per-frame intra counts ``mixval_intra_counts``: [[correct, total], ...] (N rows of ints) for the verdict's
+    resampling over frames (:func:`segadapt.adapt.selection.verdict`)."""
     partner = frames.partner()
-    counts = np.zeros(4, dtype=np.int64)  # intra hit, intra total, inter hit, inter total
+    counts = np.zeros((len(partner), 4), dtype=np.int64)  # per frame: intra hit, intra total, inter hit, inter total
     mixed = mix_frames(frames.images, frames.images[partner]).round().to(torch.uint8)
     for s, probs in _forward(model, mixed, mean, std, device, batch_size):
-        b = probs.shape[0]
-        j = partner[s:s + b]
-        both = frames.valid[s:s + b] & frames.valid[j]
-        (ih, it), (oh, ot) = mixval_accuracy(probs.argmax(1), pred[s:s + b].long(), pred[j].long(), both)
-        counts += (ih, it, oh, ot)
-    return {"mixval_intra": counts[0] / counts[1] if counts[1] else float("nan"),
-            "mixval_inter": counts[2] / counts[3] if counts[3] else float("nan")}
+        hard = probs.argmax(1)
+        for k in range(probs.shape[0]):
+            i, j = s + k, partner[s + k]
+            both = (frames.valid[i] & frames.valid[j])[None]
+            (ih, it), (oh, ot) = mixval_accuracy(hard[k:k + 1], pred[i:i + 1].long(), pred[j:j + 1].long(), both)
+            counts[i] = (ih, it, oh, ot)
+    tot = counts.sum(0)
+    return {"mixval_intra": tot[0] / tot[1] if tot[1] else float("nan"),
+            "mixval_inter": tot[2] / tot[3] if tot[3] else float("nan"),
+            "mixval_intra_counts": counts[:, :2].tolist()}

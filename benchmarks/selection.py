@@ -81,21 +81,26 @@ def score_candidates(a, cfg: AdaptConfig, size, models: dict, ds_eval) -> dict:
             vals["agreement"], vals["drift"] = 1.0, 0.0
         m = evaluate(model, ds_eval, meta.mean, meta.std, size, a.device, batch_size=8)
         out[name] = {"miou": m["miou"], "iou": m["iou"], **vals}
-        print(f"  {name:14s} mIoU {m['miou']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items()),
-              flush=True)
+        print(f"  {name:14s} mIoU {m['miou']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items()
+                                                                if isinstance(v, float)), flush=True)
     return out
 
 
 def collect_run(a, dom: dict, seed: int, work: Path, uda: str = "") -> dict:
-    """Adapt (resumably), then score the source model, the AdaBN blends and every save."""
+    """Adapt (resumably; a finished run is not redone), then score the source model, the AdaBN blends and every
+    save. A run scored before the per-frame counts existed is scored again from its saves."""
     out = work / dom["name"] / (f"uda_seed{seed}" if uda else f"seed{seed}")
     done = out / "candidates.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    old = json.loads(done.read_text()) if done.is_file() else None
+    if old and all("mixval_intra_counts" in c for c in old["candidates"].values()):
+        return old
     cfg = run_config(a, dom, seed, out, uda)
     t0 = time.time()
-    summary = adapt(cfg, log=lambda m: print(m, flush=True))
-    adapt_s = time.time() - t0
+    if old and (out / "summary.json").is_file():
+        summary, adapt_s = json.loads((out / "summary.json").read_text()), old["adapt_seconds"]
+    else:
+        summary = adapt(cfg, log=lambda m: print(m, flush=True))
+        adapt_s = time.time() - t0
     size = tuple(summary["size"])
     ds_eval = LabeledImageFolder(dom["target"])
     plain = target_dataset(cfg, size, Resize(size))

@@ -79,52 +79,62 @@ def _verdict_ok(v: str, true_gain: float) -> bool:
 
 
 def _verdict_outcomes(runs: List[dict], rule: str) -> Dict[str, dict]:
-    """{"<validator>@<margin>": {right, wrong_better, verdicts}}: over the runs where the pick differs from the
-    source model by more than 1 mIoU, the share whose verdict has the true sign (``uncertain`` counts as not right);
-    ``wrong_better``: the share of all runs called ``better`` while the pick is below the source model."""
+    """{"confidence@<c>": {right, cases, wrong_better, verdicts}} for the verdict at each of ``CONFIDENCES``: over
+    the runs where the pick differs from the source model by more than 1 mIoU, the share whose verdict has the true
+    sign (``uncertain`` counts as not right); ``wrong_better``: the share of all runs called ``better`` while the
+    pick is below the source model."""
     out = {}
-    for v in ("entropy", "im", "snd", "mixval_intra", "mixval_inter", "agreement", "drift", "mixval"):
-        for m in MARGINS:
-            right, big, wrong, verdicts = 0, 0, 0, []
-            for r in runs:
-                c = r["candidates"]
-                p = pick(c, rule)
-                true = c[p.name]["miou"] - c["source"]["miou"]
-                vd = verdict(c, p, m, validator=v).verdict
-                verdicts.append(vd)
-                if abs(true) > 1.0:
-                    big += 1
-                    right += vd == ("better" if true > 0 else "no better")
-                wrong += vd == "better" and true < 0
-            out[f"{v}@{m:g}"] = {"right": right / big if big else float("nan"), "cases": big,
-                                 "wrong_better": wrong / len(runs), "verdicts": verdicts}
+    for conf in CONFIDENCES:
+        right, big, wrong, verdicts = 0, 0, 0, []
+        for r in runs:
+            c = r["candidates"]
+            p = pick(c, rule)
+            true = c[p.name]["miou"] - c["source"]["miou"]
+            vd = verdict(c, p, conf).verdict
+            verdicts.append(vd)
+            if abs(true) > 1.0:
+                big += 1
+                right += vd == ("better" if true > 0 else "no better")
+            wrong += vd == "better" and true < 0
+        out[f"confidence@{conf:g}"] = {"right": right / big if big else float("nan"), "cases": big,
+                                       "wrong_better": wrong / len(runs), "verdicts": verdicts}
     return out
 
 
-#: verdict margins tried (validator units; most validators live in [0, 1])
-MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+#: verdict interval coverages tried
+CONFIDENCES = (0.5, 0.8, 0.9, 0.95)
+#: a rule is admissible on a domain when, in every run, its pick is at most this many mIoU below the best candidate
+#: and below the source model (the tolerance the product is held to)
+TOLERANCE = 0.5
+
+
+def admissible(outcomes: Dict[str, dict]) -> List[str]:
+    """The rules whose worst regret and worst loss against the source model are both within ``TOLERANCE``."""
+    return [r for r, o in outcomes.items() if o["worst_regret"] >= -TOLERANCE and o["worst_vs_source"] >= -TOLERANCE]
 
 
 def analyse(runs: List[dict]) -> dict:
-    """Per domain: correlations and rule outcomes; then leave-one-domain-out: the rule with the least mean regret
-    (ties: the better worst case against the source) on one domain, reported on the other."""
+    """Per domain: correlations, rule outcomes and the admissible rules; then leave-one-domain-out: the rules
+    admissible on the other domain(s), each reported on this one (a choice on one domain cannot break a tie among
+    rules that pick the same models there, so every tied rule is reported)."""
     domains = sorted({r["domain"] for r in runs})
-    per = {d: {"correlations": _correlations([r for r in runs if r["domain"] == d]),
-               "rules": _rule_outcomes([r for r in runs if r["domain"] == d])} for d in domains}
+    per = {}
+    for d in domains:
+        mine = [r for r in runs if r["domain"] == d]
+        rules = _rule_outcomes(mine)
+        per[d] = {"correlations": _correlations(mine), "rules": rules, "admissible": admissible(rules)}
     lodo = {}
     for d in domains:
         others = [o for o in domains if o != d]
         if not others:
             continue
-        pooled = _rule_outcomes([r for r in runs if r["domain"] in others])
-        chosen = max(pooled, key=lambda k: (round(pooled[k]["regret"], 2), pooled[k]["worst_vs_source"]))
-        lodo[d] = {"chosen_on": others, "rule": chosen, "outcome": per[d]["rules"][chosen]}
-        vo = _verdict_outcomes([r for r in runs if r["domain"] in others], chosen)
-        key = max(vo, key=lambda k: (np.nan_to_num(vo[k]["right"], nan=1.0) - vo[k]["wrong_better"],
-                                     -float(k.split("@")[1])))
-        lodo[d]["verdict"] = {"by": key, "on_this_domain": _verdict_outcomes([r for r in runs if r["domain"] == d],
-                                                                             chosen)[key]}
-    return {"domains": per, "leave_one_domain_out": lodo}
+        chosen = admissible(_rule_outcomes([r for r in runs if r["domain"] in others]))
+        lodo[d] = {"chosen_on": others, "rules": chosen,
+                   "outcomes": {k: per[d]["rules"][k] for k in chosen},
+                   "admissible_here": [k for k in chosen if k in per[d]["admissible"]]}
+    both = [r for r in RULES if all(r in per[d]["admissible"] for d in domains)]
+    verdicts = {r: {d: _verdict_outcomes([x for x in runs if x["domain"] == d], r) for d in domains} for r in both}
+    return {"domains": per, "leave_one_domain_out": lodo, "admissible_everywhere": both, "verdicts": verdicts}
 
 
 def print_analysis(a: dict) -> None:
@@ -138,10 +148,14 @@ def print_analysis(a: dict) -> None:
                   f"{o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f})  verdict ok {o['verdict_ok']:.2f}  "
                   f"{' '.join(o['picks'])}")
     for d, lo in a["leave_one_domain_out"].items():
-        o = lo["outcome"]
-        vd = lo["verdict"]
-        print(f"LODO: chosen on {'+'.join(lo['chosen_on'])}: {lo['rule']} -> on {d}: regret {o['regret']:+.2f}, vs "
-              f"source {o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f}); verdict by {vd['by']}: "
-              f"right {vd['on_this_domain']['right']:.2f} of {vd['on_this_domain']['cases']} runs over 1 mIoU, "
-              f"'better' while worse {vd['on_this_domain']['wrong_better']:.2f}: "
-              f"{' '.join(vd['on_this_domain']['verdicts'])}")
+        print(f"LODO: admissible on {'+'.join(lo['chosen_on'])}: {len(lo['rules'])} rules; on {d} "
+              f"{len(lo['admissible_here'])} of them are admissible too: {' '.join(lo['admissible_here'])}")
+        for k, o in lo["outcomes"].items():
+            print(f"   {k:22s} on {d}: regret {o['regret']:+.2f} (worst {o['worst_regret']:+.2f}), vs source "
+                  f"{o['vs_source']:+.2f} (worst {o['worst_vs_source']:+.2f})")
+    print(f"admissible on every domain: {' '.join(a['admissible_everywhere']) or 'none'}")
+    for r, per in a["verdicts"].items():
+        for d, vo in per.items():
+            for k, o in vo.items():
+                print(f"  verdict of {r} on {d} at {k}: right {o['right']:.2f} of {o['cases']} runs over 1 mIoU, "
+                      f"'better' while worse {o['wrong_better']:.2f}: {' '.join(o['verdicts'])}")

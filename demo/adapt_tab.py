@@ -91,8 +91,8 @@ def status_markdown(st: JobStatus) -> str:
 
 def verdict_markdown(selection: dict) -> str:
     """Markdown for the adaptation's verdict (from :func:`~segadapt.demo.adapt_job.read_selection`): the verdict,
-    the validator margin and the reason; for ``no better`` / ``uncertain`` also that adaptation is not expected to
-    help and which candidate the run picked. "" when ``selection`` has no verdict."""
+    the validator margin and the reason; for ``no better`` also that adaptation is not expected to help, for
+    ``uncertain`` that the frames cannot tell; and which candidate the run picked. "" when ``selection`` has no verdict."""
     verdict = str(selection.get("verdict") or "")
     if not verdict:
         return ""
@@ -103,11 +103,13 @@ def verdict_markdown(selection: dict) -> str:
     if verdict == "better":
         return f"**Verdict: better than the model it started from**{margin}{reason}" + (
             f" The run picked `{picked}`." if picked else "")
-    head = "no better than the model it started from" if verdict == "no better" else verdict
     what = ("the reference model's own weights (`source`)" if picked == "source" else f"`{picked}`" if picked
             else "a candidate")
-    return (f"**Verdict: {head}**{margin}{reason} Adaptation is not expected to help on this footage; the run "
-            f"picked {what}.")
+    if verdict == "no better":
+        return (f"**Verdict: no better than the model it started from**{margin}{reason} Adaptation is not expected "
+                f"to help on this footage; the run picked {what}.")
+    return (f"**Verdict: {verdict}**{margin}{reason} The unlabelled frames cannot tell whether adaptation helped; "
+            f"score a few labelled frames before serving it. The run picked {what}.")
 
 
 def progress_html(st: JobStatus, top: int = 6) -> str:

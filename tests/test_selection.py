@@ -49,6 +49,21 @@ def test_adapted_holds_the_rules_pick_and_the_run_records_it(select_cfg, tiny_ch
     assert json.loads((out / "summary.json").read_text())["selection"]["verdict"] == sel["verdict"]
     if expect == "source":
         assert sel["verdict"] == "no better"
+    else:  # the verdict's interval over resampled frames brackets its margin
+        lo, hi = sel["interval"]
+        assert lo <= sel["margin"] <= hi and sel["verdict"] in ("better", "no better", "uncertain")
+
+
+def test_default_rule_keeps_the_last_save_unless_mixval_intra_finds_it_below_adabn(select_cfg):
+    from segadapt.adapt.engine import adapt
+    from segadapt.adapt.selection import last_save
+
+    assert SelectionConfig().rule == "guard:mixval_intra"
+    s = adapt(select_cfg, log=lambda *_: None)["selection"]
+    c = s["candidates"]
+    last_ok = c[last_save(c)]["mixval_intra"] >= c["adabn_0.75"]["mixval_intra"]
+    untrained = max((n for n in c if not n.startswith("step_")), key=lambda n: c[n]["mixval_intra"])
+    assert s["picked"] == (last_save(c) if last_ok else untrained)
 
 
 def test_saves_of_an_earlier_run_in_the_folder_are_not_candidates(select_cfg):
@@ -86,6 +101,9 @@ def test_scores_are_deterministic_and_padding_is_respected(tiny_checkpoint, tiny
     for k in ("entropy", "im", "snd", "mixval_intra", "mixval_inter"):
         assert a[k] == pytest.approx(b[k])
     assert b["agreement"] == 1.0 and b["drift"] == 0.0
+    counts = a["mixval_intra_counts"]  # per frame [correct, total]: they add up to ICE_intra, none above its total
+    assert len(counts) == 5 and all(0 <= h <= t for h, t in counts) and counts == b["mixval_intra_counts"]
+    assert sum(h for h, _ in counts) / sum(t for _, t in counts) == pytest.approx(a["mixval_intra"])
     # padding: a per-pixel model (1x1 convolution: no receptive field reaching into the padding) scores the same
     # whatever the padding holds once it is marked invalid, and differently when it is not marked
     torch.manual_seed(0)

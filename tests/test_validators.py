@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segadapt.adapt import validators as V
-from segadapt.adapt.selection import RULES, last_save, pick, verdict
+from segadapt.adapt.selection import RULES, last_save, pick, signed_scores, verdict
 
 
 def one_hot_probs(labels: torch.Tensor, k: int, sharp: float = 0.97) -> torch.Tensor:
@@ -102,13 +102,30 @@ def test_rules_pick_what_they_say():
     assert all(pick(c, r).name in c for r in RULES if not r.startswith("max:") or r[4:] in ("im", "agreement"))
 
 
-def test_verdict_signs():
-    c = cands(source=(0.30, 0.8), step_000010=(0.50, 0.9), step_000020=(0.29, 0.7))
-    assert verdict(c, pick(c, "max:im"), margin=0.05).verdict == "better"
-    v = verdict(c, pick(c, "last"), margin=0.05, validator="im")
-    assert v.verdict == "uncertain" and v.margin == pytest.approx(-0.01)
-    assert verdict(c, pick(c, "last"), margin=0.005, validator="im").verdict == "no better"
+def test_verdict_follows_the_bootstrap_interval_of_the_intra_accuracy():
+    from segadapt.adapt.selection import intra_interval
+
+    frames = 12
+    src = [[80, 100]] * frames  # the source model: ICE_intra 0.80 on every frame
+    up = [[90, 100]] * frames  # +0.10 on every frame: the interval is +0.10 .. +0.10
+    mixed = [[95, 100], [70, 100]] * (frames // 2)  # +0.15 / -0.10 alternating: the interval straddles 0
+    c = {"source": {"im": 0.3, "mixval_intra_counts": src}, "step_000010": {"im": 0.5, "mixval_intra_counts": up},
+         "step_000020": {"im": 0.4, "mixval_intra_counts": [[70, 100]] * frames}}
+    v = verdict(c, pick(c, "max:im"))
+    assert (v.verdict, v.margin, v.interval) == ("better", pytest.approx(0.10), (pytest.approx(0.10),) * 2)
+    assert verdict(c, pick(c, "last")).verdict == "no better"  # -0.10 on every frame
+    c["step_000020"]["mixval_intra_counts"] = mixed
+    v = verdict(c, pick(c, "last"))
+    assert v.verdict == "uncertain" and v.interval[0] < 0 < v.interval[1] and "cannot tell" in v.reason
     assert verdict(c, pick(c, "source")).verdict == "no better"
+    del c["source"]["mixval_intra_counts"]
+    assert verdict(c, pick(c, "max:im")).verdict == "uncertain"  # nothing to compare with
+    d, lo, hi = intra_interval(mixed, src, 0.9, seed=3)
+    assert d == pytest.approx(0.025) and lo < d < hi and (lo, hi) == intra_interval(mixed, src, 0.9, seed=3)[1:]
+    narrow = intra_interval(mixed, src, 0.5, seed=3)
+    assert lo < narrow[1] <= narrow[2] < hi  # a lower confidence gives a narrower interval
+    with pytest.raises(ValueError, match="per-frame counts"):
+        intra_interval(src, src[:3])
 
 
 def test_mixval_rule_sums_the_two_ranks_and_ties_share_them():
@@ -119,8 +136,7 @@ def test_mixval_rule_sums_the_two_ranks_and_ties_share_them():
          "step_000020": {"mixval_intra": 0.93, "mixval_inter": 0.50}}  # 1 + 0
     p = pick(c, "mixval")
     assert p.name == "step_000010" and p.validator == "mixval"
-    v = verdict(c, p, margin=0.05)
-    assert v.verdict == "better" and v.margin == pytest.approx((3 - 2) / 4)  # rank sums / 2 (N - 1)
+    assert signed_scores(c, "mixval")["step_000010"] == pytest.approx(3 / 4)  # rank sum / 2 (N - 1)
     c["source"]["mixval_intra"] = 0.99  # the source model first on both: it is kept, no better
     assert pick(c, "mixval").name == "source" and verdict(c, pick(c, "mixval")).verdict == "no better"
     # ties share their mean rank, NaN ranks lowest: four identical candidates are not told apart

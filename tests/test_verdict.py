@@ -203,4 +203,6 @@ def test_verdict_markdown_wording():
     assert verdict_markdown({}) == ""
     text = verdict_markdown({**NO_BETTER, "verdict": "uncertain", "picked": "step_000150", "margin": 0.05})
     assert text.startswith("**Verdict: uncertain** (validator margin +0.05): The validators disagree")
-    assert "not expected to help" in text and "`step_000150`" in text
+    assert "cannot tell whether adaptation helped" in text and "`step_000150`" in text
+    text = verdict_markdown({**NO_BETTER, "picked": "step_000150"})
+    assert text.startswith("**Verdict: no better than the model it started from**") and "not expected to help" in text
