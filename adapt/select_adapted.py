@@ -77,8 +77,8 @@ def select_adapted(engine, log: Callable[[str], None] = print) -> dict:
     p = pick(scores, cfg.selection.rule)
     v = verdict(scores, p, cfg.selection.confidence, seed=cfg.seed)
     record = {"rule": p.rule, "picked": p.name, "verdict": v.verdict, "margin": v.margin, "reason": v.reason,
-              "interval": v.interval, "validator": p.validator, "frames": len(frames.indices), "seconds": time.time() - t0,
-              "candidates": scores}
+              "interval": v.interval, "validator": p.validator, "frames": len(frames.indices),
+              "seconds": time.time() - t0, "candidates": scores}
     model = kept.get(p.name)
     if model is None:
         model = load_segmenter(engine.out / "saves" / p.name, map_location=engine.device)[0]

@@ -92,7 +92,8 @@ def status_markdown(st: JobStatus) -> str:
 def verdict_markdown(selection: dict) -> str:
     """Markdown for the adaptation's verdict (from :func:`~segadapt.demo.adapt_job.read_selection`): the verdict,
     the validator margin and the reason; for ``no better`` also that adaptation is not expected to help, for
-    ``uncertain`` that the frames cannot tell; and which candidate the run picked. "" when ``selection`` has no verdict."""
+    ``uncertain`` that the frames cannot tell; and which candidate the run picked. "" when ``selection`` has no
+    verdict."""
     verdict = str(selection.get("verdict") or "")
     if not verdict:
         return ""
