@@ -266,7 +266,7 @@ class SelectionConfig:
     model it started from, then the best model that did not self-train), mixval (MixVal's rank sum), last,
     reference or max:<validator> (validators: entropy, im, snd, mixval_intra, mixval_inter, agreement, drift);
     chosen by measurement, see docs/results.md"""
-    confidence: Annotated[float, Bounds(0.5, 0.999)] = 0.9
+    confidence: Annotated[float, Bounds(0.5, 0.999)] = 0.8
     """verdict: the pick is better than the source model when this interval (over resampled frames) of its MixVal
     intra-class accuracy minus the source model's lies above 0, no better when below 0, else uncertain"""
 

@@ -2,8 +2,8 @@
 
 After training, every candidate (the source model, AdaBN blends, the run's saves) has been scored by the validators
 (:mod:`segadapt.adapt.selection_scores`). A *rule* maps those scores to one candidate; the *verdict* says whether
-that candidate is expected to be better than the source model: ``better``, ``no better`` or ``uncertain``, with the
-validator margin. Candidates are given as ``{name: {validator: value, ...}}``; names are ``source``,
+that candidate is expected to be better than the source model: ``better``, ``no better`` or ``uncertain``, from a
+bootstrap interval over the frames of MixVal's ICE_intra difference (:func:`verdict`). Candidates are given as ``{name: {validator: value, ...}}``; names are ``source``,
 ``adabn_<blend>`` and ``step_<NNNNNN>`` (a save; the highest step is the run's last).
 
 Rules (``RULES``):
@@ -15,7 +15,8 @@ Rules (``RULES``):
 - ``mixval``: MixVal's rank combination (Hu et al., NeurIPS 2023): the sum of each candidate's ranks by
   ICE_intra and by ICE_inter, the highest sum wins;
 - ``guard:<validator>``: the last save unless the validator finds it worse than the reference (AdaBN at the run's
-  blend), then the best of the candidates that did not self-train (our design).
+  blend), then the best of the candidates that did not self-train (our design); ``guard:mixval_intra`` is the
+  product's default.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def pick(cands: Dict[str, dict], rule: str) -> Pick:
     return Pick(max(untrained, key=untrained.get), rule, v)
 
 
-def intra_interval(pick_counts, source_counts, confidence: float = 0.9, resamples: int = RESAMPLES,
+def intra_interval(pick_counts, source_counts, confidence: float = 0.8, resamples: int = RESAMPLES,
                    seed: int = 0) -> Tuple[float, float, float]:
     """ICE_intra of the pick minus the source model's, and its two-sided ``confidence`` interval from a paired
     bootstrap over the frames (Efron and Tibshirani, 1993, ch. 13: the same resampled frames for both models).
@@ -164,7 +165,7 @@ def intra_interval(pick_counts, source_counts, confidence: float = 0.9, resample
     return float(ice(a, whole) - ice(b, whole)), float(np.quantile(d, q)), float(np.quantile(d, 1.0 - q))
 
 
-def verdict(cands: Dict[str, dict], p: Pick, confidence: float = 0.9, seed: int = 0) -> Verdict:
+def verdict(cands: Dict[str, dict], p: Pick, confidence: float = 0.8, seed: int = 0) -> Verdict:
     """Whether the pick is expected to be better than the source model, whichever rule picked it: by MixVal's
     ICE_intra (Hu et al., NeurIPS 2023, sec. 3) of the pick minus the source model's, with a paired bootstrap
     interval over the scored frames (:func:`intra_interval`). ``better``: the interval lies above 0; ``no better``:

@@ -61,7 +61,7 @@ def _rule_outcomes(runs: List[dict]) -> Dict[str, dict]:
             regret.append(c[p.name]["miou"] - best)
             vs_src.append(c[p.name]["miou"] - c["source"]["miou"])
             picks.append(p.name)
-            v = verdict(c, p)
+            v = verdict(c, p, seed=r["seed"])
             true = c[p.name]["miou"] - c["source"]["miou"]
             signs.append(_verdict_ok(v.verdict, true))
         res[rule] = {"regret": float(np.mean(regret)), "worst_regret": float(np.min(regret)),
@@ -90,7 +90,7 @@ def _verdict_outcomes(runs: List[dict], rule: str) -> Dict[str, dict]:
             c = r["candidates"]
             p = pick(c, rule)
             true = c[p.name]["miou"] - c["source"]["miou"]
-            vd = verdict(c, p, conf).verdict
+            vd = verdict(c, p, conf, seed=r["seed"]).verdict
             verdicts.append(vd)
             if abs(true) > 1.0:
                 big += 1
