@@ -5,6 +5,11 @@ the crop, photometric augmentation on the image (a source model must not hinge o
 CUDA, periodic validation on the source validation split, ``best`` and ``last`` checkpoints, and ``--resume`` from
 ``last`` (weights, optimizer, schedule, RNG, elapsed time).
 
+Against rare classes, both off by default: ``--rare-class-sampling`` draws the frames by DAFormer's rare-class
+sampling (:mod:`segadapt.adapt.data.rare_class`), and ``--loss balanced`` / ``--loss ohem`` replace the plain
+cross-entropy (:mod:`segadapt.adapt.source_losses`); the sampling and the balanced loss write the class pixel
+counts to ``<out>/class_stats.json``, read back on ``--resume``.
+
 Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.training.distributed`): DDP (with SyncBatchNorm on
 GPUs), each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
 """
