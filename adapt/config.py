@@ -161,6 +161,24 @@ class SourceTrainConfig:
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
     augment: bool = True
     """random scale, crop, flip and photometric augmentation"""
+    rare_class_sampling: bool = False
+    """draw each training frame by rare-class sampling (DAFormer): a class c with probability softmax((1 - f_c) / T),
+    f_c its share of the labelled pixels, then a frame holding c, cropped to show c; false = uniform frames"""
+    rare_class_temperature: PositiveFloat = 0.01
+    """rare-class sampling: temperature T > 0; smaller favours rare classes more (DAFormer: 0.01)"""
+    rare_class_min_pixels: NonNegInt = 256
+    """rare-class sampling: a frame is drawn for class c only when its label file holds at least this many pixels
+    of c, at the file's resolution (256: a 0.0015 share of a 360x480 frame, as DAFormer's 3000 of 1914x1052)"""
+    rare_class_crop_tries: PositiveInt = 10
+    """rare-class sampling: random crops tried per frame; the first showing the drawn class is kept, else the
+    last (DAFormer: 10)"""
+    loss: Literal["ce", "balanced", "ohem"] = "ce"
+    """training loss: ce = cross-entropy; balanced = cross-entropy with median-frequency class weights (Eigen and
+    Fergus 2015); ohem = cross-entropy over the hard pixels only (online hard example mining, mmseg's form)"""
+    ohem_thresh: Fraction = 0.7
+    """ohem loss: a pixel is hard when the probability of its true class is below this, in [0, 1]"""
+    ohem_min_kept: NonNegInt = 4000
+    """ohem loss: pixels kept per frame at least (those of lowest true-class probability), at the crop size"""
     amp: bool = True
     """mixed precision on GPU (bf16/fp16 autocast); ignored on CPU"""
     device: Device = "auto"
@@ -301,6 +319,17 @@ class AdaptConfig:
     source_mix: bool = True
     """UDA mode: the strong view is DACS's source->target ClassMix (half the classes of a source frame pasted onto a
     target frame); false = target-to-target ClassMix, plus the source cross-entropy"""
+    rare_class_sampling: bool = False
+    """UDA mode: draw the source frames by rare-class sampling (DAFormer), as segadapt train-source does; false =
+    uniform source frames"""
+    rare_class_temperature: PositiveFloat = 0.01
+    """UDA mode, rare-class sampling: temperature T > 0; smaller favours rare classes more (DAFormer: 0.01)"""
+    rare_class_min_pixels: NonNegInt = 256
+    """UDA mode, rare-class sampling: a source frame is drawn for class c only when its label file holds at least
+    this many pixels of c, at the file's resolution"""
+    rare_class_crop_tries: PositiveInt = 10
+    """UDA mode, rare-class sampling: random crops tried per frame; the first showing the drawn class is kept, else
+    the last (DAFormer: 10)"""
     out: str = "runs/adapt"
     """run directory (adapted/, last/, logs, debug grids)"""
     size: Size = (0, 0)
@@ -404,6 +433,9 @@ class AdaptConfig:
             raise ValueError("--size and --keep-aspect exclude each other; give one")
         check_size(self.crop, "--crop", zero_means="--size")
         check_device(self.device)
+        if self.rare_class_sampling and not self.source_data:
+            raise ValueError("--rare-class-sampling samples the labelled source frames of the UDA mode; give "
+                             "--source-data too")
         if self.source_data and self.depth.provider != "none":
             raise ValueError("--source-data with --depth.provider: the UDA mode has no depth for source frames; "
                              "use one of them")

@@ -5,6 +5,11 @@ the crop, photometric augmentation on the image (a source model must not hinge o
 CUDA, periodic validation on the source validation split, ``best`` and ``last`` checkpoints, and ``--resume`` from
 ``last`` (weights, optimizer, schedule, RNG, elapsed time).
 
+Against rare classes, both off by default: ``--rare-class-sampling`` draws the frames by DAFormer's rare-class
+sampling (:mod:`segadapt.adapt.data.rare_class`), and ``--loss balanced`` / ``--loss ohem`` replace the plain
+cross-entropy (:mod:`segadapt.adapt.source_losses`); the sampling and the balanced loss write the class pixel
+counts to ``<out>/class_stats.json``, read back on ``--resume``.
+
 Under ``torchrun`` the loop is data-parallel (:mod:`segadapt.adapt.training.distributed`): DDP (with SyncBatchNorm on
 GPUs), each rank a share of every batch, rank 0 validates and writes; ``--resume`` needs the same number of processes.
 """
@@ -28,7 +33,9 @@ from segadapt.adapt.data.transforms import Resize, train_transform
 from segadapt.adapt.evaluate import evaluate
 from segadapt.adapt.models.checkpoint import CheckpointMeta, load_checkpoint, load_training_state, save_checkpoint
 from segadapt.adapt.models.segmenter import build_segmenter, upsample_logits
+from segadapt.adapt.data.rare_class import rare_class_loader, run_class_stats
 from segadapt.adapt.data.sampling import data_state, resumable_loader
+from segadapt.adapt.source_losses import balanced_ce, median_frequency_weights, ohem_ce
 from segadapt.adapt.training.resume import resume_from
 from segadapt.adapt.training.train_utils import (autocast, nan_check, pick_device, rng_state, seed_everything,
                                                  set_rng_state, warmup_poly)
@@ -36,10 +43,27 @@ from segadapt.runtime.classes import ClassInfo
 from segadapt.runtime.files import write_atomic
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Cross-entropy of (B, K, h, w) logits upsampled to the (B, H, W) int64 labels, ignoring ``ignore_index``."""
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, loss: str = "ce",
+                    class_weights: torch.Tensor | None = None, ohem_thresh: float = 0.7,
+                    ohem_min_kept: int = 4000) -> torch.Tensor:
+    """The training loss of (B, K, h, w) logits upsampled to the (B, H, W) int64 labels, ignoring ``ignore_index``.
+
+    Args:
+        loss: ``ce`` (cross-entropy), ``balanced`` (class-weighted with ``class_weights`` (K,), from
+            :func:`~segadapt.adapt.source_losses.median_frequency_weights`) or ``ohem``
+            (:func:`~segadapt.adapt.source_losses.ohem_ce` with ``ohem_thresh``, ``ohem_min_kept``).
+
+    Raises:
+        ValueError: another ``loss``, or ``balanced`` without ``class_weights``.
+    """
     logits = upsample_logits(logits.float(), tuple(labels.shape[-2:]))
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    if loss == "balanced" and class_weights is not None:
+        return balanced_ce(logits, labels, class_weights, ignore_index)
+    if loss == "ohem":
+        return ohem_ce(logits, labels, ignore_index, ohem_thresh, ohem_min_kept)
+    raise ValueError(f"loss {loss!r}: expected ce, balanced (with class weights) or ohem")
 
 
 def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -81,10 +105,31 @@ class _SourceRun:
         distributed.rank_rng(cfg.seed, state, set_rng_state)  # data-parallel: a random stream per rank
         # batch k of the run depends only on (seed, k): a resumed run continues the data order exactly
         consumed = int(state.get("data", {}).get("consumed", self.start_step)) if state is not None else 0
-        self.loader = resumable_loader(self.train_ds, cfg.batch_size, cfg.seed, start=consumed,
-                                       num_workers=cfg.num_workers, collate_fn=collate, rank=distributed.rank(),
-                                       world_size=distributed.world_size())
+        self.loader = self.make_loader(consumed, resumed=state is not None)
         self.model = distributed.wrap(self.model, self.device, sync_batchnorm=True)  # no-op without torchrun
+
+    def make_loader(self, consumed: int, resumed: bool):
+        """The training stream at batch ``consumed``: uniform frames, or rare-class sampling; with rare-class
+        sampling or the balanced loss, the class pixel counts (``<out>/class_stats.json``, reused on resume) and
+        the loss's class weights."""
+        cfg = self.cfg
+        self.class_weights = None
+        stats = None
+        if cfg.rare_class_sampling or cfg.loss == "balanced":
+            # data-parallel: rank 0 counts and writes, every rank samples with its counts
+            stats = distributed.broadcast_object(run_class_stats(self.out, self.train_ds, resumed, self.log)
+                                                 if distributed.is_main() else None)
+        if cfg.loss == "balanced":
+            self.class_weights = torch.from_numpy(median_frequency_weights(stats.counts)).to(self.device)
+            self.log("balanced loss, median-frequency class weights: " + ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(self.classes.names, self.class_weights.tolist())))
+        kw = dict(num_workers=cfg.num_workers, collate_fn=collate, rank=distributed.rank(),
+                  world_size=distributed.world_size())
+        if cfg.rare_class_sampling:
+            return rare_class_loader(self.train_ds, stats, cfg.batch_size, cfg.seed, consumed,
+                                     cfg.rare_class_temperature, cfg.rare_class_min_pixels, cfg.rare_class_crop_tries,
+                                     **kw)
+        return resumable_loader(self.train_ds, cfg.batch_size, cfg.seed, start=consumed, **kw)
 
     def setup_data(self) -> None:
         """Classes, the training set (with the geometric augmentation), the validation set, output metadata."""
@@ -179,7 +224,8 @@ class _SourceRun:
         x = normalize_float(x, self.meta.mean, self.meta.std)
         with autocast(self.device, self.cfg.amp):
             logits = self.model(x)
-        loss = supervised_loss(logits, labels, self.classes.ignore_index)
+        loss = supervised_loss(logits, labels, self.classes.ignore_index, self.cfg.loss, self.class_weights,
+                               self.cfg.ohem_thresh, self.cfg.ohem_min_kept)
         nan_check(loss, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

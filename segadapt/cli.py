@@ -305,10 +305,16 @@ SECTION_TEXT = {
     "INT8": "INT8 quantisation and its calibration",
     "graph": "graph input, output and conversion",
     "checks": "parity check against PyTorch",
+    "rare classes": "rare-class sampling (DAFormer) and the class-balanced losses (off by default)",
 }
 #: top-level fields listed under a group of their own instead of the command's general group
 FIELD_GROUPS = {
-    "adapt": {**{f: "UDA mode" for f in ("source_data", "source_weight", "source_batch_size", "source_mix")},
+    "train-source": {f: "rare classes" for f in ("rare_class_sampling", "rare_class_temperature",
+                                                 "rare_class_min_pixels", "rare_class_crop_tries", "loss",
+                                                 "ohem_thresh", "ohem_min_kept")},
+    "adapt": {**{f: "UDA mode" for f in ("source_data", "source_weight", "source_batch_size", "source_mix",
+                                         "rare_class_sampling", "rare_class_temperature", "rare_class_min_pixels",
+                                         "rare_class_crop_tries")},
               **{f: "target footage" for f in ("video_stride", "video_max_frames", "video_skip_duplicates",
                                                  "video_cache")}},
     "export": {**{f: "shapes" for f in ("batch", "dynamic", "min_size", "max_size", "max_batch")},

@@ -93,6 +93,8 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS = {
+    # A preset may also hold "source_train": {SourceTrainConfig field: value} (e.g. rare_class_sampling, loss) and
+    # "uda": {AdaptConfig field: value} applied in the UDA mode only (e.g. rare_class_sampling); none does yet.
     # quick: 800 source steps is about 7 min at 120x160, batch 8, on the project's 2-core CPU (793 steps fit a 7-minute
     # cap); the steps, not the minutes, are the preset, so that a rerun gives the same model.
     # adapt_teacher_alpha: 0.99 measured at 150 steps, 0.999 at 1000 (TeacherConfig; docs/changelog.md, 2026-12-02)
@@ -263,7 +265,8 @@ class _PipelineRun:
         scfg = SourceTrainConfig(data=str(self.data), out=str(self.out / "source"), size=p["size"], steps=steps,
                                  max_minutes=p["source_minutes"], batch_size=p["batch_size"], device=cfg.device,
                                  seed=cfg.seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),
-                                 resume="auto", warmup_steps=min(200, steps // 10), model=ModelConfig(arch=cfg.arch))
+                                 resume="auto", warmup_steps=min(200, steps // 10), model=ModelConfig(arch=cfg.arch),
+                                 **p.get("source_train", {}))
         s = train_source(scfg, log=self.log)
         return {"checkpoint": str(self.out / "source" / "best"), "summary": s}
 
@@ -278,7 +281,8 @@ class _PipelineRun:
                            teacher=TeacherConfig(alpha=p["adapt_teacher_alpha"]),
                            resume="auto", debug_every=50, save_every=max(25, p["adapt_steps"] // 4),
                            rccr=self.cfg.rccr, bida=self.cfg.bida, seco=self.cfg.seco, monitor=self.cfg.monitor,
-                           source_data=str(self.data / "source_train") if self.cfg.uda else "")
+                           source_data=str(self.data / "source_train") if self.cfg.uda else "",
+                           **(p.get("uda", {}) if self.cfg.uda else {}))
         s = adapt(acfg, log=self.log)
         return {"checkpoint": str(self.out / "adapt" / "adapted"), "summary": s}
 
@@ -300,7 +304,7 @@ class _PipelineRun:
                 res[f"{model}/{split}"] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "iou": m["iou"],
                                            "classes": m["classes"]}
                 self.log(f"{model} on {split}: mIoU {m['miou']:.2f}")
-        return {"metrics": res}
+        return {"metrics": res, "rare_classes": source_rare_classes(self.data / "source_train", self.log)}
 
     def step_export(self) -> dict:
         from segadapt.export.config import ExportConfig
@@ -389,7 +393,44 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
         "files": files,
         "adapt_monitor": adapt_monitor(d.get("adapt", {}).get("summary", {})),
         "selection": d.get("adapt", {}).get("summary", {}).get("selection"),
+        "rare_classes": d.get("evaluate", {}).get("rare_classes"),
     }
+
+
+def source_rare_classes(split: Path, log: Callable[[str], None] = print, n: int = 4) -> List[dict]:
+    """The ``n`` classes with the smallest pixel share in the labels of a source split (``<split>/labels``,
+    ``classes.json`` in it or its parents), rarest first: ``[{"name", "share" (in [0, 1])}]``; empty (and a log
+    line) when the split has no labels or a label file cannot be read."""
+    from segadapt.adapt.data.datasets import find_classes_json
+    from segadapt.adapt.data.rare_class import compute_class_stats, rarest_classes
+    from segadapt.runtime.classes import ClassInfo
+
+    try:
+        classes = ClassInfo.load(find_classes_json(split))
+        stats = compute_class_stats(sorted((split / "labels").glob("*.png")), classes.names, classes.ignore_index)
+        return [{"name": name, "share": share} for name, share in rarest_classes(stats.frequencies(), classes.names, n)]
+    except (OSError, ValueError) as e:
+        log(f"no rare-class table: {e}")
+        return []
+
+
+def rare_class_lines(rep: dict) -> List[str]:
+    """Markdown lines for the rare classes (:func:`source_rare_classes`): their source pixel share and their IoU
+    for every model and split evaluated. Empty without them."""
+    rare, metrics = rep.get("rare_classes"), rep.get("metrics") or {}
+    if not rare or not metrics:
+        return []
+    keys = list(metrics)
+    lines = ["", f"Rare classes (the {len(rare)} smallest pixel shares of the source labels): IoU", "",
+             "| class | source pixels | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rare:
+        vals = []
+        for k in keys:
+            names = metrics[k]["classes"]
+            v = metrics[k]["iou"][names.index(r["name"])] if r["name"] in names else None
+            vals.append("n/a" if v is None else f"{v:.1f}")
+        lines.append(f"| {r['name']} | {r['share'] * 100:.2f} % | " + " | ".join(vals) + " |")
+    return lines
 
 
 def steps_done(preset: dict, done: dict) -> Dict[str, dict]:
@@ -516,6 +557,7 @@ def report_markdown(rep: dict) -> str:
         src = rep["files"].get("video_source")
         lines += ["", f"Video: {v['frames']} frames{f' of `{src}`' if src else ''}, {v['fps']:.1f} frames/s end to "
                   f"end ({v['codec']}), `{v['output']}`"]
+    lines += rare_class_lines(rep)
     lines += selection_lines(rep.get("selection"))
     lines += _monitor_lines(rep)
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), "", "Files:", ""]

@@ -216,3 +216,49 @@ def test_pipeline_teacher_momentum_follows_the_preset_length(tmp_path, monkeypat
     run.step_adapt()
     assert seen["cfg"].teacher.alpha == expected
     assert AdaptConfig().teacher.alpha == 0.999 and AdaptConfig().steps == 1000
+
+
+def test_rare_class_table_lists_the_rarest_source_classes(tiny_data):
+    """The report's rare-class table: the 4 smallest pixel shares of the source labels (on CamVid's tiny split
+    Pedestrian, Bicyclist, Pole and Fence), with their IoU for every model and split evaluated."""
+    from segadapt.pipeline import rare_class_lines, report_markdown, source_rare_classes
+
+    rare = source_rare_classes(tiny_data / "source_train")
+    assert [r["name"] for r in rare] == ["Pedestrian", "Bicyclist", "Pole", "Fence"]
+    assert all(0 < a["share"] <= b["share"] < 0.02 for a, b in zip(rare, rare[1:]))
+    names = json.loads((tiny_data / "classes.json").read_text())["classes"]
+    iou = [float(i) for i in range(len(names))]
+    rep = {"rare_classes": rare, "metrics": {
+        "source_only/target_adapt": {"classes": names, "iou": iou, "miou": 1.0, "pixel_acc": 1.0},
+        "adapted/target_adapt": {"classes": names, "iou": [None] * len(names), "miou": 1.0, "pixel_acc": 1.0}}}
+    lines = rare_class_lines(rep)
+    assert "| source_only/target_adapt | adapted/target_adapt |" in lines[3]
+    assert lines[5].startswith("| Pedestrian | 0.") and lines[5].endswith(f"| {names.index('Pedestrian')}.0 | n/a |")
+    assert len(lines) == 5 + 4 and rare_class_lines({**rep, "rare_classes": []}) == []
+    md = report_markdown({**rep, "config": {"preset": "quick", "data": "d", "target_split": "target_adapt",
+                                            "out": "o"}, "timings_s": {}, "files": {}})
+    assert "Rare classes" in md
+    assert source_rare_classes(tiny_data / "missing", log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize("uda", [False, True])
+def test_a_preset_can_turn_on_rare_class_sampling(tmp_path, monkeypatch, uda):
+    """A preset's "source_train" entries reach the source training config and its "uda" entries the adaptation
+    config in the UDA mode only; the shipped presets hold neither (defaults unchanged)."""
+    import segadapt.adapt.engine as eng
+    import segadapt.adapt.train_source as ts
+    from segadapt.pipeline import PIPELINE_PRESETS, _PipelineRun
+
+    assert all("source_train" not in p and "uda" not in p for p in PIPELINE_PRESETS.values())
+    seen = {}
+    monkeypatch.setattr(ts, "train_source", lambda cfg, log=None: seen.setdefault("src", cfg) and {"steps": 0})
+    monkeypatch.setattr(eng, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
+    run = _PipelineRun(PipelineConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), uda=uda,
+                                      device="cpu"), log=lambda *_: None)
+    run.p = {**run.p, "source_train": {"rare_class_sampling": True, "loss": "ohem"},
+             "uda": {"rare_class_sampling": True}}
+    run.step_train_source()
+    run.state["done"]["train_source"] = {"checkpoint": str(tmp_path / "ck")}
+    run.step_adapt()
+    assert seen["src"].rare_class_sampling and seen["src"].loss == "ohem"
+    assert seen["cfg"].rare_class_sampling == uda

@@ -214,7 +214,11 @@ def test_a_corrupt_manifest_is_named(runs, capsys):
     assert str(out / "adapted" / "manifest.json") in err and "corrupt" in err, err
 
 
-def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"rare_class_sampling": True, "rare_class_min_pixels": 16, "loss": "balanced"}],
+                         ids=["default", "rare_class_sampling+balanced"])
+def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp_path, monkeypatch, extra):
+    """Also with rare-class sampling and the balanced loss: the sampler's draws continue at the step done, with
+    the class statistics stored in the run folder."""
     import segadapt.adapt.train_source as ts
     from segadapt.adapt.config import ModelConfig, PhotometricConfig, SourceTrainConfig
 
@@ -223,7 +227,8 @@ def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp
                                  size=(48, 64), crop=(32, 48), scale=(0.75, 1.25), batch_size=4, steps=5, lr=1e-3,
                                  warmup_steps=2, val_every=4, save_every=2, num_workers=0, seed=5, resume=resume,
                                  device="cpu", photometric=PhotometricConfig(),
-                                 model=ModelConfig(arch="deeplabv3-mobilenetv2", variant="0.35", output_stride=16))
+                                 model=ModelConfig(arch="deeplabv3-mobilenetv2", variant="0.35", output_stride=16),
+                                 **extra)
 
     ts.train_source(cfg(tmp_path / "ref"), log=lambda *_: None)
 
@@ -246,6 +251,10 @@ def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp
     s = ts.train_source(cfg(tmp_path / "run", resume=True), log=msgs.append)
     assert any("at step 2" in m for m in msgs) and s["steps"] == 5
     assert_same_checkpoints(tmp_path / "ref", tmp_path / "run", folders=("last", "best"))
+    state = torch.load(tmp_path / "run" / "last" / "training_state.pt", weights_only=True)
+    assert (state["data"].get("sampler") == "rare_class") == bool(extra)
+    assert (tmp_path / "run" / "class_stats.json").is_file() == bool(extra)
+    assert not any("class pixel frequencies" in m for m in msgs)  # the resumed run read the stored statistics
 
 
 # ---- writers that lose nothing ------------------------------------------------------------------------------------

@@ -216,3 +216,53 @@ def test_a_bad_source_folder_is_one_line_naming_it(case, tiny_checkpoint, tiny, 
     with pytest.raises((FileNotFoundError, ValueError)) as e:
         source_dataset(root, ClassInfo.load(tiny.parent / "classes.json"), (48, 64), (48, 64), (1.0, 1.0))
     assert str(root) in str(e.value) and "\n" not in str(e.value)
+
+
+
+def test_uda_source_stream_with_rare_class_sampling_resumes_exactly(tiny, tmp_path, tiny_classes, monkeypatch):
+    """--rare-class-sampling in the UDA mode: the source frames are drawn by rare-class sampling (at T = 0.01 a rare
+    class, and the crop shows it; the class statistics in the run folder, read back on resume), and a resumed stream
+    reads the uninterrupted one's batches; off, uniform frames and no statistics file."""
+    from types import SimpleNamespace
+
+    import segadapt.adapt.data.rare_class as rc
+    from segadapt.adapt.methods.uda import UDAMode
+
+    drawn = []
+    real = rc.ClassCrops.__getitem__
+
+    def spy(self, item):
+        out = real(self, item)
+        drawn.append((item[1], bool((out["label"] == item[1]).any())))
+        return out
+
+    monkeypatch.setattr(rc.ClassCrops, "__getitem__", spy)
+
+    def mode(rcs, out, consumed=None):
+        cfg = AdaptConfig(checkpoint="c", target="t", source_data=str(tiny / "source"), batch_size=2, num_workers=0,
+                          rare_class_sampling=rcs, rare_class_min_pixels=16, device="cpu")
+        run = SimpleNamespace(size=(48, 64), classes=tiny_classes, ignore_index=IGNORE, mean=(0.5,) * 3,
+                              std=(0.25,) * 3, device=torch.device("cpu"), out=out, fresh=consumed is None,
+                              log=lambda *_: None, student=None, teacher=None)
+        m = UDAMode(cfg)
+        m.setup(run)
+        if consumed is not None:
+            m.load_state_dict({"consumed": consumed})
+        return m
+
+    def labels(m, n):
+        out = []
+        for _ in range(n):
+            s = SimpleNamespace(image=torch.zeros(2, 3, 48, 64, dtype=torch.uint8))
+            m.start_step(s)
+            out.append(s.source.labels)
+        return out
+
+    for rcs in (False, True):
+        out = tmp_path / str(rcs)
+        drawn.clear()
+        full = labels(mode(rcs, out), 4)
+        assert (out / "class_stats.json").is_file() == rcs
+        assert torch.equal(labels(mode(rcs, out, consumed=3), 1)[0], full[3])
+        # Pole, SignSymbol, Fence, Pedestrian, Bicyclist (ids 2, 6, 7, 9, 10): the rare classes of the tiny split
+        assert len(drawn) == (10 if rcs else 0) and all(c in (2, 6, 7, 9, 10) and shown for c, shown in drawn)

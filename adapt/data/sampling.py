@@ -92,6 +92,7 @@ class SeededSamples(Dataset):
     """Wrap a map-style dataset so that item ``(epoch, index)`` is loaded with Python's ``random``, NumPy's and
     torch's CPU generators seeded from ``(seed, epoch, index)``; the generators' previous states are restored
     afterwards (with ``num_workers=0`` the loading runs in the main process, whose RNG stream must not move).
+    A longer key of ints ``(draw, index, *extra)`` loads ``dataset[(index, *extra)]`` seeded from the whole key.
 
     Args:
         dataset: items ``dataset[index]`` (random transforms may use any of the three generators).
@@ -104,16 +105,18 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Key):
-        epoch, index = key
-        s = _mix(self.seed, epoch, index)
+    def __getitem__(self, key: Tuple[int, ...]):
+        # (epoch, index) loads dataset[index]; a longer key (draw, index, extra...) loads dataset[(index, extra...)]
+        # (e.g. the drawn class of rare-class sampling, :mod:`segadapt.adapt.data.rare_class`)
+        item = key[1] if len(key) == 2 else tuple(key[1:])
+        s = _mix(self.seed, *key)
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(s)
             np.random.seed(s % 2 ** 32)
             torch.default_generator.manual_seed(s)  # CPU only: the CUDA generators of the main process stay
             try:
-                return self.dataset[index]
+                return self.dataset[item]
             finally:
                 random.setstate(py)
                 np.random.set_state(npy)
@@ -121,7 +124,7 @@ class SeededSamples(Dataset):
 
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, num_workers: int = 0,
                      collate_fn: Callable | None = None, pin_memory: bool = False, rank: int = 0,
-                     world_size: int = 1) -> DataLoader:
+                     world_size: int = 1, batch_sampler: Sampler | None = None) -> DataLoader:
     """An endless DataLoader whose batch ``k`` depends only on ``(seed, k)`` (see the module docstring).
 
     Args:
@@ -133,13 +136,18 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 
         num_workers: DataLoader worker processes (the batches do not depend on it).
         collate_fn: batch collation.
         rank, world_size: this process's share of a data-parallel run (module docstring); 0, 1 = all.
+        batch_sampler: another endless stream of key batches whose batch ``k`` depends only on ``(seed, k)``, with
+            :class:`SeededBatchSampler`'s ``position``, ``seed``, ``batch_size`` and ``n`` (e.g.
+            :class:`~segadapt.adapt.data.rare_class.RareClassBatchSampler`, already at ``start``); None = the
+            uniform :class:`SeededBatchSampler` (``batch_size``, ``start``, ``rank`` and ``world_size`` apply).
 
     Returns:
         a DataLoader to iterate once (``iter(loader)``); ``loader.batch_sampler`` is the
-        :class:`SeededBatchSampler`.
+        :class:`SeededBatchSampler` (or ``batch_sampler``).
     """
-    sampler = SeededBatchSampler(len(dataset), batch_size, seed, start,
-                                 drop_last=len(dataset) >= batch_size * world_size, rank=rank, world_size=world_size)
+    sampler = batch_sampler if batch_sampler is not None else SeededBatchSampler(
+        len(dataset), batch_size, seed, start, drop_last=len(dataset) >= batch_size * world_size, rank=rank,
+        world_size=world_size)
     # a private generator: the loader's base seed must not be drawn from (and move) the main process's torch RNG
     gen = torch.Generator().manual_seed(_mix(seed, 0xB5E))
     return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, num_workers=num_workers,
@@ -148,10 +156,13 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 
 
 def data_state(loader: DataLoader, consumed: int) -> dict:
     """What the checkpoint records of the data order after ``consumed`` batches: ``{"consumed", "epoch", "batch",
-    "seed", "batch_size", "n"}`` (ints)."""
+    "seed", "batch_size", "n"}`` (ints), plus what a sampler other than :class:`SeededBatchSampler` adds through
+    its ``describe()`` (e.g. ``"sampler": "rare_class"``)."""
     s: SeededBatchSampler = loader.batch_sampler
     epoch, b = s.position(consumed)
-    return {"consumed": consumed, "epoch": epoch, "batch": b, "seed": s.seed, "batch_size": s.batch_size, "n": s.n}
+    extra = s.describe() if hasattr(s, "describe") else {}
+    return {"consumed": consumed, "epoch": epoch, "batch": b, "seed": s.seed, "batch_size": s.batch_size, "n": s.n,
+            **extra}
 
 
 __all__ = ["SeededBatchSampler", "SeededSamples", "resumable_loader", "data_state"]

@@ -7,6 +7,8 @@ DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling
 * a batch of source frames with the target's geometric augmentation (resize to the run's size, random scale and
   crop, flip), from an endless seeded stream whose batch k depends only on (seed, k)
   (:mod:`segadapt.adapt.data.sampling`): a resumed run reads exactly the source batches the uninterrupted run read;
+  with ``rare_class_sampling`` the frames are drawn by DAFormer's rare-class sampling
+  (:mod:`segadapt.adapt.data.rare_class`; the class pixel counts in ``<out>/class_stats.json``);
 * ``source_weight * CE(student(x_s), y_s)`` (:func:`source_ce`), logged as ``loss_src``;
 * the student's strong view is DACS's source->target ClassMix (:func:`dacs_mix`): half of the classes present in
   each source label (ceil(n/2), at random) pasted onto a target frame; the mixed label is the source label on pasted
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 
 from segadapt.adapt.augment import class_mix_masks, normalize_float, photometric
 from segadapt.adapt.data.datasets import LabeledImageFolder, collate, find_classes_json
+from segadapt.adapt.data.rare_class import rare_class_loader, run_class_stats
 from segadapt.adapt.data.sampling import resumable_loader
 from segadapt.adapt.data.transforms import train_transform
 from segadapt.adapt.methods.base import Component, RunContext, SourceContext, Step, StrongView
@@ -92,9 +95,15 @@ def source_dataset(path: str | Path, classes, size: Tuple[int, int], crop: Tuple
 
 
 def source_loader(ds: LabeledImageFolder, batch_size: int, seed: int, start: int, num_workers: int = 0,
-                  rank: int = 0, world_size: int = 1):
+                  rank: int = 0, world_size: int = 1, rare_classes: Optional[dict] = None):
     """The endless source stream (:func:`~segadapt.adapt.data.sampling.resumable_loader` with the seed
-    ``seed + SOURCE_SEED_OFFSET``): one batch per step, so ``start`` = the steps already done resumes it exactly."""
+    ``seed + SOURCE_SEED_OFFSET``): one batch per step, so ``start`` = the steps already done resumes it exactly.
+    ``rare_classes``: the keyword arguments ``stats``, ``temperature``, ``min_pixels``, ``crop_tries`` of
+    :func:`~segadapt.adapt.data.rare_class.rare_class_loader` (rare-class sampling); None = uniform frames."""
+    if rare_classes is not None:
+        return rare_class_loader(ds, batch_size=batch_size, seed=seed + SOURCE_SEED_OFFSET, start=start,
+                                 num_workers=num_workers, collate_fn=collate, rank=rank, world_size=world_size,
+                                 **rare_classes)
     return resumable_loader(ds, batch_size, seed + SOURCE_SEED_OFFSET, start=start, num_workers=num_workers,
                             collate_fn=collate, rank=rank, world_size=world_size)
 
@@ -180,13 +189,19 @@ class UDAMode(Component):
         self.run, self.ignore, self.mean, self.std, self.device = run, run.ignore_index, run.mean, run.std, run.device
         self.ds = source_dataset(cfg.source_data, run.classes, tuple(run.size), crop, tuple(cfg.scale))
         run.log(f"UDA mode: {len(self.ds)} labelled source frames from {cfg.source_data}")
+        self.rare = None
+        if cfg.rare_class_sampling:  # data-parallel: rank 0 counts and writes, every rank samples with its counts
+            stats = distributed.broadcast_object(run_class_stats(run.out, self.ds, not run.fresh, run.log)
+                                                 if distributed.is_main() else None)
+            self.rare = dict(stats=stats, temperature=cfg.rare_class_temperature,
+                             min_pixels=cfg.rare_class_min_pixels, crop_tries=cfg.rare_class_crop_tries)
 
     def start_step(self, s: Step) -> None:
         """Draw the step's source batch and DACS masks; ``s.source`` for the other components."""
         if self.batches is None:  # at the steps done: exact resume
             bs = self.cfg.source_batch_size or self.cfg.batch_size
             self.batches = iter(source_loader(self.ds, bs, self.cfg.seed, self.consumed, self.cfg.num_workers,
-                                              distributed.rank(), distributed.world_size()))
+                                              distributed.rank(), distributed.world_size(), self.rare))
         b = next(self.batches)
         self.consumed += 1
         dev, amp, student, teacher = self.device, self.cfg.amp, self.run.student, self.run.teacher
