@@ -1,0 +1,120 @@
+"""Source-model recipes for the thin and rare classes: the main job's source training (``segadapt pipeline --preset
+quick``: 800 steps at 120x160, batch 8) with rare-class sampling and the source loss switched, each source model
+scored per class on the source validation split and on both target domains (labels read only to score).
+
+A variant is ``NAME`` or ``NAME:field=value,field=value`` over :class:`~segadapt.adapt.config.SourceTrainConfig`
+(``baseline`` alone = the main job's recipe), e.g.::
+
+    python benchmarks/rare_classes.py --data $DATA --seeds 0 1 2 --work runs/rare --json runs/rare/rare.json \\
+        --variant baseline --variant rcs:rare_class_sampling=true \\
+        --variant rcs_balanced:rare_class_sampling=true,loss=balanced --variant ohem:loss=ohem
+
+$DATA is the data root (holding camvid-day2dusk/ and kitti-semantics/). Runs resume: a finished source model is
+scored again, not retrained. Output: per variant and seed the mIoU and per-class IoU on ``source_val``, dusk and
+KITTI ``target_adapt``, the training seconds, and per variant the mean and the spread over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segadapt.adapt.config import ModelConfig, SourceTrainConfig
+from segadapt.adapt.evaluate import evaluate_checkpoint
+from segadapt.adapt.train_source import train_source
+from segadapt.runtime.files import write_json
+
+#: the four classes at 0 IoU for the main job's source model (CamVid's 11-class set)
+RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
+
+
+def parse_variant(text: str) -> tuple:
+    """``NAME[:field=value,...]`` -> (name, {field: value}); values are JSON when they parse, else strings."""
+    name, _, rest = text.partition(":")
+    fields = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        try:
+            fields[k] = json.loads(v)
+        except json.JSONDecodeError:
+            fields[k] = v
+    return name, fields
+
+
+def source_config(data: Path, out: Path, seed: int, fields: dict, steps: int) -> SourceTrainConfig:
+    """The pipeline's quick-preset source training (segadapt/pipeline.py) with ``fields`` on top."""
+    return SourceTrainConfig(data=str(data / "camvid-day2dusk"), out=str(out), size=(120, 160), steps=steps,
+                             batch_size=8, device="cpu", seed=seed, val_every=max(50, steps // 4),
+                             save_every=max(50, steps // 10), resume="auto", warmup_steps=min(200, steps // 10),
+                             model=ModelConfig(), **fields)
+
+
+def score(ckpt: Path, data: Path) -> dict:
+    """{split: {miou, iou: {class: IoU}}} of one checkpoint on the three scored splits."""
+    splits = {"source_val": (data / "camvid-day2dusk" / "source_val", (120, 160), 0),
+              "dusk": (data / "camvid-day2dusk" / "target_adapt", (120, 160), 0),
+              "kitti": (data / "kitti-semantics" / "target_adapt", None, 120)}
+    out = {}
+    for name, (split, size, keep) in splits.items():
+        m = evaluate_checkpoint(ckpt, split, size=size, keep_aspect=keep, batch_size=8, progress=False)
+        out[name] = {"miou": m["miou"], "iou": dict(zip(m["classes"], m["iou"]))}
+    return out
+
+
+def run_one(a, name: str, fields: dict, seed: int) -> dict:
+    """Train (or reuse) one source model and score it."""
+    out = Path(a.work) / name / f"seed{seed}"
+    t0 = time.time()
+    if not (out / "best").is_dir() or not (out / "history.json").is_file():
+        train_source(source_config(Path(a.data), out, seed, fields, a.steps), log=lambda m: print(m, flush=True))
+    seconds = time.time() - t0
+    res = {"variant": name, "fields": fields, "seed": seed, "train_seconds": seconds,
+           "scores": score(out / "best", Path(a.data))}
+    print(f"== {name} seed {seed}: " + "  ".join(
+        f"{s} {v['miou']:.2f} [" + " ".join(f"{c} {v['iou'].get(c, float('nan')):.1f}" for c in RARE) + "]"
+        for s, v in res["scores"].items()), flush=True)
+    return res
+
+
+def summarise(runs: list) -> dict:
+    """{variant: {split: {miou: [mean, std], rare: {class: [mean, std]}, rare_above_zero: n of seeds}}}."""
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        out[name] = {}
+        for split in mine[0]["scores"]:
+            miou = [r["scores"][split]["miou"] for r in mine]
+            rare = {c: [r["scores"][split]["iou"].get(c, float("nan")) for r in mine] for c in RARE}
+            out[name][split] = {"miou": [float(np.mean(miou)), float(np.std(miou))],
+                                "rare": {c: [float(np.mean(v)), float(np.std(v))] for c, v in rare.items()},
+                                "rare_classes_above_zero_in_every_seed": sum(min(v) > 0 for v in rare.values())}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--work", default="runs/rare")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    runs = [run_one(a, *parse_variant(v), seed) for v in (a.variant or ["baseline"]) for seed in a.seeds]
+    res = {"runs": runs, "summary": summarise(runs), "machine": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(res["summary"], indent=1))
+    if a.json:
+        write_json(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
