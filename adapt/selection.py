@@ -3,8 +3,9 @@
 After training, every candidate (the source model, AdaBN blends, the run's saves) has been scored by the validators
 (:mod:`segadapt.adapt.selection_scores`). A *rule* maps those scores to one candidate; the *verdict* says whether
 that candidate is expected to be better than the source model: ``better``, ``no better`` or ``uncertain``, from a
-bootstrap interval over the frames of MixVal's ICE_intra difference (:func:`verdict`). Candidates are given as ``{name: {validator: value, ...}}``; names are ``source``,
-``adabn_<blend>`` and ``step_<NNNNNN>`` (a save; the highest step is the run's last).
+bootstrap interval over the frames of MixVal's ICE_intra difference (:func:`verdict`). Candidates are given as
+``{name: {validator: value, ...}}``; names are ``source``, ``adabn_<blend>`` and ``step_<NNNNNN>`` (a save; the
+highest step is the run's last).
 
 Rules (``RULES``):
 
