@@ -7,7 +7,8 @@ A variant is ``NAME`` or ``NAME:field=value,field=value`` over :class:`~segadapt
 
     python benchmarks/rare_classes.py --data $DATA --seeds 0 1 2 --work runs/rare --json runs/rare/rare.json \\
         --variant baseline --variant rcs:rare_class_sampling=true \\
-        --variant rcs_balanced:rare_class_sampling=true,loss=balanced --variant ohem:loss=ohem
+        --variant rcs_balanced:rare_class_sampling=true,loss=balanced --variant ohem:loss=ohem \\
+        --variant rcs_144:rare_class_sampling=true,size=[144,192]
 
 $DATA is the data root (holding camvid-day2dusk/ and kitti-semantics/). Runs resume: a finished source model is
 scored again, not retrained. Output: per variant and seed the mIoU and per-class IoU on ``source_val``, dusk and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,10 +38,11 @@ RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 
 
 def parse_variant(text: str) -> tuple:
-    """``NAME[:field=value,...]`` -> (name, {field: value}); values are JSON when they parse, else strings."""
+    """``NAME[:field=value,...]`` -> (name, {field: value}); values are JSON when they parse (``size=[144,192]``),
+    else strings."""
     name, _, rest = text.partition(":")
     fields = {}
-    for kv in filter(None, rest.split(",")):
+    for kv in filter(None, re.split(r",(?=\w+=)", rest)):
         k, _, v = kv.partition("=")
         try:
             fields[k] = json.loads(v)
