@@ -53,10 +53,11 @@ def parse_variant(text: str) -> tuple:
 
 def source_config(data: Path, out: Path, seed: int, fields: dict, steps: int) -> SourceTrainConfig:
     """The pipeline's quick-preset source training (segadapt/pipeline.py) with ``fields`` on top."""
-    return SourceTrainConfig(data=str(data / "camvid-day2dusk"), out=str(out), size=(120, 160), steps=steps,
-                             batch_size=8, device="cpu", seed=seed, val_every=max(50, steps // 4),
-                             save_every=max(50, steps // 10), resume="auto", warmup_steps=min(200, steps // 10),
-                             model=ModelConfig(), **fields)
+    base = dict(data=str(data / "camvid-day2dusk"), out=str(out), size=(120, 160), steps=steps, batch_size=8,
+                device="cpu", seed=seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),
+                resume="auto", warmup_steps=min(200, steps // 10), model=ModelConfig())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return SourceTrainConfig(**{**base, **fields})
 
 
 def score(ckpt: Path, data: Path) -> dict:
