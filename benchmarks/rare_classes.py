@@ -60,11 +60,13 @@ def source_config(data: Path, out: Path, seed: int, fields: dict, steps: int) ->
     return SourceTrainConfig(**{**base, **fields})
 
 
-def score(ckpt: Path, data: Path) -> dict:
-    """{split: {miou, iou: {class: IoU}}} of one checkpoint on the three scored splits."""
-    splits = {"source_val": (data / "camvid-day2dusk" / "source_val", (120, 160), 0),
-              "dusk": (data / "camvid-day2dusk" / "target_adapt", (120, 160), 0),
-              "kitti": (data / "kitti-semantics" / "target_adapt", None, 120)}
+def score(ckpt: Path, data: Path, size=(120, 160)) -> dict:
+    """{split: {miou, iou: {class: IoU}}} of one checkpoint on the three scored splits, at the training ``size``
+    (KITTI: its short side, at the frames' own aspect)."""
+    size = tuple(size)
+    splits = {"source_val": (data / "camvid-day2dusk" / "source_val", size, 0),
+              "dusk": (data / "camvid-day2dusk" / "target_adapt", size, 0),
+              "kitti": (data / "kitti-semantics" / "target_adapt", None, size[0])}
     out = {}
     for name, (split, size, keep) in splits.items():
         m = evaluate_checkpoint(ckpt, split, size=size, keep_aspect=keep, batch_size=8, progress=False)
@@ -76,11 +78,12 @@ def run_one(a, name: str, fields: dict, seed: int) -> dict:
     """Train (or reuse) one source model and score it."""
     out = Path(a.work) / name / f"seed{seed}"
     t0 = time.time()
+    cfg = source_config(Path(a.data), out, seed, fields, a.steps)
     if not (out / "best").is_dir() or not (out / "history.json").is_file():
-        train_source(source_config(Path(a.data), out, seed, fields, a.steps), log=lambda m: print(m, flush=True))
+        train_source(cfg, log=lambda m: print(m, flush=True))
     seconds = time.time() - t0
     res = {"variant": name, "fields": fields, "seed": seed, "train_seconds": seconds,
-           "scores": score(out / "best", Path(a.data))}
+           "scores": score(out / "best", Path(a.data), cfg.size)}
     print(f"== {name} seed {seed}: " + "  ".join(
         f"{s} {v['miou']:.2f} [" + " ".join(f"{c} {v['iou'].get(c, float('nan')):.1f}" for c in RARE) + "]"
         for s, v in res["scores"].items()), flush=True)
