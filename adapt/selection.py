@@ -172,7 +172,17 @@ def verdict(cands: Dict[str, dict], p: Pick, confidence: float = 0.8, seed: int 
     interval over the scored frames (:func:`intra_interval`). ``better``: the interval lies above 0; ``no better``:
     it lies below 0, or the pick is the source model; ``uncertain``: it contains 0, or the per-frame counts are
     missing. A few frames, or a pick that differs little from the source model, give ``uncertain``: the frames
-    cannot tell the two apart."""
+    cannot tell the two apart.
+
+    Args:
+        cands: {name: scores}; the pick's and ``source``'s scores need ``mixval_intra_counts`` ((N, 2) ints).
+        p: the rule's pick; ``confidence``: interval coverage in (0, 1); ``seed``: the resampling's seed.
+
+    Returns:
+        a :class:`Verdict` (``margin`` in ICE_intra units, NaN without counts).
+
+    Raises:
+        ValueError: the two models' counts have different shapes (scored on different frames)."""
     if p.name == "source":
         return Verdict("no better", 0.0, "the source model scored best: adaptation is not expected to help here")
     a = cands.get(p.name, {}).get("mixval_intra_counts")

@@ -66,6 +66,25 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     raise ValueError(f"loss {loss!r}: expected ce, balanced (with class weights) or ohem")
 
 
+def check_same_sampling(state: dict, cfg: SourceTrainConfig, where: str) -> None:
+    """Refuse to resume a run whose data order the settings would change: the checkpoint's data state names its
+    sampler (rare-class sampling with its temperature and minimum pixels, or uniform frames).
+
+    Raises:
+        ValueError: one line naming ``where`` (the checkpoint folder) and both settings.
+    """
+    data = state.get("data", {})
+    was = (data.get("sampler", "uniform"), data.get("temperature"), data.get("min_pixels"))
+    now = (("rare_class", cfg.rare_class_temperature, cfg.rare_class_min_pixels) if cfg.rare_class_sampling
+           else ("uniform", None, None))
+    if was != now:
+        def text(s):
+            return f"rare-class sampling (T {s[1]:g}, min pixels {s[2]})" if s[0] == "rare_class" else "uniform frames"
+
+        raise ValueError(f"{where}: this run drew {text(was)}; resuming with {text(now)} would change its data "
+                         f"order: give the run's own --rare-class-* settings, or start afresh (--resume false)")
+
+
 def train_source(cfg: SourceTrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train a source model as configured; returns a summary dict (best mIoU and step, steps done, seconds).
 
@@ -94,6 +113,7 @@ class _SourceRun:
         state = load_training_state(resume_dir) if resume_dir is not None else None
         if state is not None:
             distributed.check_world_size(state, str(resume_dir))
+            check_same_sampling(state, cfg, str(resume_dir))
         self.model = self.build_model(resume_dir, state)
         self.model.to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult),

@@ -303,6 +303,16 @@ CASES = {
                                       "--out", S(w["afile"])], ["afile", "--out"]),
     "export-workspace-inf": (lambda w: ["export", "--checkpoint", S(w["ckpt"]), "--workspace", "inf"],
                              ["--workspace"]),
+    # label-free selection and rare-class options
+    "adapt-selection-confidence-range": (lambda w: ["adapt", "--checkpoint", S(w["ckpt"]), "--target", S(w["target"]),
+                                                    "--selection.confidence", "0.3"], ["--selection.confidence"]),
+    "adapt-selection-rule-unknown": (lambda w: ["adapt", "--checkpoint", S(w["ckpt"]), "--target", S(w["target"]),
+                                                "--selection.rule", "max:nonsense"], ["max:nonsense"]),
+    "adapt-rare-class-without-source": (lambda w: ["adapt", "--checkpoint", S(w["ckpt"]), "--target",
+                                                   S(w["target"]), "--rare-class-sampling", "true"],
+                                        ["--rare-class-sampling", "--source-data"]),
+    "train-rare-class-temperature-zero": (lambda w: ["train-source", "--data", S(w["data"]),
+                                                     "--rare-class-temperature", "0"], ["--rare-class-temperature"]),
     # predict
     "predict-sidecar-5-classes": (lambda w: ["predict", "--model", S(w["onnx5"]), "--source", S(w["target"]),
                                              "--out", S(w["root"] / "p1")], ["m5.json", "5 classes", "11"]),

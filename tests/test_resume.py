@@ -255,6 +255,10 @@ def test_train_source_crash_after_a_checkpoint_resumes_bit_identically(tiny, tmp
     assert (state["data"].get("sampler") == "rare_class") == bool(extra)
     assert (tmp_path / "run" / "class_stats.json").is_file() == bool(extra)
     assert not any("class pixel frequencies" in m for m in msgs)  # the resumed run read the stored statistics
+    flipped = cfg(tmp_path / "run", resume=True)  # another data order on resume is refused, naming the checkpoint
+    flipped.rare_class_sampling = not flipped.rare_class_sampling
+    with pytest.raises(ValueError, match=r"run[/\\]last: this run drew .*resuming with .*data order"):
+        ts.train_source(flipped, log=lambda *_: None)
 
 
 # ---- writers that lose nothing ------------------------------------------------------------------------------------
