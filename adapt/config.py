@@ -175,6 +175,9 @@ class SourceTrainConfig:
     loss: Literal["ce", "balanced", "ohem"] = "ce"
     """training loss: ce = cross-entropy; balanced = cross-entropy with median-frequency class weights (Eigen and
     Fergus 2015); ohem = cross-entropy over the hard pixels only (online hard example mining, mmseg's form)"""
+    class_weight_power: NonNegFloat = 1.0
+    """balanced loss: the median-frequency weights are raised to this power (1 = Eigen and Fergus; 0.5 = their
+    square root, a milder push towards rare classes; 0 = plain cross-entropy)"""
     ohem_thresh: Fraction = 0.7
     """ohem loss: a pixel is hard when the probability of its true class is below this, in [0, 1]"""
     ohem_min_kept: NonNegInt = 4000

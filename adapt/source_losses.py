@@ -26,15 +26,17 @@ import torch.nn.functional as F
 __all__ = ["balanced_ce", "median_frequency_weights", "ohem_ce", "ohem_mask"]
 
 
-def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
+def median_frequency_weights(counts: np.ndarray, power: float = 1.0) -> np.ndarray:
     """Median-frequency balancing weights (Eigen and Fergus, ICCV 2015; module docstring).
 
     Args:
         counts: (N, K) int pixel counts of class c in frame i (ignore excluded), e.g.
             :class:`~segadapt.adapt.data.rare_class.ClassStats` ``.counts``.
+        power: exponent >= 0 applied to the weights (1 = the paper's; 0.5 = their square root, milder; 0 = all 1).
 
     Returns:
-        (K,) float32 > 0: ``median(freq) / freq(c)`` for the classes present in the labels, 1 for absent ones.
+        (K,) float32 > 0: ``(median(freq) / freq(c)) ** power`` for the classes present in the labels, 1 for absent
+        ones.
 
     Raises:
         ValueError: ``counts`` is not 2-D or holds no labelled pixel.
@@ -48,7 +50,7 @@ def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
     freq = np.ones(counts.shape[1])
     freq[seen] = counts.sum(0)[seen] / denom[seen]
     w = np.ones(counts.shape[1])
-    w[seen] = np.median(freq[seen]) / freq[seen]
+    w[seen] = (np.median(freq[seen]) / freq[seen]) ** power
     return w.astype(np.float32)
 
 

@@ -140,8 +140,9 @@ class _SourceRun:
             stats = distributed.broadcast_object(run_class_stats(self.out, self.train_ds, resumed, self.log)
                                                  if distributed.is_main() else None)
         if cfg.loss == "balanced":
-            self.class_weights = torch.from_numpy(median_frequency_weights(stats.counts)).to(self.device)
-            self.log("balanced loss, median-frequency class weights: " + ", ".join(
+            w = median_frequency_weights(stats.counts, cfg.class_weight_power)
+            self.class_weights = torch.from_numpy(w).to(self.device)
+            self.log(f"balanced loss, median-frequency class weights ^ {cfg.class_weight_power:g}: " + ", ".join(
                 f"{n} {w:.2f}" for n, w in zip(self.classes.names, self.class_weights.tolist())))
         kw = dict(num_workers=cfg.num_workers, collate_fn=collate, rank=distributed.rank(),
                   world_size=distributed.world_size())

@@ -3,12 +3,16 @@ quick``: 800 steps at 120x160, batch 8) with rare-class sampling and the source 
 scored per class on the source validation split and on both target domains (labels read only to score).
 
 A variant is ``NAME`` or ``NAME:field=value,field=value`` over :class:`~segadapt.adapt.config.SourceTrainConfig`
-(``baseline`` alone = the main job's recipe), e.g.::
+(``baseline`` alone = the main job's recipe; ``model.FIELD=value`` sets a
+:class:`~segadapt.adapt.config.ModelConfig` field, e.g. ``model.output_stride=8``), e.g.::
 
     python benchmarks/rare_classes.py --data $DATA --seeds 0 1 2 --work runs/rare --json runs/rare/rare.json \\
         --variant baseline --variant rcs:rare_class_sampling=true \\
         --variant rcs_balanced:rare_class_sampling=true,loss=balanced --variant ohem:loss=ohem \\
         --variant rcs_144:rare_class_sampling=true,size=[144,192]
+
+``--adapt`` then runs the main job's adaptation (150 steps, the default selection rule) of each source model on
+dusk and on KITTI and reports the four rare classes' IoU before and after.
 
 $DATA is the data root (holding camvid-day2dusk/ and kitti-semantics/). Runs resume: a finished source model is
 scored again, not retrained. Output: per variant and seed the mIoU and per-class IoU on ``source_val``, dusk and
@@ -42,7 +46,7 @@ def parse_variant(text: str) -> tuple:
     else strings."""
     name, _, rest = text.partition(":")
     fields = {}
-    for kv in filter(None, re.split(r",(?=\w+=)", rest)):
+    for kv in filter(None, re.split(r",(?=[\w.]+=)", rest)):
         k, _, v = kv.partition("=")
         try:
             fields[k] = json.loads(v)
@@ -52,12 +56,16 @@ def parse_variant(text: str) -> tuple:
 
 
 def source_config(data: Path, out: Path, seed: int, fields: dict, steps: int) -> SourceTrainConfig:
-    """The pipeline's quick-preset source training (segadapt/pipeline.py) with ``fields`` on top."""
+    """The pipeline's quick-preset source training (segadapt/pipeline.py) with ``fields`` on top (validation and
+    save intervals and warm-up follow the variant's own ``steps``, as in the pipeline)."""
+    steps = int(fields.get("steps", steps))
     base = dict(data=str(data / "camvid-day2dusk"), out=str(out), size=(120, 160), steps=steps, batch_size=8,
                 device="cpu", seed=seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),
                 resume="auto", warmup_steps=min(200, steps // 10), model=ModelConfig())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    return SourceTrainConfig(**{**base, **fields})
+    model = {k.split(".", 1)[1]: v for k, v in fields.items() if k.startswith("model.")}
+    fields = {k: v for k, v in fields.items() if not k.startswith("model.")}
+    return SourceTrainConfig(**{**base, **fields, "model": ModelConfig(**model)})
 
 
 def score(ckpt: Path, data: Path, size=(120, 160)) -> dict:
@@ -90,6 +98,55 @@ def run_one(a, name: str, fields: dict, seed: int) -> dict:
     return res
 
 
+def adapt_one(a, name: str, fields: dict, seed: int) -> dict:
+    """The main job's adaptation of one variant's source model (seed ``seed``) on both target domains, with
+    benchmarks/selection.py's runner (150 steps, a save every 37; resumable): per domain the source model's and the
+    adapted model's (the default selection rule's pick) mIoU and rare-class IoU, and the verdict."""
+    from selection import collect_run
+    from selection import parse_args as selection_args
+
+    from segadapt.adapt.config import SelectionConfig
+    from segadapt.adapt.selection import pick, verdict
+
+    size = tuple(fields.get("size", (120, 160)))
+    run = Path(a.work) / name / f"seed{seed}"
+    data = Path(a.data)
+    names = json.loads((data / "camvid-day2dusk" / "classes.json").read_text())["classes"]
+    sa = selection_args(["--checkpoint", str(run / "best")])
+    doms = [{"name": "dusk", "target": str(data / "camvid-day2dusk" / "target_adapt"), "size": size,
+             "keep_aspect": 0},
+            {"name": "kitti", "target": str(data / "kitti-semantics" / "target_adapt"), "size": (0, 0),
+             "keep_aspect": size[0]}]
+    sel, out = SelectionConfig(), {}
+    for dom in doms:
+        c = collect_run(sa, dom, seed, run / "adapt")["candidates"]
+        p = pick(c, sel.rule)
+        v = verdict(c, p, sel.confidence, seed=seed)
+        out[dom["name"]] = {"pick": p.name, "verdict": v.verdict, **{
+            model: {"miou": c[cand]["miou"], "iou": dict(zip(names, c[cand]["iou"]))}
+            for model, cand in (("source", "source"), ("adapted", p.name))}}
+        print(f"== {name} seed {seed} {dom['name']}: source {c['source']['miou']:.2f} -> adapted "
+              f"{c[p.name]['miou']:.2f} ({p.name}, {v.verdict}); rare before/after: " + " ".join(
+                  f"{k} {out[dom['name']]['source']['iou'][k]:.1f}/{out[dom['name']]['adapted']['iou'][k]:.1f}"
+                  for k in RARE), flush=True)
+    return {"variant": name, "fields": fields, "seed": seed, "domains": out}
+
+
+def summarise_adapt(runs: list) -> dict:
+    """{variant: {domain: {model: {miou: [mean, std], rare: {class: [mean, std]}}}}} over seeds."""
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        out[name] = {d: {m: {"miou": _mean_std([r["domains"][d][m]["miou"] for r in mine]),
+                             "rare": {c: _mean_std([r["domains"][d][m]["iou"][c] for r in mine]) for c in RARE}}
+                         for m in ("source", "adapted")} for d in mine[0]["domains"]}
+    return out
+
+
+def _mean_std(v: list) -> list:
+    return [float(np.mean(v)), float(np.std(v))]
+
+
 def summarise(runs: list) -> dict:
     """{variant: {split: {miou: [mean, std], rare: {class: [mean, std]}, rare_above_zero: n of seeds}}}."""
     out = {}
@@ -113,10 +170,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--work", default="runs/rare")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--adapt", action="store_true",
+                    help="also adapt each source model on both target domains with the main job's settings")
     a = ap.parse_args(argv)
-    runs = [run_one(a, *parse_variant(v), seed) for v in (a.variant or ["baseline"]) for seed in a.seeds]
+    variants = [parse_variant(v) for v in (a.variant or ["baseline"])]
+    runs = [run_one(a, *v, seed) for v in variants for seed in a.seeds]
     res = {"runs": runs, "summary": summarise(runs), "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if a.adapt:
+        res["adapt_runs"] = [adapt_one(a, *v, seed) for v in variants for seed in a.seeds]
+        res["adapt_summary"] = summarise_adapt(res["adapt_runs"])
+        print(json.dumps(res["adapt_summary"], indent=1))
     print(json.dumps(res["summary"], indent=1))
     if a.json:
         write_json(a.json, res)
@@ -124,4 +188,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/selection.py
     sys.exit(main())

@@ -144,6 +144,8 @@ def test_median_frequency_weights_and_the_balanced_loss():
     w = median_frequency_weights(counts)
     np.testing.assert_allclose(w, [0.5 / 0.7, 0.5 / 0.1, 1.0, 1.0], rtol=1e-6)
     assert w[1] > w[2] > w[0]  # the rarest class weighs most
+    np.testing.assert_allclose(median_frequency_weights(counts, 0.5), np.sqrt(w), rtol=1e-6)  # tempered
+    np.testing.assert_allclose(median_frequency_weights(counts, 0.0), np.ones(4), rtol=1e-6)
     logits = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 0, IGNORE + 1]).repeat(2, 3, 1)
     labels[0, 0, 0] = 1
@@ -155,6 +157,25 @@ def test_median_frequency_weights_and_the_balanced_loss():
     assert balanced_ce(logits, labels, wt, IGNORE + 1).item() == pytest.approx(expect.item(), rel=1e-6)
     assert not math.isclose(balanced_ce(logits, labels, wt, IGNORE + 1).item(),
                             F.cross_entropy(logits, labels, ignore_index=IGNORE + 1).item(), rel_tol=1e-3)
+
+
+def test_train_source_raises_the_balanced_weights_to_class_weight_power(tiny, tmp_path):
+    """--class-weight-power 0.5: the loss's class weights are the square roots of the median-frequency weights of
+    the run's own class statistics (not the weights themselves)."""
+    from segadapt.adapt.config import ModelConfig, SourceTrainConfig
+    from segadapt.adapt.train_source import train_source
+
+    logs = []
+    cfg = SourceTrainConfig(data=str(tiny), train_split="source", val_split="", out=str(tmp_path / "run"),
+                            size=(48, 64), crop=(32, 48), batch_size=2, steps=1, warmup_steps=0, num_workers=0,
+                            device="cpu", model=ModelConfig(variant="0.35"), loss="balanced", class_weight_power=0.5)
+    train_source(cfg, log=logs.append)
+    line = next(m for m in logs if m.startswith("balanced loss"))
+    logged = [float(x.rsplit(" ", 1)[1]) for x in line.split(": ", 1)[1].split(", ")]
+    stats = ClassStats.from_json(json.loads((tmp_path / "run" / "class_stats.json").read_text()))
+    full = median_frequency_weights(stats.counts)
+    np.testing.assert_allclose(logged, np.sqrt(full), atol=0.006)  # logged with 2 decimals
+    assert np.abs(np.asarray(logged) - full).max() > 0.1
 
 
 def test_ohem_keeps_only_hard_pixels_and_at_least_min_kept():
