@@ -164,7 +164,8 @@ def test_seeded_pipelines_are_bit_identical(tiny_data, tmp_path, video_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["miou"] == {k: round(v["miou"], 4) for k, v in ra["metrics"].items()}
     assert summary["steps"] == ra["steps"] and set(summary["timings_s"]) == {"train_source", "adapt", "evaluate"}
-    assert "6 of 6 steps" in (tmp_path / "a" / "report.md").read_text()
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "source: 6 of 6 steps (rare_class_sampling True, loss balanced, class_weight_power 0.5)" in md
     assert not (tmp_path / "a" / "export").exists()  # --until evaluate: no export, no video
 
 
@@ -244,12 +245,16 @@ def test_rare_class_table_lists_the_rarest_source_classes(tiny_data):
 @pytest.mark.parametrize("uda", [False, True])
 def test_a_preset_can_turn_on_rare_class_sampling(tmp_path, monkeypatch, uda):
     """A preset's "source_train" entries reach the source training config and its "uda" entries the adaptation
-    config in the UDA mode only; the shipped presets hold neither (defaults unchanged)."""
+    config in the UDA mode only. The quick preset's source recipe: 144x192, rare-class sampling and the balanced loss
+    with square-rooted weights; no shipped preset holds "uda"."""
     import segadapt.adapt.engine as eng
     import segadapt.adapt.train_source as ts
     from segadapt.pipeline import PIPELINE_PRESETS, _PipelineRun
 
-    assert all("source_train" not in p and "uda" not in p for p in PIPELINE_PRESETS.values())
+    assert all("uda" not in p for p in PIPELINE_PRESETS.values()) and "source_train" not in PIPELINE_PRESETS["full"]
+    assert PIPELINE_PRESETS["quick"]["size"] == (144, 192)
+    assert PIPELINE_PRESETS["quick"]["source_train"] == {"rare_class_sampling": True, "loss": "balanced",
+                                                         "class_weight_power": 0.5}
     seen = {}
     monkeypatch.setattr(ts, "train_source", lambda cfg, log=None: seen.setdefault("src", cfg) and {"steps": 0})
     monkeypatch.setattr(eng, "adapt", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {"steps": 0})
