@@ -1,9 +1,11 @@
-"""Source-model recipes for the thin and rare classes: the main job's source training (``segadapt pipeline --preset
-quick``: 800 steps at 120x160, batch 8) with rare-class sampling and the source loss switched, each source model
-scored per class on the source validation split and on both target domains (labels read only to score).
+"""Source-model recipes for the thin and rare classes: the main job's source training settings (``segadapt pipeline
+--preset quick``: 800 steps, batch 8) with the size, rare-class sampling and the source loss switched, each source
+model scored per class on the source validation split and on both target domains (labels read only to score).
 
 A variant is ``NAME`` or ``NAME:field=value,field=value`` over :class:`~segadapt.adapt.config.SourceTrainConfig`
-(``baseline`` alone = the main job's recipe; ``model.FIELD=value`` sets a
+on top of the earlier recipe (``baseline`` alone: 120x160, plain cross-entropy, uniform frames; the quick preset's
+recipe since 2026-12-04 is ``rcs_bal05_144:rare_class_sampling=true,loss=balanced,class_weight_power=0.5,
+size=[144,192]``, without the line break; ``model.FIELD=value`` sets a
 :class:`~segadapt.adapt.config.ModelConfig` field, e.g. ``model.output_stride=8``), e.g.::
 
     python benchmarks/rare_classes.py --data $DATA --seeds 0 1 2 --work runs/rare --json runs/rare/rare.json \\
@@ -56,8 +58,8 @@ def parse_variant(text: str) -> tuple:
 
 
 def source_config(data: Path, out: Path, seed: int, fields: dict, steps: int) -> SourceTrainConfig:
-    """The pipeline's quick-preset source training (segadapt/pipeline.py) with ``fields`` on top (validation and
-    save intervals and warm-up follow the variant's own ``steps``, as in the pipeline)."""
+    """The earlier quick-preset source training (segadapt/pipeline.py: 120x160, cross-entropy) with ``fields`` on
+    top (validation and save intervals and warm-up follow the variant's own ``steps``, as in the pipeline)."""
     steps = int(fields.get("steps", steps))
     base = dict(data=str(data / "camvid-day2dusk"), out=str(out), size=(120, 160), steps=steps, batch_size=8,
                 device="cpu", seed=seed, val_every=max(50, steps // 4), save_every=max(50, steps // 10),

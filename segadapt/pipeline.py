@@ -95,7 +95,7 @@ class PipelineConfig:
 PIPELINE_PRESETS = {
     # A preset may also hold "source_train": {SourceTrainConfig field: value} and "uda": {AdaptConfig field: value}
     # applied in the UDA mode only (e.g. rare_class_sampling); no preset holds "uda" yet.
-    # quick: 800 source steps at 144x192, batch 8, take about 5.6 min on the project's 2-core CPU; the steps, not the
+    # quick: 800 source steps at 144x192, batch 8, take about 6 min on the project's 2-core CPU; the steps, not the
     # minutes, are the preset, so that a rerun gives the same model. The source recipe (144x192, rare-class sampling,
     # median-frequency weights ^ 0.5) was chosen on source_val over 3 seeds against 120x160 and plain cross-entropy
     # (docs/results.md, "Rare classes", 2026-12-04).
