@@ -39,7 +39,7 @@ from segadapt.adapt.evaluate import evaluate_checkpoint
 from segadapt.adapt.train_source import train_source
 from segadapt.runtime.files import write_json
 
-#: the four classes at 0 IoU for the main job's source model (CamVid's 11-class set)
+#: the four classes at 0 IoU for the main job's source model under the earlier recipe (CamVid's 11-class set)
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 
 
@@ -104,14 +104,15 @@ def adapt_one(a, name: str, fields: dict, seed: int) -> dict:
     """The main job's adaptation of one variant's source model (seed ``seed``) on both target domains, with
     benchmarks/selection.py's runner (150 steps, a save every 37; resumable): per domain the source model's and the
     adapted model's (the default selection rule's pick) mIoU and rare-class IoU, and the verdict."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/selection.py
     from selection import collect_run
     from selection import parse_args as selection_args
 
     from segadapt.adapt.config import SelectionConfig
     from segadapt.adapt.selection import pick, verdict
 
-    size = tuple(fields.get("size", (120, 160)))
     run = Path(a.work) / name / f"seed{seed}"
+    size = source_config(Path(a.data), run, seed, fields, a.steps).size
     data = Path(a.data)
     names = json.loads((data / "camvid-day2dusk" / "classes.json").read_text())["classes"]
     sa = selection_args(["--checkpoint", str(run / "best")])
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     res = {"runs": runs, "summary": summarise(runs), "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if a.adapt:
+        if a.json:  # the source scores survive a crash in the adaptation runs
+            write_json(a.json, res)
         res["adapt_runs"] = [adapt_one(a, *v, seed) for v in variants for seed in a.seeds]
         res["adapt_summary"] = summarise_adapt(res["adapt_runs"])
         print(json.dumps(res["adapt_summary"], indent=1))
@@ -190,5 +193,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/selection.py
     sys.exit(main())

@@ -271,7 +271,7 @@ class _PipelineRun:
                                  resume="auto", warmup_steps=min(200, steps // 10), model=ModelConfig(arch=cfg.arch),
                                  **p.get("source_train", {}))
         s = train_source(scfg, log=self.log)
-        return {"checkpoint": str(self.out / "source" / "best"), "summary": s}
+        return {"checkpoint": str(self.out / "source" / "best"), "summary": s, "recipe": p.get("source_train", {})}
 
     def step_adapt(self) -> dict:
         from segadapt.adapt.engine import adapt
@@ -387,6 +387,7 @@ def build_report(cfg: PipelineConfig, preset: dict, state: dict) -> dict:
         "size": list(preset["size"]),
         "adapt_size": d.get("adapt", {}).get("summary", {}).get("size"),  # adaptation and target evaluation
         "steps": steps_done(preset, d),
+        "source_recipe": d.get("train_source", {}).get("recipe"),  # the options the source model was trained with
         "provenance": {**run_provenance(), "step_commits": {k: v.get("commit") for k, v in d.items()}},
         "metrics": metrics,
         "target_gain_miou": gain,
@@ -516,8 +517,9 @@ def _provenance_lines(rep: dict) -> List[str]:
         else:
             cut = (f" (**cut short** by the {st['minutes_cap']}-minute cap: not comparable to a full run)"
                    if st["cut_short"] else "")
-            recipe = rep.get("preset", {}).get("source_train") if name == "source" else None
-            recipe = " (" + ", ".join(f"{k} {v}" for k, v in recipe.items()) + ")" if recipe else ""
+            recipe = rep.get("source_recipe") if name == "source" else None
+            recipe = " (" + " ".join(f"--{k.replace('_', '-')} {str(v).lower()}" for k, v in recipe.items()) + ")" \
+                if recipe else ""
             lines.append(f"- {name}: {st['done']} of {st['planned']} steps{recipe}{cut}")
     pv = rep.get("provenance", {})
     m = pv.get("machine", {})

@@ -165,7 +165,13 @@ def test_seeded_pipelines_are_bit_identical(tiny_data, tmp_path, video_path):
     assert summary["miou"] == {k: round(v["miou"], 4) for k, v in ra["metrics"].items()}
     assert summary["steps"] == ra["steps"] and set(summary["timings_s"]) == {"train_source", "adapt", "evaluate"}
     md = (tmp_path / "a" / "report.md").read_text()
-    assert "source: 6 of 6 steps (rare_class_sampling True, loss balanced, class_weight_power 0.5)" in md
+    assert "source: 6 of 6 steps (--rare-class-sampling true --loss balanced --class-weight-power 0.5)" in md
+    # the recipe comes from the run's own state (a run made under an older preset is not relabelled)
+    state = json.loads((tmp_path / "a" / "state.json").read_text())
+    state["done"]["train_source"].pop("recipe")
+    from segadapt.pipeline import _resolved, build_report, report_markdown
+    old = report_markdown(build_report(cfg, _resolved(cfg), state))
+    assert "source: 6 of 6 steps\n" in old and "--rare-class-sampling" not in old
     assert not (tmp_path / "a" / "export").exists()  # --until evaluate: no export, no video
 
 
