@@ -159,8 +159,8 @@ def summarise(runs: list) -> dict:
         for split in mine[0]["scores"]:
             miou = [r["scores"][split]["miou"] for r in mine]
             rare = {c: [r["scores"][split]["iou"].get(c, float("nan")) for r in mine] for c in RARE}
-            out[name][split] = {"miou": [float(np.mean(miou)), float(np.std(miou))],
-                                "rare": {c: [float(np.mean(v)), float(np.std(v))] for c, v in rare.items()},
+            out[name][split] = {"miou": _mean_std(miou),
+                                "rare": {c: _mean_std(v) for c, v in rare.items()},
                                 "rare_classes_above_zero_in_every_seed": sum(min(v) > 0 for v in rare.values())}
     return out
 

@@ -313,6 +313,8 @@ CASES = {
                                         ["--rare-class-sampling", "--source-data"]),
     "train-rare-class-temperature-zero": (lambda w: ["train-source", "--data", S(w["data"]),
                                                      "--rare-class-temperature", "0"], ["--rare-class-temperature"]),
+    "train-class-weight-power-negative": (lambda w: ["train-source", "--data", S(w["data"]), "--loss", "balanced",
+                                                    "--class-weight-power", "-0.5"], ["--class-weight-power"]),
     # predict
     "predict-sidecar-5-classes": (lambda w: ["predict", "--model", S(w["onnx5"]), "--source", S(w["target"]),
                                              "--out", S(w["root"] / "p1")], ["m5.json", "5 classes", "11"]),
